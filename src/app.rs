@@ -1,0 +1,105 @@
+//! Wiring: the store, the WeChat client, the token manager and the worker pool, under one
+//! cancellation token.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::Store;
+use crate::wechat::api::WechatApi;
+use crate::wechat::token::TokenManager;
+use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings};
+
+/// Runs the daemon until `shutdown` is cancelled, then drains and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let accounts = config.accounts()?;
+    let store = Store::connect(&config).await?;
+    store.migrate().await?;
+    let owner = instance_id();
+    let http_timeout = Duration::from_millis(config.api.timeout_ms);
+    let api = WechatApi::new(&config.api.base_url, http_timeout)?;
+    let tokens = TokenManager::new(
+        store.clone(),
+        api.clone(),
+        config.api.token_endpoint,
+        owner.clone(),
+        &accounts,
+    );
+    let dispatcher = Arc::new(Dispatcher {
+        store: store.clone(),
+        api,
+        tokens,
+        accounts: accounts
+            .into_iter()
+            .map(|a| (a.name.clone(), AccountRuntime::new(a)))
+            .collect::<HashMap<_, _>>(),
+        retry: config.retry_policy(),
+        owner: owner.clone(),
+        lease: Duration::from_secs(config.workers.lease_secs),
+        http_timeout,
+        not_authorised_pause: Duration::from_secs(config.retry.not_authorised_pause_secs),
+    });
+    let wake = Arc::new(Notify::new());
+    let watcher = {
+        let (store, wake, shutdown) = (store.clone(), wake.clone(), shutdown.clone());
+        tokio::spawn(async move { store.watch_for_rows(wake, shutdown).await })
+    };
+    let settings = PoolSettings {
+        concurrency: config.workers.concurrency,
+        batch_size: config.workers.batch_size.min(config.workers.concurrency),
+        poll_interval: Duration::from_millis(config.workers.poll_interval_ms),
+        shutdown_grace: Duration::from_secs(config.workers.shutdown_grace_secs),
+    };
+    tracing::info!(
+        backend = store.backend_name(),
+        %owner,
+        concurrency = settings.concurrency,
+        accounts = dispatcher.accounts.len(),
+        "wechat-outbox started"
+    );
+    Pool::new(dispatcher, settings, wake).run(shutdown).await;
+    let _ = watcher.await;
+    store.close().await;
+    tracing::info!("wechat-outbox stopped");
+    Ok(())
+}
+
+/// Applies migrations and returns; `wechat-outbox migrate`.
+pub async fn migrate(config: &Config) -> Result<()> {
+    let store = Store::connect(config).await?;
+    store.migrate().await?;
+    store.close().await;
+    Ok(())
+}
+
+/// Names this daemon in lease columns: host, process and a random part (pids repeat).
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,460 @@
+//! The daemon's settings: defaults < TOML file < environment (`WECHAT_OUTBOX_SECTION__KEY`).
+//!
+//! `load` fails with a message naming the setting when one is missing or invalid. Secrets are
+//! `SecretString`s, so `Debug` prints them as redacted and nothing logs them by accident.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::domain::retry::{InDoubtPolicy, RetryPolicy};
+
+/// Environment variables with this prefix override the file: `WECHAT_OUTBOX_DATABASE_URL`,
+/// `WECHAT_OUTBOX_WORKERS__CONCURRENCY` (a double underscore separates section and key).
+pub const ENV_PREFIX: &str = "WECHAT_OUTBOX_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `sqlite://PATH` (created if missing) or `postgres://…`.
+    pub database_url: String,
+    /// Postgres only: the schema that holds the tables, created if missing.
+    #[serde(default = "default_schema")]
+    pub database_schema: String,
+    #[serde(default)]
+    pub database: DatabaseSettings,
+    #[serde(default)]
+    pub api: ApiSettings,
+    #[serde(default)]
+    pub workers: WorkerSettings,
+    #[serde(default)]
+    pub retry: RetrySettings,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default)]
+    pub callback: CallbackSettings,
+    #[serde(default)]
+    pub accounts: Vec<AccountSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+    /// SQLite: how long a write waits for another process's lock before it reports busy.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            max_connections: 10,
+            busy_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenEndpoint {
+    /// `POST /cgi-bin/stable_token`: does not knock out tokens other services hold.
+    Stable,
+    /// `GET /cgi-bin/token`: every call invalidates the previous token.
+    Classic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    pub base_url: String,
+    /// Whole-request timeout of one API call.
+    pub timeout_ms: u64,
+    pub token_endpoint: TokenEndpoint,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            base_url: "https://api.weixin.qq.com".into(),
+            timeout_ms: 10_000,
+            token_endpoint: TokenEndpoint::Stable,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Messages in flight at once.
+    pub concurrency: usize,
+    /// Rows claimed per statement.
+    pub batch_size: usize,
+    /// Longest wait between looks at the table when no wake-up arrives.
+    pub poll_interval_ms: u64,
+    /// How long a claimed row belongs to this daemon before another may rescue it.
+    pub lease_secs: u64,
+    /// On SIGTERM: how long in-flight messages may take before they are released.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            concurrency: 64,
+            batch_size: 64,
+            poll_interval_ms: 1000,
+            lease_secs: 60,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_secs: u64,
+    /// WeChat de-duplicates `client_msg_id` for 10 minutes; stay inside that.
+    pub dedup_window_secs: u64,
+    /// `unknown` (default) or `resend`: what happens to a row that may have reached WeChat once
+    /// the window has passed.
+    pub in_doubt: InDoubtPolicy,
+    /// How long an account is held after 48001/48004 before one message probes it again.
+    pub not_authorised_pause_secs: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 10,
+            base_delay_ms: 1000,
+            max_delay_secs: 300,
+            dedup_window_secs: 570,
+            in_doubt: InDoubtPolicy::Unknown,
+            not_authorised_pause_secs: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Sends per second per account.
+    pub rate_per_second: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            rate_per_second: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackSettings {
+    pub listen: String,
+}
+
+impl Default for CallbackSettings {
+    fn default() -> Self {
+        CallbackSettings {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettings {
+    pub name: String,
+    pub appid: String,
+    pub secret: Option<SecretString>,
+    pub secret_file: Option<PathBuf>,
+    pub token: Option<SecretString>,
+    pub encoding_aes_key: Option<SecretString>,
+    pub rate_per_second: Option<u32>,
+}
+
+/// An account with its secret resolved from wherever it was given.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub appid: String,
+    pub secret: SecretString,
+    pub token: Option<SecretString>,
+    pub encoding_aes_key: Option<SecretString>,
+    pub rate_per_second: u32,
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+impl Config {
+    /// Reads the file, applies the environment, resolves secrets and validates everything.
+    pub fn load(path: &Path) -> Result<Config> {
+        if !path.is_file() {
+            bail!(
+                "config file {} does not exist or is not a file",
+                path.display()
+            );
+        }
+        let config: Config = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML text with no environment; for tests and the demo.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let config: Config = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.database_url.starts_with("sqlite:") || self.is_postgres()) {
+            bail!("database_url must start with sqlite:// or postgres://");
+        }
+        let schema_ok = !self.database_schema.is_empty()
+            && self.database_schema.len() <= 63
+            && self
+                .database_schema
+                .starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && self
+                .database_schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !schema_ok {
+            bail!("database_schema must be a lowercase SQL identifier (letters, digits, _)");
+        }
+        let url = reqwest::Url::parse(&self.api.base_url)
+            .with_context(|| format!("api.base_url is not a URL: {:?}", self.api.base_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            bail!("api.base_url must be an http:// or https:// URL");
+        }
+        positive(
+            "database.max_connections",
+            self.database.max_connections as u64,
+        )?;
+        positive("api.timeout_ms", self.api.timeout_ms)?;
+        positive("workers.concurrency", self.workers.concurrency as u64)?;
+        positive("workers.batch_size", self.workers.batch_size as u64)?;
+        positive("workers.poll_interval_ms", self.workers.poll_interval_ms)?;
+        positive("retry.max_attempts", self.retry.max_attempts as u64)?;
+        positive("retry.base_delay_ms", self.retry.base_delay_ms)?;
+        positive("limits.rate_per_second", self.limits.rate_per_second as u64)?;
+        // A lease must outlive the HTTP call it covers, or another daemon could rescue a row
+        // that is still in flight.
+        if self.workers.lease_secs * 1000 < self.api.timeout_ms * 2 {
+            bail!("workers.lease_secs must be at least twice api.timeout_ms");
+        }
+        self.callback
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .with_context(|| {
+                format!(
+                    "callback.listen is not an address: {:?}",
+                    self.callback.listen
+                )
+            })?;
+        if self.accounts.is_empty() {
+            bail!("accounts: configure at least one [[accounts]] with name, appid and secret");
+        }
+        let mut names = HashSet::new();
+        for (i, account) in self.accounts.iter().enumerate() {
+            let at = format!("accounts[{i}]");
+            if account.name.trim().is_empty() {
+                bail!("{at}.name is empty");
+            }
+            if !names.insert(account.name.as_str()) {
+                bail!("{at}.name {:?} is used by two accounts", account.name);
+            }
+            if account.appid.trim().is_empty() {
+                bail!("{at}.appid is empty");
+            }
+            if account.rate_per_second == Some(0) {
+                bail!("{at}.rate_per_second must be at least 1");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres:") || self.database_url.starts_with("postgresql:")
+    }
+
+    /// Resolves each account's secret from `secret`, `secret_file`, or
+    /// `$CREDENTIALS_DIRECTORY/<name>.secret` (systemd `LoadCredential=`), in that order.
+    pub fn accounts(&self) -> Result<Vec<Account>> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        self.accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let at = format!("accounts[{i}] ({})", a.name);
+                let secret = match (&a.secret, &a.secret_file) {
+                    (Some(_), Some(_)) => bail!("{at}: set secret or secret_file, not both"),
+                    (Some(secret), None) => secret.clone(),
+                    (None, Some(file)) => read_secret(file)
+                        .with_context(|| format!("{at}.secret_file {}", file.display()))?,
+                    (None, None) => {
+                        let from_credentials = credentials
+                            .as_ref()
+                            .map(|dir| dir.join(format!("{}.secret", a.name)))
+                            .filter(|p| p.is_file());
+                        match from_credentials {
+                            Some(file) => read_secret(&file)
+                                .with_context(|| format!("{at}: {}", file.display()))?,
+                            None => bail!(
+                                "{at}.secret is missing: set secret, secret_file, or provide \
+                                 $CREDENTIALS_DIRECTORY/{}.secret",
+                                a.name
+                            ),
+                        }
+                    }
+                };
+                if secret.expose_secret().trim().is_empty() {
+                    bail!("{at}.secret is empty");
+                }
+                Ok(Account {
+                    name: a.name.clone(),
+                    appid: a.appid.clone(),
+                    secret,
+                    token: a.token.clone(),
+                    encoding_aes_key: a.encoding_aes_key.clone(),
+                    rate_per_second: a.rate_per_second.unwrap_or(self.limits.rate_per_second),
+                })
+            })
+            .collect()
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.retry.max_attempts,
+            base_delay: Duration::from_millis(self.retry.base_delay_ms),
+            max_delay: Duration::from_secs(self.retry.max_delay_secs),
+            dedup_window: Duration::from_secs(self.retry.dedup_window_secs),
+            in_doubt: self.retry.in_doubt,
+        }
+    }
+}
+
+fn positive(name: &str, value: u64) -> Result<()> {
+    if value == 0 {
+        bail!("{name} must be at least 1");
+    }
+    Ok(())
+}
+
+fn read_secret(path: &Path) -> Result<SecretString> {
+    let text = std::fs::read_to_string(path).context("cannot read")?;
+    Ok(SecretString::from(
+        text.trim_end_matches(['\r', '\n']).to_string(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        database_url = "sqlite://x.db"
+        [[accounts]]
+        name = "default"
+        appid = "wx1"
+        secret = "s3cr3t-value"
+    "#;
+
+    #[test]
+    fn defaults_fill_everything_but_the_database_and_accounts() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(config.workers.concurrency, 64);
+        assert_eq!(config.api.base_url, "https://api.weixin.qq.com");
+        assert_eq!(config.api.token_endpoint, TokenEndpoint::Stable);
+        assert_eq!(config.accounts().unwrap()[0].rate_per_second, 50);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases = [
+            (
+                "[[accounts]]\nname='a'\nappid='wx'\nsecret='s'",
+                "database_url",
+            ),
+            (
+                "database_url='mysql://x'\n[[accounts]]\nname='a'\nappid='wx'\nsecret='s'",
+                "database_url",
+            ),
+            ("database_url='sqlite://x'", "accounts"),
+            (
+                &format!("{MINIMAL}\n[workers]\nconcurrency = 0"),
+                "workers.concurrency",
+            ),
+            (
+                &format!("{MINIMAL}\n[workers]\nconcurency = 3"),
+                "concurency",
+            ),
+            (
+                &format!("{MINIMAL}\n[api]\nbase_url = 'not a url'"),
+                "api.base_url",
+            ),
+            (
+                &format!("{MINIMAL}\n[callback]\nlisten = 'nowhere'"),
+                "callback.listen",
+            ),
+            (
+                &format!("{MINIMAL}\n[retry]\nin_doubt = 'maybe'"),
+                "in_doubt",
+            ),
+        ];
+        for (text, name) in cases {
+            let err = format!("{:#}", Config::from_toml(text).unwrap_err());
+            assert!(err.contains(name), "{name:?} not named in {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_secret_is_named_and_secrets_never_print() {
+        let config =
+            Config::from_toml("database_url='sqlite://x'\n[[accounts]]\nname='shop'\nappid='wx'")
+                .unwrap();
+        let err = format!("{:#}", config.accounts().unwrap_err());
+        assert!(
+            err.contains("accounts[0] (shop).secret is missing"),
+            "{err}"
+        );
+
+        let config = Config::from_toml(MINIMAL).unwrap();
+        let printed = format!("{config:?} {:?}", config.accounts().unwrap());
+        assert!(!printed.contains("s3cr3t-value"), "{printed}");
+    }
+
+    #[test]
+    fn a_secret_file_is_read_without_its_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shop.secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "database_url='sqlite://x'\n[[accounts]]\nname='shop'\nappid='wx'\nsecret_file='{}'",
+            file.display()
+        );
+        let accounts = Config::from_toml(&text).unwrap().accounts().unwrap();
+        assert_eq!(accounts[0].secret.expose_secret(), "from-file");
+    }
+}

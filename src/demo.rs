@@ -1,0 +1,124 @@
+//! `wechat-outbox demo`: the whole path on the embedded default, with nothing to set up.
+//! Starts the simulator and the daemon on a new SQLite file, inserts rows with plain SQL from a
+//! separate connection (as an app would), waits for each to reach its final status, shows them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::simulator::{self, SimSettings, Simulator};
+
+/// What the demo inserts: each row shows one behaviour.
+const ROWS: &str = r##"
+INSERT INTO outbox (touser, template_id, data) VALUES
+  ('oDemoUser0001', 'ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY',
+   '{"first":{"value":"您好，您已成功消费。"},"keynote1":"巧克力","keynote2":"39.8元","remark":{"value":"欢迎再次购买。","color":"#173177"}}');
+INSERT INTO outbox (touser, template_id, data, priority, client_msg_id) VALUES
+  ('oDemoUser0002', 'TEMPLATE_ID', '{"first":"urgent first"}', 10, 'order-1001-paid');
+INSERT INTO outbox (touser, template_id, data, send_after) VALUES
+  ('oDemoUser0003', 'TEMPLATE_ID', '{"first":"sent a second later"}', datetime('now', '+1 second'));
+INSERT INTO outbox (touser, template_id, data) VALUES
+  ('oDemoUser0004', 'TEMPLATE_ID', '{"first": broken json');
+INSERT INTO outbox (touser, template_id, data) VALUES
+  ('not-an-openid', 'TEMPLATE_ID', '{"first":"WeChat refuses this openid"}');
+INSERT INTO outbox (account, touser, template_id, data) VALUES
+  ('no-such-account', 'oDemoUser0005', 'TEMPLATE_ID', '{"first":"x"}');
+INSERT INTO outbox (touser, template_id, data, send_after) VALUES
+  ('oDemoUser0006', 'TEMPLATE_ID', '{"first":"cancelled before it was due"}', datetime('now', '+1 hour'));
+UPDATE outbox SET status = 'cancelled' WHERE touser = 'oDemoUser0006' AND status = 'pending';
+INSERT INTO outbox (touser, template_id, data, expires_at) VALUES
+  ('oDemoUser0007', 'TEMPLATE_ID', '{"first":"too late"}', datetime('now', '-1 minute'));
+"##;
+
+pub async fn run(dir: Option<PathBuf>) -> Result<()> {
+    let temp = tempfile_dir()?;
+    let dir = dir.unwrap_or_else(|| temp.clone());
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let db = dir.join("demo.db");
+    let _ = std::fs::remove_file(&db);
+
+    let shutdown = CancellationToken::new();
+    let sim = Simulator::new(SimSettings::default());
+    let sim_addr = simulator::spawn("127.0.0.1:0".parse()?, sim.clone(), shutdown.clone()).await?;
+
+    let config = Config::from_toml(&format!(
+        r#"
+        database_url = "sqlite://{}"
+        [api]
+        base_url = "http://{sim_addr}"
+        [workers]
+        poll_interval_ms = 200
+        [[accounts]]
+        name = "default"
+        appid = "wxdemo0000000001"
+        secret = "demo-secret"
+        "#,
+        db.display()
+    ))?;
+    println!("simulator: http://{sim_addr}   database: {}", db.display());
+    crate::app::migrate(&config).await?;
+    let daemon = tokio::spawn(crate::app::run(config, shutdown.clone()));
+
+    // An app's own connection, as from sqlite3 or any driver.
+    let mut app = SqliteConnectOptions::new().filename(&db).connect().await?;
+    sqlx::raw_sql(ROWS)
+        .execute(&mut app)
+        .await
+        .context("inserting the demo rows")?;
+    println!("inserted 8 rows with plain SQL; waiting for each to reach its final status…\n");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending')",
+        )
+        .fetch_one(&mut app)
+        .await?;
+        if open == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{open} rows still open after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    type Shown = (i64, String, String, Option<i64>, Option<String>);
+    let rows: Vec<Shown> =
+        sqlx::query_as("SELECT id, touser, status, msgid, last_error FROM outbox ORDER BY id")
+            .fetch_all(&mut app)
+            .await?;
+    println!(
+        "{:>3}  {:<14} {:<10} {:<11} last_error",
+        "id", "touser", "status", "msgid"
+    );
+    for (id, touser, status, msgid, error) in rows {
+        let msgid = msgid.map(|m| m.to_string()).unwrap_or_default();
+        println!(
+            "{id:>3}  {touser:<14} {status:<10} {msgid:<11} {}",
+            error.unwrap_or_default()
+        );
+    }
+    let stats = sim.stats();
+    println!(
+        "\nsimulator: {} delivered, {} delivered twice, {} token(s) issued",
+        stats.delivered, stats.duplicate_deliveries, stats.tokens_issued
+    );
+    app.close().await?;
+    shutdown.cancel();
+    daemon.await??;
+    if temp.exists() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("wechat-outbox-demo-{}", std::process::id()));
+    Ok(dir)
+}

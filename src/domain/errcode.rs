@@ -1,0 +1,53 @@
+//! What WeChat's errcodes mean for a queued message (the table in shared/wechat/NOTES.md).
+
+/// How the daemon reacts to an errcode from the template send API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrcodeClass {
+    /// 0: accepted.
+    Accepted,
+    /// -1 busy, 45011 per-minute API limit: try again later with the same client_msg_id.
+    Transient,
+    /// 40001, 40014, 42001: the access token is no longer good; refresh it and retry.
+    TokenRejected,
+    /// 45009: the account's daily API limit; hold the account until the next day.
+    DailyLimit,
+    /// 48001, 48004: the API is not authorised or banned; hold the account until an operator acts.
+    NotAuthorised,
+    /// Everything else, including codes this table does not know: retrying cannot help, and a
+    /// code we do not understand must not turn into a loop of resends.
+    Permanent,
+}
+
+pub fn classify(errcode: i64) -> ErrcodeClass {
+    match errcode {
+        0 => ErrcodeClass::Accepted,
+        -1 | 45011 => ErrcodeClass::Transient,
+        40001 | 40014 | 42001 => ErrcodeClass::TokenRejected,
+        45009 => ErrcodeClass::DailyLimit,
+        48001 | 48004 => ErrcodeClass::NotAuthorised,
+        _ => ErrcodeClass::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_notes_table_is_followed() {
+        assert_eq!(classify(0), ErrcodeClass::Accepted);
+        assert_eq!(classify(-1), ErrcodeClass::Transient);
+        for code in [40001, 40014, 42001] {
+            assert_eq!(classify(code), ErrcodeClass::TokenRejected, "{code}");
+        }
+        assert_eq!(classify(45009), ErrcodeClass::DailyLimit);
+        for code in [48001, 48004] {
+            assert_eq!(classify(code), ErrcodeClass::NotAuthorised, "{code}");
+        }
+        for code in [
+            40003, 40036, 40037, 43004, 43019, 47001, 47003, 50002, 99999,
+        ] {
+            assert_eq!(classify(code), ErrcodeClass::Permanent, "{code}");
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! A row as an app wrote it, and the checks that turn it into a template send request.
+//!
+//! Every check names the column and the problem, because the reason ends up in `last_error`
+//! where the app's developer reads it.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+/// Size limits of our own, far above what WeChat renders, that catch a runaway app early.
+pub const MAX_ID_CHARS: usize = 128;
+pub const MAX_URL_BYTES: usize = 2048;
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
+pub const MAX_CLIENT_MSG_ID_CHARS: usize = 128;
+
+/// A claimed row as the store read it: the app's columns unchecked, plus the daemon's bookkeeping.
+#[derive(Debug, Clone, Default)]
+pub struct RawMessage {
+    pub id: i64,
+    pub account: String,
+    pub touser: Option<String>,
+    pub template_id: Option<String>,
+    pub data: Option<String>,
+    pub url: Option<String>,
+    pub miniprogram: Option<String>,
+    pub client_msg_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Attempts including the one just claimed.
+    pub attempts: i32,
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// An earlier attempt may have reached WeChat (timeout, crash mid-flight).
+    pub in_doubt: bool,
+    /// A column the store could not read at all (for example text that is not UTF-8).
+    pub unreadable: Option<String>,
+}
+
+/// A message that passed every check, ready to be posted.
+#[derive(Debug, Clone)]
+pub struct TemplateMessage {
+    pub id: i64,
+    pub touser: String,
+    pub client_msg_id: String,
+    /// The JSON body of `POST /cgi-bin/message/template/send`.
+    pub body: Value,
+}
+
+/// The `client_msg_id` sent for a row without one of its own. Stable across retries and daemons.
+pub fn derived_client_msg_id(id: i64) -> String {
+    format!("wechat-outbox-{id}")
+}
+
+impl TemplateMessage {
+    /// Checks every column an app wrote; the error is the reason recorded on the row.
+    pub fn from_raw(raw: &RawMessage) -> Result<TemplateMessage, String> {
+        if let Some(problem) = &raw.unreadable {
+            return Err(problem.clone());
+        }
+        let touser = identifier("touser", raw.touser.as_deref())?;
+        let template_id = identifier("template_id", raw.template_id.as_deref())?;
+        let data = template_data(raw.data.as_deref())?;
+        let client_msg_id = match raw.client_msg_id.as_deref() {
+            None => derived_client_msg_id(raw.id),
+            Some(own) => {
+                if own.trim().is_empty() {
+                    return Err("client_msg_id is empty: leave it NULL or give a key".into());
+                }
+                if own.chars().count() > MAX_CLIENT_MSG_ID_CHARS {
+                    return Err(format!(
+                        "client_msg_id is longer than {MAX_CLIENT_MSG_ID_CHARS} characters"
+                    ));
+                }
+                own.to_string()
+            }
+        };
+
+        let mut body = Map::new();
+        body.insert("touser".into(), json!(touser));
+        body.insert("template_id".into(), json!(template_id));
+        if let Some(url) = optional_url(raw.url.as_deref())? {
+            body.insert("url".into(), json!(url));
+        }
+        if let Some(mini) = miniprogram(raw.miniprogram.as_deref())? {
+            body.insert("miniprogram".into(), mini);
+        }
+        body.insert("data".into(), data);
+        body.insert("client_msg_id".into(), json!(client_msg_id));
+        Ok(TemplateMessage {
+            id: raw.id,
+            touser: touser.to_string(),
+            client_msg_id,
+            body: Value::Object(body),
+        })
+    }
+}
+
+/// An openid or a template id: required, one token, bounded.
+fn identifier<'a>(column: &str, value: Option<&'a str>) -> Result<&'a str, String> {
+    let value = value.ok_or_else(|| format!("{column} is missing (NULL)"))?;
+    if value.trim().is_empty() {
+        return Err(format!("{column} is empty"));
+    }
+    if value.chars().count() > MAX_ID_CHARS {
+        return Err(format!("{column} is longer than {MAX_ID_CHARS} characters"));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{column} contains whitespace or control characters"
+        ));
+    }
+    Ok(value)
+}
+
+/// `data`: `{"key":{"value":"…","color":"#…"}}`, or the shorthand `{"key":"…"}`.
+fn template_data(text: Option<&str>) -> Result<Value, String> {
+    let text = text.ok_or("data is missing (NULL): give a JSON object of template parameters")?;
+    if text.len() > MAX_DATA_BYTES {
+        return Err(format!("data is larger than {MAX_DATA_BYTES} bytes"));
+    }
+    let parsed: Value =
+        serde_json::from_str(text).map_err(|e| format!("data is not valid JSON: {e}"))?;
+    let Value::Object(params) = parsed else {
+        return Err("data must be a JSON object such as {\"first\":{\"value\":\"…\"}}".into());
+    };
+    let mut out = Map::new();
+    for (key, value) in params {
+        if key.trim().is_empty() {
+            return Err("data has an empty parameter name".into());
+        }
+        let item = match value {
+            Value::String(text) => json!({ "value": text }),
+            Value::Number(n) => json!({ "value": n.to_string() }),
+            Value::Object(fields) => parameter(&key, fields)?,
+            other => {
+                return Err(format!(
+                    "data.{key} must be a string or {{\"value\":…}}, not {}",
+                    json_kind(&other)
+                ));
+            }
+        };
+        out.insert(key, item);
+    }
+    Ok(Value::Object(out))
+}
+
+fn parameter(key: &str, fields: Map<String, Value>) -> Result<Value, String> {
+    let mut item = Map::new();
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("value", Value::String(text)) => item.insert(name, Value::String(text)),
+            ("value", Value::Number(n)) => item.insert(name, Value::String(n.to_string())),
+            ("color", Value::String(color)) => item.insert(name, Value::String(color)),
+            ("value" | "color", other) => {
+                return Err(format!(
+                    "data.{key}.{name} must be a string, not {}",
+                    json_kind(&other)
+                ));
+            }
+            // WeChat ignores unknown fields; a typo like "colour" would silently do nothing.
+            (other, _) => {
+                return Err(format!(
+                    "data.{key} has an unknown field \"{other}\" (expected value, color)"
+                ));
+            }
+        };
+    }
+    if !item.contains_key("value") {
+        return Err(format!("data.{key} has no \"value\""));
+    }
+    Ok(Value::Object(item))
+}
+
+fn optional_url(url: Option<&str>) -> Result<Option<&str>, String> {
+    let Some(url) = url else { return Ok(None) };
+    if url.is_empty() {
+        return Ok(None);
+    }
+    if url.len() > MAX_URL_BYTES {
+        return Err(format!("url is longer than {MAX_URL_BYTES} bytes"));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err("url must start with http:// or https://".into());
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("url contains whitespace or control characters".into());
+    }
+    Ok(Some(url))
+}
+
+/// `miniprogram`: `{"appid":"…","pagepath":"…"}`; WeChat prefers it over `url`.
+fn miniprogram(text: Option<&str>) -> Result<Option<Value>, String> {
+    let Some(text) = text else { return Ok(None) };
+    if text.len() > MAX_URL_BYTES {
+        return Err(format!("miniprogram is larger than {MAX_URL_BYTES} bytes"));
+    }
+    let parsed: Value =
+        serde_json::from_str(text).map_err(|e| format!("miniprogram is not valid JSON: {e}"))?;
+    let Value::Object(fields) = parsed else {
+        return Err("miniprogram must be a JSON object {\"appid\":…,\"pagepath\":…}".into());
+    };
+    for (name, value) in &fields {
+        match (name.as_str(), value) {
+            ("appid" | "pagepath", Value::String(_)) => {}
+            ("appid" | "pagepath", other) => {
+                return Err(format!(
+                    "miniprogram.{name} must be a string, not {}",
+                    json_kind(other)
+                ));
+            }
+            (other, _) => {
+                return Err(format!(
+                    "miniprogram has an unknown field \"{other}\" (expected appid, pagepath)"
+                ));
+            }
+        }
+    }
+    match fields.get("appid") {
+        Some(Value::String(appid)) if !appid.trim().is_empty() => Ok(Some(Value::Object(fields))),
+        _ => Err("miniprogram.appid is missing or empty".into()),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(data: &str) -> RawMessage {
+        RawMessage {
+            id: 7,
+            account: "default".into(),
+            touser: Some("oUser1".into()),
+            template_id: Some("TPL".into()),
+            data: Some(data.into()),
+            ..RawMessage::default()
+        }
+    }
+
+    fn reason(raw: RawMessage) -> String {
+        TemplateMessage::from_raw(&raw).expect_err("should be refused")
+    }
+
+    #[test]
+    fn full_and_shorthand_data_give_the_wire_format() {
+        let msg = TemplateMessage::from_raw(&row(
+            r##"{"first":{"value":"您好","color":"#173177"},"amount":"39.8元","n":3}"##,
+        ))
+        .unwrap();
+        assert_eq!(
+            msg.body["data"],
+            json!({"first":{"value":"您好","color":"#173177"},"amount":{"value":"39.8元"},"n":{"value":"3"}})
+        );
+        assert_eq!(msg.body["client_msg_id"], "wechat-outbox-7");
+        assert_eq!(msg.body["touser"], "oUser1");
+        assert!(msg.body.get("url").is_none());
+    }
+
+    #[test]
+    fn an_apps_own_client_msg_id_is_kept() {
+        let mut raw = row("{}");
+        raw.client_msg_id = Some("order-42".into());
+        assert_eq!(
+            TemplateMessage::from_raw(&raw).unwrap().client_msg_id,
+            "order-42"
+        );
+    }
+
+    #[test]
+    fn url_and_miniprogram_are_passed_on() {
+        let mut raw = row("{}");
+        raw.url = Some("https://example.com/o/1".into());
+        raw.miniprogram = Some(r#"{"appid":"wxmini","pagepath":"pages/a"}"#.into());
+        let msg = TemplateMessage::from_raw(&raw).unwrap();
+        assert_eq!(msg.body["url"], "https://example.com/o/1");
+        assert_eq!(msg.body["miniprogram"]["pagepath"], "pages/a");
+    }
+
+    #[test]
+    fn each_malformed_column_is_named_in_the_reason() {
+        let cases: Vec<(RawMessage, &str)> = vec![
+            (
+                RawMessage {
+                    touser: None,
+                    ..row("{}")
+                },
+                "touser is missing",
+            ),
+            (
+                RawMessage {
+                    touser: Some("  ".into()),
+                    ..row("{}")
+                },
+                "touser is empty",
+            ),
+            (
+                RawMessage {
+                    touser: Some("o".repeat(200)),
+                    ..row("{}")
+                },
+                "touser is longer",
+            ),
+            (
+                RawMessage {
+                    template_id: None,
+                    ..row("{}")
+                },
+                "template_id is missing",
+            ),
+            (
+                RawMessage {
+                    data: None,
+                    ..row("{}")
+                },
+                "data is missing",
+            ),
+            (row("{not json"), "data is not valid JSON"),
+            (row("[1,2]"), "data must be a JSON object"),
+            (
+                row(r##"{"a":{"colour":"#fff","value":"x"}}"##),
+                "unknown field \"colour\"",
+            ),
+            (
+                row(r##"{"a":{"color":"#fff"}}"##),
+                "data.a has no \"value\"",
+            ),
+            (row(r#"{"a":true}"#), "data.a must be a string"),
+            (
+                row(&format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_DATA_BYTES))),
+                "data is larger",
+            ),
+            (
+                RawMessage {
+                    url: Some("ftp://x".into()),
+                    ..row("{}")
+                },
+                "url must start",
+            ),
+            (
+                RawMessage {
+                    miniprogram: Some("{}".into()),
+                    ..row("{}")
+                },
+                "miniprogram.appid",
+            ),
+            (
+                RawMessage {
+                    miniprogram: Some("nope".into()),
+                    ..row("{}")
+                },
+                "miniprogram is not valid JSON",
+            ),
+            (
+                RawMessage {
+                    client_msg_id: Some("".into()),
+                    ..row("{}")
+                },
+                "client_msg_id is empty",
+            ),
+            (
+                RawMessage {
+                    unreadable: Some("touser is not valid UTF-8".into()),
+                    ..row("{}")
+                },
+                "not valid UTF-8",
+            ),
+        ];
+        for (raw, expected) in cases {
+            let got = reason(raw);
+            assert!(got.contains(expected), "expected {expected:?} in {got:?}");
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The `status` column's values. See README "Statuses".
+
+/// Where a row is in its life. Terminal statuses never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Waiting to be sent, including between retries.
+    Pending,
+    /// Claimed by a daemon that holds its lease.
+    Sending,
+    /// WeChat accepted it; `msgid` is known.
+    Sent,
+    /// A permanent errcode, a malformed row, or attempts exhausted.
+    Failed,
+    /// `expires_at` passed before it could be sent.
+    Expired,
+    /// An app cancelled it while it was pending.
+    Cancelled,
+    /// A request may have reached WeChat, and resending is no longer safe.
+    Unknown,
+}
+
+impl Status {
+    pub const ALL: [Status; 7] = [
+        Status::Pending,
+        Status::Sending,
+        Status::Sent,
+        Status::Failed,
+        Status::Expired,
+        Status::Cancelled,
+        Status::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sending => "sending",
+            Status::Sent => "sent",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
+            Status::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Status::Pending | Status::Sending)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_round_trips_through_its_column_text() {
+        for status in Status::ALL {
+            assert_eq!(Status::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(Status::parse("delivered"), None);
+    }
+
+    #[test]
+    fn only_pending_and_sending_are_open() {
+        let open: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+            .collect();
+        assert_eq!(open, vec![Status::Pending, Status::Sending]);
+    }
+}

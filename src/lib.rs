@@ -1,0 +1,24 @@
+//! wechat-outbox: a durable daemon that sends WeChat template messages from rows apps insert
+//! into an `outbox` table (SQLite or PostgreSQL).
+//!
+//! The path a message takes:
+//! - [`config`]: settings from TOML and the environment; secrets redacted.
+//! - [`store`]: the only place SQL lives; claims, leases, outcomes, tokens (SQLite, Postgres).
+//! - [`domain`]: pure rules: row validation, statuses, errcode classes, retry policy.
+//! - [`worker`]: the pool that claims rows and the dispatch of one message.
+//! - [`wechat`]: the WeChat HTTP API client and the shared access token.
+//! - [`app`]: wiring and shutdown.
+//! - [`simulator`]: a WeChat stand-in for tests and staging.
+//! - [`demo`]: the README's first command.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod simulator;
+pub mod store;
+pub mod telemetry;
+pub mod wechat;
+pub mod worker;

@@ -1,0 +1,94 @@
+//! Thin entry point: parse the command line, start logging, hand over; errors become exit 1.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use wechat_outbox::cli::{Cli, Command};
+use wechat_outbox::config::Config;
+use wechat_outbox::{app, demo, simulator, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            let config = Config::load(&args.config)?;
+            let shutdown = CancellationToken::new();
+            app::cancel_on_signal(shutdown.clone());
+            app::run(config, shutdown).await
+        }
+        Command::Migrate(args) => {
+            let config = Config::load(&args.config)?;
+            app::migrate(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::CheckConfig(args) => {
+            let config = Config::load(&args.config)?;
+            let accounts = config.accounts()?;
+            println!("configuration is valid");
+            println!(
+                "  database: {}",
+                if config.is_postgres() {
+                    "postgres"
+                } else {
+                    "sqlite"
+                }
+            );
+            println!("  api: {}", config.api.base_url);
+            for account in accounts {
+                println!(
+                    "  account {:?}: appid {}, {} sends/s",
+                    account.name, account.appid, account.rate_per_second
+                );
+            }
+            Ok(())
+        }
+        Command::Simulate(args) => {
+            let shutdown = CancellationToken::new();
+            app::cancel_on_signal(shutdown.clone());
+            let settings = simulator::SimSettings {
+                faults: simulator::Faults {
+                    busy_rate: args.busy_rate,
+                    http_error_rate: args.http_error_rate,
+                    hang_rate: args.hang_rate,
+                    garbage_rate: args.garbage_rate,
+                    delay_ms: args.delay_ms,
+                },
+                strict_templates: args.strict_templates,
+                callback: args.callback_url.map(|url| simulator::CallbackTarget {
+                    url,
+                    token: args.callback_token,
+                }),
+                ..simulator::SimSettings::default()
+            };
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            println!(
+                "WeChat simulator listening on http://{}",
+                listener.local_addr()?
+            );
+            simulator::serve(listener, simulator::Simulator::new(settings), shutdown).await?;
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args.dir).await,
+    }
+}

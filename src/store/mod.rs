@@ -1,0 +1,312 @@
+//! The only place SQL lives: one `Store` with two backends, chosen once from the URL scheme.
+//!
+//! Not `sqlx::Any` and not generic over the database: the SQL differs (placeholders, time types,
+//! `SKIP LOCKED`), so each backend states its own queries and both honour the same contract,
+//! which the integration tests run against each.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::domain::message::RawMessage;
+use crate::domain::status::Status;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+pub type StoreResult<T> = Result<T, sqlx::Error>;
+
+/// How an attempt ended, as written to the row by `Store::finish`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// WeChat accepted the message.
+    Sent {
+        msgid: Option<i64>,
+    },
+    /// Permanent: a refused row or errcode, or attempts exhausted.
+    Failed {
+        errcode: Option<i64>,
+        reason: String,
+    },
+    Expired {
+        reason: String,
+    },
+    /// It may have reached the user, and resending could reach them twice.
+    Unknown {
+        errcode: Option<i64>,
+        reason: String,
+    },
+    /// Back to `pending`, due again at `at`.
+    Retry {
+        at: DateTime<Utc>,
+        errcode: Option<i64>,
+        reason: String,
+        in_doubt: bool,
+    },
+    /// Back to `pending` now without counting the attempt (account paused, daemon stopping).
+    Release {
+        errcode: Option<i64>,
+        reason: String,
+        in_doubt: bool,
+    },
+}
+
+/// The column values an `Outcome` writes; shared by both backends.
+pub(crate) struct OutcomeColumns {
+    pub status: Status,
+    pub msgid: Option<i64>,
+    pub sent: bool,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub errcode: Option<i64>,
+    pub error: Option<String>,
+    pub in_doubt: bool,
+    pub refund_attempt: i32,
+}
+
+impl Outcome {
+    pub(crate) fn columns(&self, now: DateTime<Utc>) -> OutcomeColumns {
+        let base = |status, errcode: &Option<i64>, reason: &str| OutcomeColumns {
+            status,
+            msgid: None,
+            sent: false,
+            next_attempt_at: None,
+            errcode: *errcode,
+            error: Some(reason.to_string()),
+            in_doubt: false,
+            refund_attempt: 0,
+        };
+        match self {
+            Outcome::Sent { msgid } => OutcomeColumns {
+                msgid: *msgid,
+                sent: true,
+                error: None,
+                ..base(Status::Sent, &Some(0), "")
+            },
+            Outcome::Failed { errcode, reason } => base(Status::Failed, errcode, reason),
+            Outcome::Expired { reason } => base(Status::Expired, &None, reason),
+            Outcome::Unknown { errcode, reason } => OutcomeColumns {
+                in_doubt: true,
+                ..base(Status::Unknown, errcode, reason)
+            },
+            Outcome::Retry {
+                at,
+                errcode,
+                reason,
+                in_doubt,
+            } => OutcomeColumns {
+                next_attempt_at: Some(*at),
+                in_doubt: *in_doubt,
+                ..base(Status::Pending, errcode, reason)
+            },
+            Outcome::Release {
+                errcode,
+                reason,
+                in_doubt,
+            } => OutcomeColumns {
+                next_attempt_at: Some(now),
+                in_doubt: *in_doubt,
+                refund_attempt: 1,
+                ..base(Status::Pending, errcode, reason)
+            },
+        }
+    }
+}
+
+/// The shared access token of one account, as stored.
+#[derive(Clone)]
+pub struct StoredToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Asks for a token refresh lease: granted when no other daemon holds one and the stored token
+/// is missing, expires before `refresh_before`, or is the `failing` one.
+pub struct TokenLease<'a> {
+    pub account: &'a str,
+    pub owner: &'a str,
+    pub now: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+    pub refresh_before: DateTime<Utc>,
+    pub failing: Option<&'a str>,
+}
+
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+macro_rules! on_backend {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($store) => $call,
+            Store::Postgres($store) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Connects to the configured database. Migrations are not run here; see `migrate`.
+    pub async fn connect(config: &Config) -> Result<Store> {
+        if config.is_postgres() {
+            let store = PostgresStore::connect(config)
+                .await
+                .context("cannot connect to PostgreSQL (database_url)")?;
+            Ok(Store::Postgres(store))
+        } else {
+            let store = SqliteStore::connect(config)
+                .await
+                .context("cannot open the SQLite database (database_url)")?;
+            Ok(Store::Sqlite(store))
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        on_backend!(self, s => s.migrate().await).context("database migration failed")
+    }
+
+    /// Claims up to `limit` due rows for `owner` until `lease_until`, counting an attempt each.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        limit: usize,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<RawMessage>> {
+        on_backend!(self, s => s.claim(owner, limit as i64, lease_until, now).await)
+    }
+
+    /// Writes an attempt's outcome if `owner` still holds the row's lease; false if it does not.
+    pub async fn finish(
+        &self,
+        owner: &str,
+        id: i64,
+        outcome: &Outcome,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let columns = outcome.columns(now);
+        on_backend!(self, s => s.finish(owner, id, &columns, now).await)
+    }
+
+    /// Extends the lease of a row `owner` still holds; false if it no longer does.
+    pub async fn extend_lease(
+        &self,
+        owner: &str,
+        id: i64,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        on_backend!(self, s => s.extend_lease(owner, id, lease_until).await)
+    }
+
+    /// Returns rows whose lease expired (their daemon died) to `pending`, marked in doubt.
+    pub async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, s => s.rescue_expired_leases(now).await)
+    }
+
+    /// Releases every row `owner` still holds, marked in doubt; for shutdown.
+    pub async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, s => s.release_owned(owner, now).await)
+    }
+
+    /// Marks pending rows whose `expires_at` has passed as `expired`.
+    pub async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, s => s.expire_overdue(now).await)
+    }
+
+    /// Marks pending in-doubt rows first attempted before `first_attempt_before` as `unknown`.
+    pub async fn give_up_in_doubt(
+        &self,
+        first_attempt_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        on_backend!(self, s => s.give_up_in_doubt(first_attempt_before, now).await)
+    }
+
+    pub async fn pause_account(
+        &self,
+        account: &str,
+        until: DateTime<Utc>,
+        errcode: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, s => s.pause_account(account, until, errcode, reason, now).await)
+    }
+
+    pub async fn load_token(&self, account: &str) -> StoreResult<Option<StoredToken>> {
+        on_backend!(self, s => s.load_token(account).await)
+    }
+
+    pub async fn lease_token_refresh(&self, lease: &TokenLease<'_>) -> StoreResult<bool> {
+        on_backend!(self, s => s.lease_token_refresh(lease).await)
+    }
+
+    pub async fn save_token(
+        &self,
+        account: &str,
+        owner: &str,
+        token: &StoredToken,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, s => s.save_token(account, owner, token, now).await)
+    }
+
+    pub async fn release_token_lease(&self, account: &str, owner: &str) -> StoreResult<()> {
+        on_backend!(self, s => s.release_token_lease(account, owner).await)
+    }
+
+    /// Rows per status, for the CLI and the demo.
+    pub async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        on_backend!(self, s => s.status_counts().await)
+    }
+
+    /// Wakes `wake` when other connections commit new rows, until `shutdown`. A hint only:
+    /// the dispatcher polls as well.
+    pub async fn watch_for_rows(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        on_backend!(self, s => s.watch_for_rows(wake, shutdown).await)
+    }
+
+    pub async fn close(&self) {
+        on_backend!(self, s => s.close().await)
+    }
+}
+
+/// Reads an app-written text column that the backend returned as bytes, noting (instead of
+/// failing the whole claim) a value that is not UTF-8.
+pub(crate) fn text_column(
+    name: &str,
+    bytes: Option<Vec<u8>>,
+    unreadable: &mut Option<String>,
+) -> Option<String> {
+    let bytes = bytes?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            unreadable.get_or_insert_with(|| format!("{name} is not valid UTF-8"));
+            Some(String::from_utf8_lossy(e.as_bytes()).into_owned())
+        }
+    }
+}
+
+/// The reason written on rows whose daemon stopped holding them.
+pub(crate) const LEASE_EXPIRED: &str = "the daemon sending it stopped (lease expired); it may have reached WeChat, so it is resent \
+     with the same client_msg_id while WeChat still de-duplicates";
+pub(crate) const RELEASED_AT_SHUTDOWN: &str = "released at shutdown while in flight; it may have reached WeChat, so it is resent with the \
+     same client_msg_id while WeChat still de-duplicates";
+pub(crate) const EXPIRED: &str = "expires_at passed before it could be sent";
+pub(crate) const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window has \
+     passed, so it is not resent";

@@ -1,0 +1,367 @@
+//! PostgreSQL: for several daemons across machines. Claims take `FOR UPDATE SKIP LOCKED`, so
+//! daemons never wait on each other's rows; the tables live in a configurable schema (set as
+//! the connection's `search_path`) inside the app's own database.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    EXPIRED, GAVE_UP_IN_DOUBT, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN, StoreResult,
+    StoredToken, TokenLease, text_column,
+};
+use crate::config::Config;
+use crate::domain::message::RawMessage;
+
+/// The channel the insert trigger notifies; the payload is the schema.
+const CHANNEL: &str = "wechat_outbox";
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: String,
+}
+
+impl PostgresStore {
+    pub async fn connect(config: &Config) -> StoreResult<PostgresStore> {
+        let schema = config.database_schema.clone();
+        let options = PgConnectOptions::from_str(&config.database_url)?
+            .application_name("wechat-outbox")
+            .options([("search_path", schema.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore { pool, schema })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        // The schema name was validated as a plain lowercase identifier in Config::validate.
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema);
+        sqlx::query(AssertSqlSafe(create))
+            .execute(&self.pool)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&self.pool).await
+    }
+
+    pub async fn claim(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<RawMessage>> {
+        let rows = sqlx::query(
+            "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
+                    attempts = o.attempts + 1,
+                    first_attempt_at = COALESCE(o.first_attempt_at, $3), updated_at = $3
+             FROM (
+                SELECT id FROM outbox
+                WHERE status = 'pending' AND next_attempt_at <= $3
+                  AND (send_after IS NULL OR send_after <= $3)
+                  AND NOT EXISTS (SELECT 1 FROM account_pauses p
+                                  WHERE p.account = outbox.account AND p.paused_until > $3)
+                ORDER BY priority DESC, next_attempt_at, id
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED) AS due
+             WHERE o.id = due.id
+             RETURNING o.id, o.account, o.touser, o.template_id, o.data, o.url, o.miniprogram,
+                o.client_msg_id, o.expires_at, o.attempts, o.first_attempt_at, o.in_doubt",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(raw_message).collect()
+    }
+
+    pub(super) async fn finish(
+        &self,
+        owner: &str,
+        id: i64,
+        c: &OutcomeColumns,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = $1, msgid = COALESCE($2, msgid),
+                    sent_at = CASE WHEN $3 THEN $9 ELSE sent_at END,
+                    next_attempt_at = COALESCE($4, next_attempt_at), last_errcode = $5,
+                    last_error = $6, in_doubt = $7, attempts = attempts - $8,
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $9
+             WHERE id = $10 AND status = 'sending' AND lease_owner = $11",
+        )
+        .bind(c.status.as_str())
+        .bind(c.msgid)
+        .bind(c.sent)
+        .bind(c.next_attempt_at)
+        .bind(c.errcode.map(errcode_column))
+        .bind(c.error.as_deref())
+        .bind(c.in_doubt)
+        .bind(c.refund_attempt)
+        .bind(now)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn extend_lease(
+        &self,
+        owner: &str,
+        id: i64,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE outbox SET lease_expires_at = $1
+             WHERE id = $2 AND status = 'sending' AND lease_owner = $3",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', in_doubt = true, lease_owner = NULL,
+                    lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
+             WHERE status = 'sending' AND lease_expires_at < $1",
+        )
+        .bind(now)
+        .bind(LEASE_EXPIRED)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', in_doubt = true, lease_owner = NULL,
+                    lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
+             WHERE status = 'sending' AND lease_owner = $3",
+        )
+        .bind(now)
+        .bind(RELEASED_AT_SHUTDOWN)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'expired', last_error = $2, updated_at = $1
+             WHERE status = 'pending' AND expires_at <= $1",
+        )
+        .bind(now)
+        .bind(EXPIRED)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn give_up_in_doubt(
+        &self,
+        first_attempt_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'unknown', last_error = $3, updated_at = $1
+             WHERE status = 'pending' AND in_doubt AND first_attempt_at <= $2",
+        )
+        .bind(now)
+        .bind(first_attempt_before)
+        .bind(GAVE_UP_IN_DOUBT)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn pause_account(
+        &self,
+        account: &str,
+        until: DateTime<Utc>,
+        errcode: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO account_pauses (account, paused_until, errcode, reason, created_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (account) DO UPDATE SET paused_until = excluded.paused_until,
+                errcode = excluded.errcode, reason = excluded.reason,
+                created_at = excluded.created_at",
+        )
+        .bind(account)
+        .bind(until)
+        .bind(errcode_column(errcode))
+        .bind(reason)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn load_token(&self, account: &str) -> StoreResult<Option<StoredToken>> {
+        let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT access_token, expires_at FROM access_tokens
+             WHERE account = $1 AND access_token IS NOT NULL AND expires_at IS NOT NULL",
+        )
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(token, expires_at)| StoredToken { token, expires_at }))
+    }
+
+    pub(super) async fn lease_token_refresh(&self, lease: &TokenLease<'_>) -> StoreResult<bool> {
+        sqlx::query("INSERT INTO access_tokens (account) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(lease.account)
+            .execute(&self.pool)
+            .await?;
+        let done = sqlx::query(
+            "UPDATE access_tokens SET refresh_owner = $2, refresh_lease_until = $3
+             WHERE account = $1
+               AND (refresh_lease_until IS NULL OR refresh_lease_until < $4)
+               AND (access_token IS NULL OR expires_at <= $5 OR access_token = $6)",
+        )
+        .bind(lease.account)
+        .bind(lease.owner)
+        .bind(lease.lease_until)
+        .bind(lease.now)
+        .bind(lease.refresh_before)
+        .bind(lease.failing)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn save_token(
+        &self,
+        account: &str,
+        owner: &str,
+        token: &StoredToken,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE access_tokens SET access_token = $3, expires_at = $4, refreshed_at = $5,
+                    refresh_owner = NULL, refresh_lease_until = NULL
+             WHERE account = $1 AND refresh_owner = $2",
+        )
+        .bind(account)
+        .bind(owner)
+        .bind(&token.token)
+        .bind(token.expires_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn release_token_lease(&self, account: &str, owner: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE access_tokens SET refresh_owner = NULL, refresh_lease_until = NULL
+             WHERE account = $1 AND refresh_owner = $2",
+        )
+        .bind(account)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// LISTEN for the insert trigger's notifications. They are lost while disconnected, so a
+    /// reconnect wakes the dispatcher too, and it polls besides.
+    pub(super) async fn watch_for_rows(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let listener = async {
+                let mut listener = PgListener::connect_with(&self.pool).await?;
+                listener.listen(CHANNEL).await?;
+                wake.notify_one();
+                loop {
+                    match listener.try_recv().await? {
+                        Some(n) if n.payload() == self.schema => wake.notify_one(),
+                        Some(_) => {}
+                        None => wake.notify_one(),
+                    }
+                }
+            };
+            let result: StoreResult<()> = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = listener => result,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// errcodes are small integers; the column is INTEGER.
+fn errcode_column(errcode: i64) -> i32 {
+    i32::try_from(errcode).unwrap_or(i32::MAX)
+}
+
+fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
+    // Postgres guarantees valid UTF-8 in text; the byte path is SQLite's concern.
+    let mut unreadable = None;
+    let mut text = |name: &str| -> StoreResult<Option<String>> {
+        let value: Option<String> = row.try_get(name)?;
+        Ok(text_column(
+            name,
+            value.map(String::into_bytes),
+            &mut unreadable,
+        ))
+    };
+    let account = text("account")?.unwrap_or_default();
+    let touser = text("touser")?;
+    let template_id = text("template_id")?;
+    let data = text("data")?;
+    let url = text("url")?;
+    let miniprogram = text("miniprogram")?;
+    let client_msg_id = text("client_msg_id")?;
+    Ok(RawMessage {
+        id: row.try_get("id")?,
+        account,
+        touser,
+        template_id,
+        data,
+        url,
+        miniprogram,
+        client_msg_id,
+        expires_at: row.try_get("expires_at")?,
+        attempts: row.try_get("attempts")?,
+        first_attempt_at: row.try_get("first_attempt_at")?,
+        in_doubt: row.try_get("in_doubt")?,
+        unreadable,
+    })
+}

@@ -1,0 +1,395 @@
+//! SQLite: the embedded default. WAL so apps read and insert while the daemon writes; every
+//! write transaction is `BEGIN IMMEDIATE`, so a busy database waits (`busy_timeout`) instead of
+//! failing a lock upgrade. Times are UTC text `YYYY-MM-DD HH:MM:SS.SSS` (see the migration).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row, SqliteConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    EXPIRED, GAVE_UP_IN_DOUBT, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN, StoreResult,
+    StoredToken, TokenLease, text_column,
+};
+use crate::config::Config;
+use crate::domain::message::RawMessage;
+
+/// How often the watcher asks whether another connection committed. `PRAGMA data_version`
+/// reads shared memory, so this costs microseconds and no disk I/O.
+const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+
+const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.3f";
+
+/// A time in the text form the schema stores and compares.
+pub fn ts(time: DateTime<Utc>) -> String {
+    time.format(TIME_FORMAT).to_string()
+}
+
+/// Reads a stored time; `None` for anything else.
+pub fn parse_ts(text: &str) -> Option<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// For the watcher's own connection; boxed to keep `Store` small.
+    options: Arc<SqliteConnectOptions>,
+}
+
+impl SqliteStore {
+    pub async fn connect(config: &Config) -> StoreResult<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(&config.database_url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a row marked sent survives a power cut, so it is never sent again.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_millis(config.database.busy_timeout_ms))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .connect_with(options.clone())
+            .await?;
+        Ok(SqliteStore {
+            pool,
+            options: Arc::new(options),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        sqlx::migrate!("migrations/sqlite").run(&self.pool).await
+    }
+
+    pub async fn claim(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<RawMessage>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // App-written text comes back as bytes so that one row with invalid UTF-8 cannot break
+        // the claim of the others: it is failed with a reason instead.
+        let rows = sqlx::query(
+            "UPDATE outbox SET status = 'sending', lease_owner = ?1, lease_expires_at = ?2,
+                    attempts = attempts + 1, first_attempt_at = COALESCE(first_attempt_at, ?3),
+                    updated_at = ?3
+             WHERE id IN (
+                SELECT id FROM outbox
+                WHERE status = 'pending' AND next_attempt_at <= ?3
+                  AND (send_after IS NULL OR send_after <= ?3)
+                  AND NOT EXISTS (SELECT 1 FROM account_pauses p
+                                  WHERE p.account = outbox.account AND p.paused_until > ?3)
+                ORDER BY priority DESC, next_attempt_at, id
+                LIMIT ?4)
+             RETURNING id, CAST(account AS BLOB) AS account, CAST(touser AS BLOB) AS touser,
+                CAST(template_id AS BLOB) AS template_id, CAST(data AS BLOB) AS data,
+                CAST(url AS BLOB) AS url, CAST(miniprogram AS BLOB) AS miniprogram,
+                CAST(client_msg_id AS BLOB) AS client_msg_id, expires_at, attempts,
+                first_attempt_at, in_doubt",
+        )
+        .bind(owner)
+        .bind(ts(lease_until))
+        .bind(ts(now))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.into_iter().map(raw_message).collect()
+    }
+
+    pub(super) async fn finish(
+        &self,
+        owner: &str,
+        id: i64,
+        c: &OutcomeColumns,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = ?1, msgid = COALESCE(?2, msgid),
+                    sent_at = CASE WHEN ?3 THEN ?9 ELSE sent_at END,
+                    next_attempt_at = COALESCE(?4, next_attempt_at), last_errcode = ?5,
+                    last_error = ?6, in_doubt = ?7, attempts = attempts - ?8,
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?9
+             WHERE id = ?10 AND status = 'sending' AND lease_owner = ?11",
+        )
+        .bind(c.status.as_str())
+        .bind(c.msgid)
+        .bind(c.sent)
+        .bind(c.next_attempt_at.map(ts))
+        .bind(c.errcode)
+        .bind(c.error.as_deref())
+        .bind(c.in_doubt)
+        .bind(c.refund_attempt)
+        .bind(ts(now))
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn extend_lease(
+        &self,
+        owner: &str,
+        id: i64,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE outbox SET lease_expires_at = ?1
+             WHERE id = ?2 AND status = 'sending' AND lease_owner = ?3",
+        )
+        .bind(ts(lease_until))
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', in_doubt = 1, lease_owner = NULL,
+                    lease_expires_at = NULL, next_attempt_at = ?1, last_error = ?2, updated_at = ?1
+             WHERE status = 'sending' AND lease_expires_at < ?1",
+        )
+        .bind(ts(now))
+        .bind(LEASE_EXPIRED)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', in_doubt = 1, lease_owner = NULL,
+                    lease_expires_at = NULL, next_attempt_at = ?1, last_error = ?2, updated_at = ?1
+             WHERE status = 'sending' AND lease_owner = ?3",
+        )
+        .bind(ts(now))
+        .bind(RELEASED_AT_SHUTDOWN)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'expired', last_error = ?2, updated_at = ?1
+             WHERE status = 'pending' AND expires_at <= ?1",
+        )
+        .bind(ts(now))
+        .bind(EXPIRED)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn give_up_in_doubt(
+        &self,
+        first_attempt_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'unknown', last_error = ?3, updated_at = ?1
+             WHERE status = 'pending' AND in_doubt = 1 AND first_attempt_at <= ?2",
+        )
+        .bind(ts(now))
+        .bind(ts(first_attempt_before))
+        .bind(GAVE_UP_IN_DOUBT)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn pause_account(
+        &self,
+        account: &str,
+        until: DateTime<Utc>,
+        errcode: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO account_pauses (account, paused_until, errcode, reason, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (account) DO UPDATE SET paused_until = excluded.paused_until,
+                errcode = excluded.errcode, reason = excluded.reason,
+                created_at = excluded.created_at",
+        )
+        .bind(account)
+        .bind(ts(until))
+        .bind(errcode)
+        .bind(reason)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn load_token(&self, account: &str) -> StoreResult<Option<StoredToken>> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT access_token, expires_at FROM access_tokens
+             WHERE account = ?1 AND access_token IS NOT NULL AND expires_at IS NOT NULL",
+        )
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(token, expires)| {
+            parse_ts(&expires).map(|expires_at| StoredToken { token, expires_at })
+        }))
+    }
+
+    pub(super) async fn lease_token_refresh(&self, lease: &TokenLease<'_>) -> StoreResult<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("INSERT INTO access_tokens (account) VALUES (?1) ON CONFLICT DO NOTHING")
+            .bind(lease.account)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query(
+            "UPDATE access_tokens SET refresh_owner = ?2, refresh_lease_until = ?3
+             WHERE account = ?1
+               AND (refresh_lease_until IS NULL OR refresh_lease_until < ?4)
+               AND (access_token IS NULL OR expires_at <= ?5 OR access_token = ?6)",
+        )
+        .bind(lease.account)
+        .bind(lease.owner)
+        .bind(ts(lease.lease_until))
+        .bind(ts(lease.now))
+        .bind(ts(lease.refresh_before))
+        .bind(lease.failing)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn save_token(
+        &self,
+        account: &str,
+        owner: &str,
+        token: &StoredToken,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE access_tokens SET access_token = ?3, expires_at = ?4, refreshed_at = ?5,
+                    refresh_owner = NULL, refresh_lease_until = NULL
+             WHERE account = ?1 AND refresh_owner = ?2",
+        )
+        .bind(account)
+        .bind(owner)
+        .bind(&token.token)
+        .bind(ts(token.expires_at))
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn release_token_lease(&self, account: &str, owner: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE access_tokens SET refresh_owner = NULL, refresh_lease_until = NULL
+             WHERE account = ?1 AND refresh_owner = ?2",
+        )
+        .bind(account)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Other processes (the apps) write to the file, so no in-process signal can be trusted:
+    /// a dedicated connection watches `PRAGMA data_version`, which changes when any other
+    /// connection commits.
+    pub(super) async fn watch_for_rows(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut last = None;
+        let mut conn: Option<SqliteConnection> = None;
+        while !shutdown.is_cancelled() {
+            if conn.is_none() {
+                conn = SqliteConnection::connect_with(&self.options).await.ok();
+            }
+            if let Some(c) = conn.as_mut() {
+                match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+                    .fetch_one(c)
+                    .await
+                {
+                    Ok(version) => {
+                        if last.is_some_and(|last| last != version) {
+                            wake.notify_one();
+                        }
+                        last = Some(version);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the SQLite file; polling only");
+                        conn = None;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(if conn.is_some() { WATCH_INTERVAL } else { Duration::from_secs(1) }) => {}
+            }
+        }
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
+    let mut unreadable = None;
+    let mut text = |name: &str| -> StoreResult<Option<String>> {
+        let bytes: Option<Vec<u8>> = row.try_get(name)?;
+        Ok(text_column(name, bytes, &mut unreadable))
+    };
+    let account = text("account")?.unwrap_or_default();
+    let touser = text("touser")?;
+    let template_id = text("template_id")?;
+    let data = text("data")?;
+    let url = text("url")?;
+    let miniprogram = text("miniprogram")?;
+    let client_msg_id = text("client_msg_id")?;
+    let time = |name: &str| -> StoreResult<Option<DateTime<Utc>>> {
+        let text: Option<String> = row.try_get(name)?;
+        Ok(text.as_deref().and_then(parse_ts))
+    };
+    Ok(RawMessage {
+        id: row.try_get("id")?,
+        account,
+        touser,
+        template_id,
+        data,
+        url,
+        miniprogram,
+        client_msg_id,
+        expires_at: time("expires_at")?,
+        attempts: row.try_get("attempts")?,
+        first_attempt_at: time("first_attempt_at")?,
+        in_doubt: row.try_get("in_doubt")?,
+        unreadable,
+    })
+}

@@ -1,0 +1,256 @@
+//! The WeChat HTTP API endpoints the daemon calls, and how their failures are told apart.
+//!
+//! The access token travels in the query string, so no error here ever carries a URL
+//! (`reqwest::Error::without_url`), and no `Debug` shows a token or secret.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use reqwest::{Client, StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// WeChat's answer to a template send (or any call answering with an errcode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiReply {
+    pub errcode: i64,
+    pub errmsg: String,
+    pub msgid: Option<i64>,
+}
+
+/// A call that produced no errcode: the request failed in transport, or the answer was not
+/// WeChat's JSON.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{detail}")]
+pub struct TransportError {
+    pub detail: String,
+    /// False only when the request provably never reached WeChat (the connection was refused).
+    pub may_have_reached: bool,
+}
+
+/// A fresh access token and how long WeChat says it lives.
+pub struct IssuedToken {
+    pub token: SecretString,
+    pub expires_in: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("token request failed: {0}")]
+    Transport(#[from] TransportError),
+    #[error("WeChat refused the token request: errcode {errcode}: {errmsg}")]
+    Refused { errcode: i64, errmsg: String },
+}
+
+#[derive(Clone)]
+pub struct WechatApi {
+    http: Client,
+    base: Url,
+}
+
+/// Builds an HTTP client on the project's one TLS stack (rustls with ring).
+pub fn http_client(builder: reqwest::ClientBuilder) -> anyhow::Result<Client> {
+    // Installing twice is harmless; the first provider stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    builder.build().context("cannot build the HTTP client")
+}
+
+impl WechatApi {
+    pub fn new(base_url: &str, timeout: Duration) -> anyhow::Result<WechatApi> {
+        let mut base = Url::parse(base_url).context("api.base_url")?;
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let http = http_client(
+            Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(5)))
+                .pool_idle_timeout(Duration::from_secs(50))
+                .user_agent(concat!("wechat-outbox/", env!("CARGO_PKG_VERSION"))),
+        )?;
+        Ok(WechatApi { http, base })
+    }
+
+    fn endpoint(&self, path: &str) -> Url {
+        self.base
+            .join(path)
+            .expect("static endpoint paths join onto a base URL")
+    }
+
+    /// `POST /cgi-bin/message/template/send?access_token=…`
+    pub async fn send_template(
+        &self,
+        token: &SecretString,
+        body: &Value,
+    ) -> Result<ApiReply, TransportError> {
+        let mut url = self.endpoint("cgi-bin/message/template/send");
+        url.query_pairs_mut()
+            .append_pair("access_token", token.expose_secret());
+        let response = self.http.post(url).json(body).send().await;
+        read_reply(response).await
+    }
+
+    /// `POST /cgi-bin/stable_token`: returns the same token while it is valid unless forced.
+    pub async fn stable_token(
+        &self,
+        appid: &str,
+        secret: &SecretString,
+        force_refresh: bool,
+    ) -> Result<IssuedToken, TokenError> {
+        let body = json!({
+            "grant_type": "client_credential",
+            "appid": appid,
+            "secret": secret.expose_secret(),
+            "force_refresh": force_refresh,
+        });
+        let response = self
+            .http
+            .post(self.endpoint("cgi-bin/stable_token"))
+            .json(&body)
+            .send()
+            .await;
+        read_token(response).await
+    }
+
+    /// `GET /cgi-bin/token`: every call invalidates the token issued before.
+    pub async fn classic_token(
+        &self,
+        appid: &str,
+        secret: &SecretString,
+    ) -> Result<IssuedToken, TokenError> {
+        let mut url = self.endpoint("cgi-bin/token");
+        url.query_pairs_mut()
+            .append_pair("grant_type", "client_credential")
+            .append_pair("appid", appid)
+            .append_pair("secret", secret.expose_secret());
+        read_token(self.http.get(url).send().await).await
+    }
+}
+
+async fn read_body(
+    response: Result<reqwest::Response, reqwest::Error>,
+) -> Result<Value, TransportError> {
+    let response = response.map_err(transport)?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(transport)?;
+    if status != StatusCode::OK {
+        return Err(TransportError {
+            detail: format!("HTTP {status} from WeChat"),
+            // A 5xx may come from a proxy after WeChat processed the request.
+            may_have_reached: status.is_server_error(),
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|_| TransportError {
+        detail: format!("answer is not JSON ({} bytes)", bytes.len()),
+        may_have_reached: true,
+    })
+}
+
+async fn read_reply(
+    response: Result<reqwest::Response, reqwest::Error>,
+) -> Result<ApiReply, TransportError> {
+    let body = read_body(response).await?;
+    let errcode = body
+        .get("errcode")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| TransportError {
+            detail: "answer has no errcode".into(),
+            may_have_reached: true,
+        })?;
+    Ok(ApiReply {
+        errcode,
+        errmsg: body
+            .get("errmsg")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        msgid: body.get("msgid").and_then(msgid),
+    })
+}
+
+/// msgid overflows 32 bits; take it as a 64-bit number, or a numeric string.
+fn msgid(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_u64().map(|u| u as i64)),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+async fn read_token(
+    response: Result<reqwest::Response, reqwest::Error>,
+) -> Result<IssuedToken, TokenError> {
+    #[derive(Deserialize)]
+    struct Granted {
+        access_token: String,
+        expires_in: u64,
+    }
+    let body = read_body(response).await?;
+    if let Ok(granted) = serde_json::from_value::<Granted>(body.clone()) {
+        return Ok(IssuedToken {
+            token: SecretString::from(granted.access_token),
+            expires_in: Duration::from_secs(granted.expires_in),
+        });
+    }
+    Err(TokenError::Refused {
+        errcode: body.get("errcode").and_then(Value::as_i64).unwrap_or(-1),
+        errmsg: body
+            .get("errmsg")
+            .and_then(Value::as_str)
+            .unwrap_or("no errmsg")
+            .to_string(),
+    })
+}
+
+/// Describes a reqwest failure without its URL (which holds the token or the secret).
+fn transport(error: reqwest::Error) -> TransportError {
+    let may_have_reached = !error.is_connect();
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else if error.is_body() || error.is_decode() {
+        "failed reading the answer"
+    } else {
+        "request failed"
+    };
+    let error = error.without_url();
+    let cause = std::error::Error::source(&error)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    TransportError {
+        detail: format!("{kind}{cause}"),
+        may_have_reached,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msgids_beyond_32_bits_survive() {
+        assert_eq!(msgid(&json!(3_147_483_648_u64)), Some(3_147_483_648));
+        assert_eq!(msgid(&json!("200228332")), Some(200_228_332));
+        assert_eq!(msgid(&json!(null)), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_known_not_to_have_reached_wechat_and_leaks_no_token() {
+        // Bind then drop a listener, so the port is very likely closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let api =
+            WechatApi::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
+        let token = SecretString::from("TOKEN-THAT-MUST-NOT-LEAK".to_string());
+        let err = api.send_template(&token, &json!({})).await.unwrap_err();
+        assert!(!err.may_have_reached, "{err}");
+        let printed = format!("{err} {err:?}");
+        assert!(!printed.contains("TOKEN-THAT-MUST-NOT-LEAK"), "{printed}");
+        assert!(!printed.contains("access_token"), "{printed}");
+    }
+}

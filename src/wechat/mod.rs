@@ -1,0 +1,4 @@
+//! Talking to WeChat: the HTTP API client and the access token manager.
+
+pub mod api;
+pub mod token;

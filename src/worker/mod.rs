@@ -1,0 +1,201 @@
+//! The worker pool: claims due rows in batches, runs up to `concurrency` messages at once, and
+//! keeps the table healthy (rescues expired leases, expires overdue rows).
+//!
+//! No transaction or lock is held across an HTTP call: a claim is one short statement that
+//! sets a lease, and each outcome is another.
+
+pub mod dispatch;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use dispatch::{AccountRuntime, Dispatcher};
+
+use crate::domain::retry::InDoubtPolicy;
+use crate::store::Outcome;
+
+/// How often expired leases are rescued and overdue rows expired.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest pause after the database fails, before trying again.
+const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct PoolSettings {
+    pub concurrency: usize,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+}
+
+pub struct Pool {
+    dispatcher: Arc<Dispatcher>,
+    settings: PoolSettings,
+    wake: Arc<Notify>,
+}
+
+impl Pool {
+    pub fn new(dispatcher: Arc<Dispatcher>, settings: PoolSettings, wake: Arc<Notify>) -> Pool {
+        Pool {
+            dispatcher,
+            settings,
+            wake,
+        }
+    }
+
+    /// Runs until `shutdown`, then stops claiming, lets in-flight messages finish within the
+    /// grace period, and releases whatever is still in flight after it.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let maintenance = tokio::spawn(maintain(self.dispatcher.clone(), shutdown.clone()));
+
+        self.claim_loop(&tracker, &hard_stop, &shutdown).await;
+
+        tracker.close();
+        let in_flight = tracker.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, grace = ?self.settings.shutdown_grace, "draining in-flight messages");
+        }
+        if tokio::time::timeout(self.settings.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                still = tracker.len(),
+                "grace period over; releasing in-flight messages"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        let _ = maintenance.await;
+        // Anything a task could not release itself (say, the database was down) goes back too.
+        match self
+            .dispatcher
+            .store
+            .release_owned(&self.dispatcher.owner, Utc::now())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(rows = n, "released rows still held at shutdown"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not release held rows; their leases will expire")
+            }
+        }
+    }
+
+    async fn claim_loop(
+        &self,
+        tracker: &TaskTracker,
+        hard_stop: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        let d = &self.dispatcher;
+        let mut db_backoff = Duration::from_millis(100);
+        loop {
+            // Room for at least one message, then as many more as a batch allows.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            };
+            let mut held = vec![first];
+            while held.len() < self.settings.batch_size {
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => held.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let wanted = held.len();
+            let now = Utc::now();
+            let lease_until = now + chrono::Duration::from_std(d.lease).unwrap_or_default();
+            let rows = match d.store.claim(&d.owner, wanted, lease_until, now).await {
+                Ok(rows) => {
+                    db_backoff = Duration::from_millis(100);
+                    rows
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?db_backoff, "cannot claim rows; the database is unavailable");
+                    drop(held);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(db_backoff) => {}
+                    }
+                    db_backoff = (db_backoff * 2).min(MAX_DB_BACKOFF);
+                    continue;
+                }
+            };
+            let drained = rows.len() < wanted;
+            for raw in rows {
+                let permit = held.pop().expect("no more rows than permits");
+                let dispatcher = d.clone();
+                let hard_stop = hard_stop.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    let id = raw.id;
+                    let started = Arc::new(AtomicBool::new(false));
+                    tokio::select! {
+                        _ = dispatcher.handle(raw, now, started.clone()) => {}
+                        _ = hard_stop.cancelled() => {
+                            let in_doubt = started.load(std::sync::atomic::Ordering::SeqCst);
+                            let reason = if in_doubt { crate::store::RELEASED_AT_SHUTDOWN } else { "released at shutdown before it was sent" };
+                            dispatcher.record(id, Outcome::Release { errcode: None, reason: reason.into(), in_doubt }).await;
+                        }
+                    }
+                });
+            }
+            drop(held);
+            if drained {
+                // Nothing more is due: sleep until a wake-up hint or the poll interval.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Rescues rows of daemons that died, expires overdue rows, and settles in-doubt rows whose
+/// de-duplication window has passed.
+async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
+    loop {
+        let now = Utc::now();
+        let result = async {
+            let rescued = d.store.rescue_expired_leases(now).await?;
+            if rescued > 0 {
+                tracing::warn!(rows = rescued, "rescued rows whose lease expired");
+            }
+            let expired = d.store.expire_overdue(now).await?;
+            if expired > 0 {
+                tracing::info!(rows = expired, "rows expired before they could be sent");
+            }
+            if d.retry.in_doubt == InDoubtPolicy::Unknown {
+                let unknown = d
+                    .store
+                    .give_up_in_doubt(now - d.retry.window(), now)
+                    .await?;
+                if unknown > 0 {
+                    tracing::warn!(
+                        rows = unknown,
+                        "in-doubt rows past the de-duplication window marked unknown"
+                    );
+                }
+            }
+            Ok::<_, sqlx::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "maintenance pass failed; trying again");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+        }
+    }
+}
