@@ -73,6 +73,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                     hang_rate: args.hang_rate,
                     garbage_rate: args.garbage_rate,
                     delay_ms: args.delay_ms,
+                    ..simulator::Faults::default()
                 },
                 strict_templates: args.strict_templates,
                 callback: args.callback_url.map(|url| simulator::CallbackTarget {

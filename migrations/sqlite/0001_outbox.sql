@@ -14,8 +14,10 @@ CREATE TABLE outbox (
     miniprogram      TEXT,
     client_msg_id    TEXT,
     priority         INTEGER NOT NULL DEFAULT 0,
-    send_after       TEXT,
-    expires_at       TEXT,
+    -- NUMERIC, not TEXT: TEXT affinity would turn an epoch number into text that reads as a
+    -- Julian day. ISO text stays text; the triggers below normalise both.
+    send_after       NUMERIC,
+    expires_at       NUMERIC,
     -- owned by the daemon
     status           TEXT    NOT NULL DEFAULT 'pending',
     attempts         INTEGER NOT NULL DEFAULT 0,

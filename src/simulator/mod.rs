@@ -35,6 +35,9 @@ pub struct Faults {
     pub hang_rate: f64,
     /// Deliver, then answer 200 with a body that is not JSON.
     pub garbage_rate: f64,
+    /// Answer `errcode` (for example 45009) without delivering.
+    pub errcode_rate: f64,
+    pub errcode: i64,
     /// Wait this long before answering every send.
     pub delay_ms: u64,
 }
@@ -440,6 +443,7 @@ async fn list_templates(
 }
 
 enum Fault {
+    Errcode(i64),
     Busy,
     HttpError,
     Hang,
@@ -454,6 +458,7 @@ fn draw_fault(faults: &Faults) -> Option<Fault> {
         (faults.http_error_rate, Fault::HttpError),
         (faults.hang_rate, Fault::Hang),
         (faults.garbage_rate, Fault::Garbage),
+        (faults.errcode_rate, Fault::Errcode(faults.errcode)),
     ] {
         edge += rate;
         if roll < edge {
@@ -481,6 +486,7 @@ async fn send_template(
             Some(Fault::HttpError) => Some("http_error"),
             Some(Fault::Hang) => Some("hang"),
             Some(Fault::Garbage) => Some("garbage"),
+            Some(Fault::Errcode(_)) => Some("errcode"),
             None => None,
         };
         if let Some(name) = name {
@@ -493,6 +499,10 @@ async fn send_template(
             Some(Fault::Busy) => {
                 *state.stats.errcodes.entry("-1".into()).or_default() += 1;
                 return errcode(-1, "system error").into_response();
+            }
+            Some(Fault::Errcode(code)) => {
+                *state.stats.errcodes.entry(code.to_string()).or_default() += 1;
+                return errcode(code, "injected by the simulator").into_response();
             }
             _ => {}
         }

@@ -1,0 +1,11 @@
+//! Integration tests: the daemon against a real SQLite file and a real PostgreSQL database
+//! (a fresh one per test), with WeChat replaced by the project's simulator over HTTP.
+//!
+//! PostgreSQL: `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) must
+//! reach a server where the user may create databases. Tests never skip when it is down.
+
+mod helpers;
+mod limits_of_input;
+mod pipeline;
+mod processes;
+mod retries;

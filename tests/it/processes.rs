@@ -1,0 +1,221 @@
+//! The real binary: kill -9 and restart, several daemons on one database, SIGTERM, config
+//! errors, and secrets kept out of the logs.
+
+use std::time::Duration;
+
+use wechat_outbox::simulator::{Faults, SimSettings};
+
+use crate::helpers::{Backend, Process, Sim, TestDb, assert_each_sent_once};
+use crate::on_both_backends;
+
+fn slow_sim(delay_ms: u64) -> SimSettings {
+    SimSettings {
+        faults: Faults {
+            delay_ms,
+            ..Faults::default()
+        },
+        ..SimSettings::default()
+    }
+}
+
+async fn kill_9_mid_run_then_restart_sends_each_row_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(slow_sim(20)).await;
+    // Short leases so that the restarted daemon rescues the dead one's rows quickly.
+    let config = db.config_toml(
+        &sim.url(),
+        "[workers]\nlease_secs = 2\nconcurrency = 16\n[api]\ntimeout_ms = 1000",
+    );
+    db.app.insert_good(300, "crash").await;
+    for round in 0..3 {
+        let mut daemon = Process::start(&config, &["run"]);
+        // Let it get some rows in flight, then kill it without warning.
+        let target = 60 * (round + 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while db.app.count("status = 'sent'").await < target {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no progress in round {round}: {}",
+                daemon.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        daemon.kill9();
+        assert!(db.app.count("status = 'sending'").await >= 0);
+    }
+    let daemon = Process::start(&config, &["run"]);
+    let rows = db.app.wait_settled(Duration::from_secs(60)).await;
+    drop(daemon);
+    assert!(
+        rows.iter().all(|r| r.status == "sent"),
+        "{:#?}",
+        rows.iter()
+            .filter(|r| r.status != "sent")
+            .collect::<Vec<_>>()
+    );
+    assert_each_sent_once(&sim.sim, &rows);
+}
+on_both_backends!(kill_9_mid_run_then_restart_sends_each_row_once);
+
+async fn two_daemons_never_send_a_row_twice(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(slow_sim(2)).await;
+    let config = db.config_toml(&sim.url(), "[workers]\nconcurrency = 16\nbatch_size = 8");
+    let first = Process::start(&config, &["run"]);
+    let second = Process::start(&config, &["run"]);
+    db.app.insert_good(400, "pair").await;
+    let rows = db.app.wait_settled(Duration::from_secs(60)).await;
+    let logs = format!("{}{}", first.stderr(), second.stderr());
+    drop((first, second));
+
+    assert!(
+        rows.iter().all(|r| r.status == "sent" && r.attempts == 1),
+        "{rows:#?}"
+    );
+    let stats = sim.sim.stats();
+    assert_eq!(
+        stats.send_requests, 400,
+        "each row was requested exactly once: {stats:?}"
+    );
+    assert_each_sent_once(&sim.sim, &rows);
+    // Both took part (not required for correctness, but a claim that locks out the other
+    // daemon would hide contention this test exists to exercise).
+    let owners = logs.matches("wechat-outbox started").count();
+    assert_eq!(owners, 2);
+}
+on_both_backends!(two_daemons_never_send_a_row_twice);
+
+async fn sigterm_drains_in_flight_messages_and_exits_0(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(slow_sim(400)).await;
+    let config = db.config_toml(&sim.url(), "[workers]\nconcurrency = 8\nbatch_size = 8");
+    let mut daemon = Process::start(&config, &["run"]);
+    db.app.insert_good(8, "term").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.app.count("status = 'sending'").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing claimed: {}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
+    let rows = db.app.rows().await;
+    assert!(
+        rows.iter().all(|r| r.status == "sent"),
+        "in-flight messages finished: {rows:#?}"
+    );
+}
+on_both_backends!(sigterm_drains_in_flight_messages_and_exits_0);
+
+async fn past_the_grace_period_in_flight_rows_are_released(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings {
+        faults: Faults {
+            hang_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimSettings::default()
+    })
+    .await;
+    let config = db.config_toml(
+        &sim.url(),
+        "[workers]\nshutdown_grace_secs = 1\n[api]\ntimeout_ms = 4000",
+    );
+    let mut daemon = Process::start(&config, &["run"]);
+    db.app.insert_good(4, "grace").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.sim.stats().send_requests < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not in flight: {}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.signal("INT");
+    let status = daemon.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
+    let rows = db.app.rows().await;
+    for row in &rows {
+        assert_eq!(row.status, "pending", "released for another run: {row:#?}");
+        assert_eq!(row.attempts, 0);
+        assert!(
+            row.last_error
+                .as_deref()
+                .unwrap()
+                .contains("may have reached WeChat"),
+            "{row:#?}"
+        );
+    }
+    assert_eq!(
+        db.app.count("in_doubt = (1 = 1)").await,
+        4,
+        "marked in doubt: the request had left"
+    );
+}
+on_both_backends!(past_the_grace_period_in_flight_rows_are_released);
+
+#[tokio::test]
+async fn a_bad_config_fails_at_start_naming_the_setting() {
+    let cases = [
+        (
+            "database_url = 'sqlite:///tmp/x.db'\n[workers]\nconcurrency = 0\n[[accounts]]\nname='a'\nappid='wx'\nsecret='s'",
+            "workers.concurrency",
+        ),
+        (
+            "database_url = 'sqlite:///tmp/x.db'\n[[accounts]]\nname='a'\nappid='wx'",
+            "accounts[0] (a).secret is missing",
+        ),
+        (
+            "[[accounts]]\nname='a'\nappid='wx'\nsecret='s'",
+            "database_url",
+        ),
+    ];
+    for (config, named) in cases {
+        for command in ["check-config", "run"] {
+            let mut process = Process::start(config, &[command]);
+            let status = process.wait_exit(Duration::from_secs(10)).await;
+            assert_eq!(status.code(), Some(1));
+            assert!(
+                process.stderr().contains(named),
+                "{command}: {named:?} not in {}",
+                process.stderr()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_tokens_never_reach_the_logs() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let sim = Sim::start(SimSettings {
+        faults: Faults {
+            busy_rate: 0.3,
+            http_error_rate: 0.2,
+            ..Faults::default()
+        },
+        ..SimSettings::default()
+    })
+    .await;
+    let mut daemon = Process::start(&db.config_toml(&sim.url(), ""), &["run"]);
+    db.app.insert_good(20, "secret").await;
+    sim.sim.invalidate_tokens();
+    db.app.wait_settled(Duration::from_secs(30)).await;
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    let logs = daemon.stderr();
+    assert!(
+        logs.contains("access token refreshed"),
+        "debug logs were captured"
+    );
+    assert!(
+        !logs.contains("test-app-secret-value"),
+        "the app secret leaked"
+    );
+    assert!(!logs.contains("access_token="), "a URL with a token leaked");
+    assert!(!logs.contains("SIM"), "a token leaked");
+}
