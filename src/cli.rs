@@ -66,6 +66,9 @@ pub struct SimulateArgs {
     /// The token that signs pushed events.
     #[arg(long, default_value = "wechat-outbox-sim")]
     pub callback_token: String,
+    /// Encrypt pushed events (safe mode) with this 43-character EncodingAESKey.
+    #[arg(long, value_name = "KEY")]
+    pub callback_aes_key: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -79,6 +79,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 callback: args.callback_url.map(|url| simulator::CallbackTarget {
                     url,
                     token: args.callback_token,
+                    encoding_aes_key: args.callback_aes_key,
                 }),
                 ..simulator::SimSettings::default()
             };

@@ -50,11 +50,13 @@ pub struct SimTemplate {
     pub content: String,
 }
 
-/// Where delivery events go.
+/// Where delivery events go, and how they are signed and sealed.
 #[derive(Debug, Clone)]
 pub struct CallbackTarget {
     pub url: String,
     pub token: String,
+    /// Safe mode: encrypt each push with this EncodingAESKey and the sending appid.
+    pub encoding_aes_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -9,3 +9,4 @@ mod limits_of_input;
 mod pipeline;
 mod processes;
 mod retries;
+mod simulator_pushes;
