@@ -2,6 +2,7 @@
 //! cancellation token.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,15 +10,39 @@ use anyhow::Result;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::callback::{self, CallbackState};
 use crate::config::Config;
 use crate::store::Store;
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
 use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings};
 
+/// A started daemon.
+pub struct Running {
+    /// Where the callback endpoint listens, if enabled.
+    pub callback_addr: Option<SocketAddr>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the daemon has drained and stopped (after `shutdown` is cancelled).
+    pub async fn wait(self) -> Result<()> {
+        self.done
+            .await
+            .map_err(|e| anyhow::anyhow!("daemon task failed: {e}"))
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled, then drains and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// Connects, migrates, binds the callback endpoint and starts the workers; returns once all
+/// of that succeeded, so that a bad setting fails here, at start.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running> {
     let accounts = config.accounts()?;
+    let accounts_for_callback = accounts.clone();
     let store = Store::connect(&config).await?;
     store.migrate().await?;
     let owner = instance_id();
@@ -44,6 +69,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         http_timeout,
         not_authorised_pause: Duration::from_secs(config.retry.not_authorised_pause_secs),
     });
+    let joined = Arc::new(Notify::new());
+    let callback = if config.callback.enabled {
+        let state = Arc::new(CallbackState::new(
+            store.clone(),
+            &accounts_for_callback,
+            config.callback.timestamp_window_secs,
+            joined.clone(),
+        ));
+        let (addr, task) = callback::spawn(
+            &config.callback.listen,
+            state,
+            config.callback.max_body_bytes,
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(%addr, "callback endpoint listening on /wechat/{{account}}");
+        Some((addr, task))
+    } else {
+        None
+    };
+    let joiner = tokio::spawn(callback::join_loop(store.clone(), joined, shutdown.clone()));
     let wake = Arc::new(Notify::new());
     let watcher = {
         let (store, wake, shutdown) = (store.clone(), wake.clone(), shutdown.clone());
@@ -62,11 +108,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         accounts = dispatcher.accounts.len(),
         "wechat-outbox started"
     );
-    Pool::new(dispatcher, settings, wake).run(shutdown).await;
-    let _ = watcher.await;
-    store.close().await;
-    tracing::info!("wechat-outbox stopped");
-    Ok(())
+    let callback_addr = callback.as_ref().map(|(addr, _)| *addr);
+    let done = tokio::spawn(async move {
+        Pool::new(dispatcher, settings, wake).run(shutdown).await;
+        let _ = watcher.await;
+        let _ = joiner.await;
+        if let Some((_, task)) = callback {
+            let _ = task.await;
+        }
+        store.close().await;
+        tracing::info!("wechat-outbox stopped");
+    });
+    Ok(Running {
+        callback_addr,
+        done,
+    })
 }
 
 /// Applies migrations and returns; `wechat-outbox migrate`.

@@ -161,15 +161,36 @@ impl Default for LimitSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackSettings {
+    /// Serve `/wechat/{account}` for WeChat's pushes.
+    pub enabled: bool,
     pub listen: String,
+    /// Larger bodies are refused with 413 before they are read.
+    pub max_body_bytes: usize,
+    /// Pushes whose `timestamp` is further than this from our clock are refused.
+    pub timestamp_window_secs: u64,
 }
 
 impl Default for CallbackSettings {
     fn default() -> Self {
         CallbackSettings {
+            enabled: true,
             listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 64 * 1024,
+            timestamp_window_secs: 300,
         }
     }
+}
+
+/// How an account's server configuration (消息加解密方式) has WeChat send its pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageMode {
+    /// 明文模式: plain XML, `signature` only.
+    Plain,
+    /// 兼容模式: plain and encrypted forms both accepted.
+    Compatible,
+    /// 安全模式: encrypted only.
+    Safe,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,6 +202,10 @@ pub struct AccountSettings {
     pub secret_file: Option<PathBuf>,
     pub token: Option<SecretString>,
     pub encoding_aes_key: Option<SecretString>,
+    /// The key before the last rotation, accepted until WeChat uses only the new one.
+    pub previous_encoding_aes_key: Option<SecretString>,
+    /// Default: `safe` when `encoding_aes_key` is set, else `plain`.
+    pub message_mode: Option<MessageMode>,
     pub rate_per_second: Option<u32>,
 }
 
@@ -192,6 +217,8 @@ pub struct Account {
     pub secret: SecretString,
     pub token: Option<SecretString>,
     pub encoding_aes_key: Option<SecretString>,
+    pub previous_encoding_aes_key: Option<SecretString>,
+    pub message_mode: MessageMode,
     pub rate_per_second: u32,
 }
 
@@ -291,6 +318,31 @@ impl Config {
             if account.rate_per_second == Some(0) {
                 bail!("{at}.rate_per_second must be at least 1");
             }
+            for (name, key) in [
+                ("encoding_aes_key", &account.encoding_aes_key),
+                (
+                    "previous_encoding_aes_key",
+                    &account.previous_encoding_aes_key,
+                ),
+            ] {
+                if let Some(key) = key
+                    && crate::wechat::crypto::MessageCrypto::new(
+                        key.expose_secret(),
+                        &account.appid,
+                    )
+                    .is_err()
+                {
+                    bail!(
+                        "{at}.{name} must be the 43-character EncodingAESKey from the WeChat console"
+                    );
+                }
+            }
+            let mode = account.message_mode;
+            if matches!(mode, Some(MessageMode::Safe | MessageMode::Compatible))
+                && account.encoding_aes_key.is_none()
+            {
+                bail!("{at}.message_mode safe or compatible needs encoding_aes_key");
+            }
         }
         Ok(())
     }
@@ -338,6 +390,12 @@ impl Config {
                     secret,
                     token: a.token.clone(),
                     encoding_aes_key: a.encoding_aes_key.clone(),
+                    previous_encoding_aes_key: a.previous_encoding_aes_key.clone(),
+                    message_mode: a.message_mode.unwrap_or(if a.encoding_aes_key.is_some() {
+                        MessageMode::Safe
+                    } else {
+                        MessageMode::Plain
+                    }),
                     rate_per_second: a.rate_per_second.unwrap_or(self.limits.rate_per_second),
                 })
             })

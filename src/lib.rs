@@ -6,13 +6,15 @@
 //! - [`store`]: the only place SQL lives; claims, leases, outcomes, tokens (SQLite, Postgres).
 //! - [`domain`]: pure rules: row validation, statuses, errcode classes, retry policy.
 //! - [`worker`]: the pool that claims rows and the dispatch of one message.
-//! - [`wechat`]: the WeChat HTTP API client and the shared access token.
+//! - [`wechat`]: the WeChat HTTP API client, the shared access token, crypto and XML.
+//! - [`callback`]: the endpoint for WeChat's pushes, and the join of delivery events.
 //! - [`app`]: wiring and shutdown.
 //! - [`simulator`]: a WeChat stand-in for tests and staging.
 //! - [`demo`]: the README's first command.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod callback;
 pub mod cli;
 pub mod config;
 pub mod demo;

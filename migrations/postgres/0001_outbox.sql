@@ -29,8 +29,11 @@ CREATE TABLE outbox (
     created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     sent_at          TIMESTAMPTZ,
     updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- held, delivered, blocked and undelivered are set by the quota and delivery-event features;
+    -- they are admitted now because SQLite cannot change a CHECK without rebuilding the table.
     CONSTRAINT outbox_status_valid CHECK (status IN
-        ('pending', 'sending', 'sent', 'failed', 'expired', 'cancelled', 'unknown'))
+        ('pending', 'sending', 'sent', 'failed', 'expired', 'cancelled', 'unknown',
+         'held', 'delivered', 'blocked', 'undelivered'))
 );
 
 -- An app's own idempotency key: a second insert with the same account + client_msg_id fails.
@@ -38,8 +41,12 @@ CREATE UNIQUE INDEX outbox_client_msg_id ON outbox (account, client_msg_id)
     WHERE client_msg_id IS NOT NULL;
 -- Serves the claim exactly: pending rows in the order they are taken.
 CREATE INDEX outbox_claim ON outbox (priority DESC, next_attempt_at, id) WHERE status = 'pending';
--- Serves the lease rescuer.
+-- Serve the once-a-second maintenance pass without scanning the backlog: the lease rescuer,
+-- expiry, and the settling of in-doubt rows.
 CREATE INDEX outbox_leases ON outbox (lease_expires_at) WHERE status = 'sending';
+CREATE INDEX outbox_expiry ON outbox (expires_at)
+    WHERE status = 'pending' AND expires_at IS NOT NULL;
+CREATE INDEX outbox_in_doubt ON outbox (first_attempt_at) WHERE status = 'pending' AND in_doubt;
 
 -- Wake the daemons when rows arrive: once per statement, not per row, so a bulk insert costs
 -- one notification. The payload names the schema, as several outboxes may share a database.

@@ -32,8 +32,11 @@ CREATE TABLE outbox (
     created_at       TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
     sent_at          TEXT,
     updated_at       TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    -- held, delivered, blocked and undelivered are set by the quota and delivery-event features;
+    -- they are admitted now because SQLite cannot change a CHECK without rebuilding the table.
     CONSTRAINT outbox_status_valid CHECK (status IN
-        ('pending', 'sending', 'sent', 'failed', 'expired', 'cancelled', 'unknown')),
+        ('pending', 'sending', 'sent', 'failed', 'expired', 'cancelled', 'unknown',
+         'held', 'delivered', 'blocked', 'undelivered')),
     -- SQLite would otherwise store any type in any column; refuse at insert what Postgres refuses.
     CONSTRAINT outbox_account_text CHECK (typeof(account) = 'text'),
     CONSTRAINT outbox_priority_integer CHECK (typeof(priority) = 'integer'),
@@ -51,8 +54,12 @@ CREATE UNIQUE INDEX outbox_client_msg_id ON outbox (account, client_msg_id)
     WHERE client_msg_id IS NOT NULL;
 -- Serves the claim exactly: pending rows in the order they are taken.
 CREATE INDEX outbox_claim ON outbox (priority DESC, next_attempt_at, id) WHERE status = 'pending';
--- Serves the lease rescuer.
+-- Serve the once-a-second maintenance pass without scanning the backlog: the lease rescuer,
+-- expiry, and the settling of in-doubt rows.
 CREATE INDEX outbox_leases ON outbox (lease_expires_at) WHERE status = 'sending';
+CREATE INDEX outbox_expiry ON outbox (expires_at)
+    WHERE status = 'pending' AND expires_at IS NOT NULL;
+CREATE INDEX outbox_in_doubt ON outbox (first_attempt_at) WHERE status = 'pending' AND in_doubt = 1;
 
 -- Times written by apps: refuse what SQLite cannot read as a time, like Postgres does...
 CREATE TRIGGER outbox_times_valid_insert BEFORE INSERT ON outbox

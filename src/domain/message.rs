@@ -31,6 +31,8 @@ pub struct RawMessage {
     pub in_doubt: bool,
     /// A column the store could not read at all (for example text that is not UTF-8).
     pub unreadable: Option<String>,
+    /// The recipient unsubscribed from the account (see `suppressed_openids`).
+    pub suppressed: bool,
 }
 
 /// A message that passed every check, ready to be posted.

@@ -74,6 +74,10 @@ pub struct SimSettings {
     pub dedup_window: Duration,
     pub callback: Option<CallbackTarget>,
     pub event_delay: Duration,
+    /// Push each event before answering the send, so it races the sender's bookkeeping.
+    pub events_before_answer: bool,
+    /// How many times each event is pushed (WeChat repeats pushes it thinks were lost).
+    pub event_copies: u32,
 }
 
 impl Default for SimSettings {
@@ -88,6 +92,8 @@ impl Default for SimSettings {
             dedup_window: Duration::from_secs(600),
             callback: None,
             event_delay: Duration::from_millis(50),
+            events_before_answer: false,
+            event_copies: 1,
         }
     }
 }
@@ -197,6 +203,11 @@ impl Simulator {
 
     pub fn set_callback(&self, callback: Option<CallbackTarget>) {
         self.settings.lock().expect("sim settings").callback = callback;
+    }
+
+    /// Changes any setting while the simulator runs.
+    pub fn update(&self, change: impl FnOnce(&mut SimSettings)) {
+        change(&mut self.settings.lock().expect("sim settings"));
     }
 
     /// Every token stops working at once, as when another service forced a refresh.
@@ -480,6 +491,7 @@ async fn send_template(
         tokio::time::sleep(Duration::from_millis(settings.faults.delay_ms)).await;
     }
     let fault = draw_fault(&settings.faults);
+    let mut event_to_push = None;
     let (code, msg, msgid) = {
         let mut state = sim.state.lock().expect("sim state");
         state.stats.send_requests += 1;
@@ -511,9 +523,7 @@ async fn send_template(
         let outcome = sim.deliver(&mut state, &settings, q.access_token.as_deref(), &body);
         let (code, msg, msgid) = match outcome {
             Ok((msgid, event)) => {
-                if let (Some(event), Some(target)) = (event, settings.callback.clone()) {
-                    push::spawn_event(sim.clone(), target, event, settings.event_delay);
-                }
+                event_to_push = event.zip(settings.callback.clone());
                 (0, "ok", Some(msgid))
             }
             Err((code, msg)) => (code, msg, None),
@@ -521,6 +531,14 @@ async fn send_template(
         *state.stats.errcodes.entry(code.to_string()).or_default() += 1;
         (code, msg, msgid)
     };
+    if let Some((event, target)) = event_to_push {
+        let copies = settings.event_copies.max(1);
+        if settings.events_before_answer {
+            push::push_event(&sim, &target, &event, copies).await;
+        } else {
+            push::spawn_event(sim.clone(), target, event, settings.event_delay, copies);
+        }
+    }
     match fault {
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;

@@ -56,17 +56,31 @@ impl Event {
     }
 }
 
-pub fn spawn_event(sim: Arc<Simulator>, target: CallbackTarget, event: Event, delay: Duration) {
+/// Pushes `event` after `delay`, in the background.
+pub fn spawn_event(
+    sim: Arc<Simulator>,
+    target: CallbackTarget,
+    event: Event,
+    delay: Duration,
+    copies: u32,
+) {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        let acknowledged = push(&sim.http, &target, &event).await;
+        push_event(&sim, &target, &event, copies).await;
+    });
+}
+
+/// Pushes `event` `copies` times (each one retried like WeChat) and counts the outcome.
+pub async fn push_event(sim: &Simulator, target: &CallbackTarget, event: &Event, copies: u32) {
+    for _ in 0..copies {
+        let acknowledged = push(&sim.http, target, event).await;
         let mut state = sim.state.lock().expect("sim state");
         if acknowledged {
             state.stats.events_acknowledged += 1;
         } else {
             state.stats.events_failed += 1;
         }
-    });
+    }
 }
 
 async fn push(http: &reqwest::Client, target: &CallbackTarget, event: &Event) -> bool {

@@ -137,6 +137,33 @@ pub struct TokenLease<'a> {
     pub failing: Option<&'a str>,
 }
 
+/// One accepted push from WeChat, as stored in `inbound_events`.
+#[derive(Debug, Clone, Default)]
+pub struct InboundEvent {
+    pub account: String,
+    /// Equal for WeChat's retries of one push; unique per account.
+    pub dedup_key: String,
+    pub msg_type: Option<String>,
+    pub event: Option<String>,
+    pub from_user: Option<String>,
+    pub to_user: Option<String>,
+    pub create_time: Option<i64>,
+    pub msgid: Option<i64>,
+    pub status: Option<String>,
+    pub raw_xml: String,
+}
+
+impl InboundEvent {
+    /// What the event does to the account's suppression list.
+    pub(crate) fn suppression(&self) -> Option<bool> {
+        match (self.msg_type.as_deref(), self.event.as_deref()) {
+            (Some("event"), Some("unsubscribe")) => Some(true),
+            (Some("event"), Some("subscribe")) => Some(false),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
@@ -269,6 +296,22 @@ impl Store {
         on_backend!(self, s => s.release_token_lease(account, owner).await)
     }
 
+    /// Stores a push once (false if it was a retry already stored), and applies subscribe and
+    /// unsubscribe to the suppression list in the same transaction.
+    pub async fn record_inbound(
+        &self,
+        event: &InboundEvent,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        on_backend!(self, s => s.record_inbound(event, now).await)
+    }
+
+    /// Joins unjoined TEMPLATESENDJOBFINISH events to their sent rows by account and msgid;
+    /// returns the rows updated. Safe to run from several daemons at once.
+    pub async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, s => s.join_delivery_events(now).await)
+    }
+
     /// Rows per status, for the CLI and the demo.
     pub async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         on_backend!(self, s => s.status_counts().await)
@@ -308,5 +351,7 @@ pub(crate) const LEASE_EXPIRED: &str = "the daemon sending it stopped (lease exp
 pub(crate) const RELEASED_AT_SHUTDOWN: &str = "released at shutdown while in flight; it may have reached WeChat, so it is resent with the \
      same client_msg_id while WeChat still de-duplicates";
 pub(crate) const EXPIRED: &str = "expires_at passed before it could be sent";
+pub(crate) const SUPPRESSED: &str =
+    "the user unsubscribed from the account (suppressed_openids); not sent";
 pub(crate) const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window has \
      passed, so it is not resent";

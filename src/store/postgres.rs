@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXPIRED, GAVE_UP_IN_DOUBT, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN, StoreResult,
-    StoredToken, TokenLease, text_column,
+    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN,
+    StoreResult, StoredToken, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -77,7 +77,9 @@ impl PostgresStore {
                 FOR UPDATE SKIP LOCKED) AS due
              WHERE o.id = due.id
              RETURNING o.id, o.account, o.touser, o.template_id, o.data, o.url, o.miniprogram,
-                o.client_msg_id, o.expires_at, o.attempts, o.first_attempt_at, o.in_doubt",
+                o.client_msg_id, o.expires_at, o.attempts, o.first_attempt_at, o.in_doubt,
+                EXISTS (SELECT 1 FROM suppressed_openids s
+                        WHERE s.account = o.account AND s.openid = o.touser) AS suppressed",
         )
         .bind(owner)
         .bind(lease_until)
@@ -285,6 +287,83 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub(super) async fn record_inbound(
+        &self,
+        e: &InboundEvent,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user, to_user,
+                    create_time, msgid, status, raw_xml, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (account, dedup_key) DO NOTHING",
+        )
+        .bind(&e.account)
+        .bind(&e.dedup_key)
+        .bind(&e.msg_type)
+        .bind(&e.event)
+        .bind(&e.from_user)
+        .bind(&e.to_user)
+        .bind(e.create_time)
+        .bind(e.msgid)
+        .bind(&e.status)
+        .bind(&e.raw_xml)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted && let (Some(suppress), Some(openid)) = (e.suppression(), &e.from_user) {
+            let sql = if suppress {
+                "INSERT INTO suppressed_openids (account, openid, since) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING"
+            } else {
+                "DELETE FROM suppressed_openids WHERE account = $1 AND openid = $2 AND $3::timestamptz IS NOT NULL"
+            };
+            sqlx::query(sql)
+                .bind(&e.account)
+                .bind(openid)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    pub(super) async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let joined = sqlx::query(
+            "UPDATE outbox SET status = CASE WHEN lower(e.status) = 'success' THEN 'delivered'
+                              WHEN lower(e.status) LIKE 'failed%block%' THEN 'blocked'
+                              WHEN lower(e.status) LIKE 'failed%' THEN 'undelivered'
+                              ELSE outbox.status END,
+                    delivery_status = e.status,
+                    delivered_at = to_timestamp(e.create_time),
+                    updated_at = $1
+             FROM inbound_events e
+             WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH'
+               AND e.account = outbox.account AND e.msgid = outbox.msgid
+               AND outbox.status = 'sent'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE inbound_events e SET joined_at = $1, outbox_id = o.id
+             FROM outbox o
+             WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH'
+               AND o.account = e.account AND o.msgid = e.msgid AND o.delivery_status IS NOT NULL",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(joined)
+    }
+
     pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         sqlx::query_as("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
             .fetch_all(&self.pool)
@@ -363,5 +442,6 @@ fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
         first_attempt_at: row.try_get("first_attempt_at")?,
         in_doubt: row.try_get("in_doubt")?,
         unreadable,
+        suppressed: row.try_get("suppressed")?,
     })
 }

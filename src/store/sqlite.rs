@@ -16,8 +16,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXPIRED, GAVE_UP_IN_DOUBT, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN, StoreResult,
-    StoredToken, TokenLease, text_column,
+    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN,
+    StoreResult, StoredToken, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -100,7 +100,9 @@ impl SqliteStore {
                 CAST(template_id AS BLOB) AS template_id, CAST(data AS BLOB) AS data,
                 CAST(url AS BLOB) AS url, CAST(miniprogram AS BLOB) AS miniprogram,
                 CAST(client_msg_id AS BLOB) AS client_msg_id, expires_at, attempts,
-                first_attempt_at, in_doubt",
+                first_attempt_at, in_doubt,
+                EXISTS (SELECT 1 FROM suppressed_openids s
+                        WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed",
         )
         .bind(owner)
         .bind(ts(lease_until))
@@ -315,6 +317,86 @@ impl SqliteStore {
         Ok(())
     }
 
+    pub(super) async fn record_inbound(
+        &self,
+        e: &InboundEvent,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let inserted = sqlx::query(
+            "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user, to_user,
+                    create_time, msgid, status, raw_xml, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (account, dedup_key) DO NOTHING",
+        )
+        .bind(&e.account)
+        .bind(&e.dedup_key)
+        .bind(&e.msg_type)
+        .bind(&e.event)
+        .bind(&e.from_user)
+        .bind(&e.to_user)
+        .bind(e.create_time)
+        .bind(e.msgid)
+        .bind(&e.status)
+        .bind(&e.raw_xml)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted && let (Some(suppress), Some(openid)) = (e.suppression(), &e.from_user) {
+            let sql = if suppress {
+                "INSERT INTO suppressed_openids (account, openid, since) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING"
+            } else {
+                "DELETE FROM suppressed_openids WHERE account = ?1 AND openid = ?2 AND ?3 IS NOT NULL"
+            };
+            sqlx::query(sql)
+                .bind(&e.account)
+                .bind(openid)
+                .bind(ts(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    pub(super) async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let joined = sqlx::query(
+            "UPDATE outbox SET status = CASE WHEN lower(e.status) = 'success' THEN 'delivered'
+                              WHEN lower(e.status) LIKE 'failed%block%' THEN 'blocked'
+                              WHEN lower(e.status) LIKE 'failed%' THEN 'undelivered'
+                              ELSE outbox.status END,
+                    delivery_status = e.status,
+                    delivered_at = strftime('%Y-%m-%d %H:%M:%f', e.create_time, 'unixepoch'),
+                    updated_at = ?1
+             FROM inbound_events e
+             WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH'
+               AND e.account = outbox.account AND e.msgid = outbox.msgid
+               AND outbox.status = 'sent'",
+        )
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE inbound_events SET joined_at = ?1,
+                    outbox_id = (SELECT o.id FROM outbox o
+                                 WHERE o.account = inbound_events.account AND o.msgid = inbound_events.msgid)
+             WHERE joined_at IS NULL AND event = 'TEMPLATESENDJOBFINISH'
+               AND EXISTS (SELECT 1 FROM outbox o
+                           WHERE o.account = inbound_events.account AND o.msgid = inbound_events.msgid
+                             AND o.delivery_status IS NOT NULL)",
+        )
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(joined)
+    }
+
     pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         sqlx::query_as("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
             .fetch_all(&self.pool)
@@ -391,5 +473,6 @@ fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
         first_attempt_at: time("first_attempt_at")?,
         in_doubt: row.try_get("in_doubt")?,
         unreadable,
+        suppressed: row.try_get("suppressed")?,
     })
 }

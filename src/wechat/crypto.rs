@@ -237,3 +237,35 @@ mod tests {
         assert!(!format!("{crypto:?}").contains(EASYWECHAT_KEY));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn crypto() -> MessageCrypto {
+        MessageCrypto::new("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "wxappid").unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_refused_or_opened_without_panic(text in ".{0,300}") {
+            let _ = crypto().decrypt(&text);
+        }
+
+        /// Whole blocks of random bytes get past base64 and AES, into the unpadding and layout
+        /// checks, where a careless index would panic.
+        #[test]
+        fn random_whole_blocks_are_refused_without_panic(blocks in proptest::collection::vec(any::<[u8; 16]>(), 1..24)) {
+            let bytes: Vec<u8> = blocks.concat();
+            prop_assert!(crypto().decrypt(&STANDARD.encode(bytes)).is_err());
+        }
+
+        #[test]
+        fn what_is_sealed_opens(xml in ".{0,500}") {
+            let crypto = crypto();
+            prop_assert_eq!(crypto.decrypt(&crypto.encrypt(&xml)).unwrap(), xml);
+        }
+    }
+}

@@ -124,6 +124,13 @@ impl Dispatcher {
                 };
             }
         };
+        if raw.suppressed {
+            let reason = crate::store::SUPPRESSED.into();
+            return Outcome::Failed {
+                errcode: None,
+                reason,
+            };
+        }
         let now = Utc::now();
         if raw.expires_at.is_some_and(|at| at <= now) {
             return Outcome::Expired {

@@ -253,6 +253,8 @@ fn config_toml(backend: Backend, url: &str, api_base: &str, extra: &str) -> Stri
             max_attempts = 40
             [limits]
             rate_per_second = 100000
+            [callback]
+            listen = "127.0.0.1:0"
             [[accounts]]
             name = "default"
             appid = "wxtest0000000001"
@@ -339,13 +341,27 @@ impl Drop for Sim {
 pub struct Daemon {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Where its callback endpoint listens.
+    pub callback: SocketAddr,
 }
 
 impl Daemon {
-    pub fn start(config: Config) -> Daemon {
+    pub async fn start(config: Config) -> Daemon {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(wechat_outbox::app::run(config, stop.clone()));
-        Daemon { stop, task }
+        let running = wechat_outbox::app::start(config, stop.clone())
+            .await
+            .expect("daemon starts");
+        let callback = running.callback_addr.expect("callback endpoint enabled");
+        Daemon {
+            stop,
+            task: tokio::spawn(running.wait()),
+            callback,
+        }
+    }
+
+    /// The URL WeChat (the simulator) pushes to for `account`.
+    pub fn callback_url(&self, account: &str) -> String {
+        format!("http://{}/wechat/{account}", self.callback)
     }
 
     pub async fn stop(self) {
@@ -366,6 +382,10 @@ pub struct Process {
 
 impl Process {
     pub fn start(config_toml: &str, args: &[&str]) -> Process {
+        Process::start_with_env(config_toml, args, &[])
+    }
+
+    pub fn start_with_env(config_toml: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml).unwrap();
@@ -375,6 +395,7 @@ impl Process {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()

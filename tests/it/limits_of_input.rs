@@ -63,7 +63,7 @@ async fn each_malformed_row_fails_with_a_reason(backend: Backend) {
     db.app.exec("INSERT INTO outbox (touser, template_id, data, url) VALUES ('oBad000008', 'T', '{}', 'javascript:alert(1)')").await.unwrap();
     db.app.exec("INSERT INTO outbox (touser, template_id, data, miniprogram) VALUES ('oBad000009', 'T', '{}', '{\"pagepath\":\"p\"}')").await.unwrap();
 
-    let daemon = Daemon::start(db.config(&sim.url(), ""));
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
     let rows = db.app.wait_settled(Duration::from_secs(20)).await;
     daemon.stop().await;
 
@@ -103,7 +103,7 @@ async fn wrong_types_are_refused_at_insert(backend: Backend) {
     for sql in [
         "INSERT INTO outbox (touser, template_id, data, priority) VALUES ('oX00000001', 'T', '{}', 'high')",
         "INSERT INTO outbox (touser, template_id, data, send_after) VALUES ('oX00000002', 'T', '{}', 'soon')",
-        "INSERT INTO outbox (touser, template_id, data, status) VALUES ('oX00000003', 'T', '{}', 'delivered')",
+        "INSERT INTO outbox (touser, template_id, data, status) VALUES ('oX00000003', 'T', '{}', 'shipped')",
         "INSERT INTO outbox (account, touser, template_id, data) VALUES (NULL, 'oX00000004', 'T', '{}')",
     ] {
         assert!(db.app.exec(sql).await.is_err(), "accepted: {sql}");
@@ -123,7 +123,7 @@ async fn sqlite_text_that_is_not_utf8_fails_only_its_row() {
     let db = TestDb::new(Backend::Sqlite).await;
     let sim = Sim::start(SimSettings::default()).await;
     db.app.exec("INSERT INTO outbox (touser, template_id, data) VALUES ('oFine000001', 'T', '{}'), (CAST(x'6fff00fe' AS TEXT), 'T', '{}'), ('oFine000002', 'T', CAST(x'7b22613a22ff7d' AS TEXT))").await.unwrap();
-    let daemon = Daemon::start(db.config(&sim.url(), ""));
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while db.app.count("status IN ('pending', 'sending')").await > 0 {
         assert!(tokio::time::Instant::now() < deadline, "rows still open");

@@ -219,3 +219,61 @@ async fn secrets_and_tokens_never_reach_the_logs() {
     assert!(!logs.contains("access_token="), "a URL with a token leaked");
     assert!(!logs.contains("SIM"), "a token leaked");
 }
+
+#[tokio::test]
+async fn the_environment_overrides_the_file() {
+    let config = "database_url = 'sqlite:///tmp/never-opened.db'\n[[accounts]]\nname='a'\nappid='wx'\nsecret='s'";
+    let mut bad = Process::start_with_env(
+        config,
+        &["check-config"],
+        &[("WECHAT_OUTBOX_WORKERS__CONCURRENCY", "0")],
+    );
+    assert_eq!(bad.wait_exit(Duration::from_secs(10)).await.code(), Some(1));
+    assert!(
+        bad.stderr()
+            .contains("workers.concurrency must be at least 1"),
+        "{}",
+        bad.stderr()
+    );
+    let mut typo = Process::start_with_env(
+        config,
+        &["check-config"],
+        &[("WECHAT_OUTBOX_WORKERS__CONCURENCY", "3")],
+    );
+    assert_eq!(
+        typo.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(1)
+    );
+    assert!(
+        typo.stderr().contains("concurency"),
+        "an unknown key is named: {}",
+        typo.stderr()
+    );
+    let mut good = Process::start_with_env(
+        config,
+        &["check-config"],
+        &[("WECHAT_OUTBOX_API__BASE_URL", "http://127.0.0.1:1")],
+    );
+    assert_eq!(
+        good.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(0),
+        "{}",
+        good.stderr()
+    );
+}
+
+async fn migrate_applies_the_schema_once(backend: Backend) {
+    let db = TestDb::new(backend).await; // already migrated by the library; the binary agrees
+    for _ in 0..2 {
+        let mut migrate = Process::start(&db.config_toml("http://127.0.0.1:9", ""), &["migrate"]);
+        assert_eq!(
+            migrate.wait_exit(Duration::from_secs(20)).await.code(),
+            Some(0),
+            "{}",
+            migrate.stderr()
+        );
+    }
+    db.app.insert_good(1, "migrated").await;
+    assert_eq!(db.app.count("status = 'pending'").await, 1);
+}
+on_both_backends!(migrate_applies_the_schema_once);

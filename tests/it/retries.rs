@@ -22,7 +22,7 @@ async fn busy_half_the_time_still_sends_everything_once(backend: Backend) {
         ..Faults::default()
     }))
     .await;
-    let daemon = Daemon::start(db.config(&sim.url(), ""));
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
     db.app.insert_good(60, "busy").await;
     let rows = db.app.wait_settled(Duration::from_secs(30)).await;
     daemon.stop().await;
@@ -47,7 +47,7 @@ async fn hangs_and_5xx_are_retried_with_the_same_client_msg_id(backend: Backend)
         ..Faults::default()
     };
     let sim = Sim::start(sim_with(faults)).await;
-    let daemon = Daemon::start(db.config(&sim.url(), "[api]\ntimeout_ms = 300"));
+    let daemon = Daemon::start(db.config(&sim.url(), "[api]\ntimeout_ms = 300")).await;
     db.app.insert_good(40, "flaky").await;
     let rows = db.app.wait_settled(Duration::from_secs(40)).await;
     daemon.stop().await;
@@ -78,7 +78,7 @@ async fn past_the_dedup_window_an_in_doubt_row_becomes_unknown(backend: Backend)
     }))
     .await;
     let config = db.config(&sim.url(), "[api]\ntimeout_ms = 200\n[workers]\nlease_secs = 1\n[retry]\ndedup_window_secs = 1\nbase_delay_ms = 150");
-    let daemon = Daemon::start(config);
+    let daemon = Daemon::start(config).await;
     db.app.insert_good(3, "doubt").await;
     let rows = db.app.wait_settled(Duration::from_secs(20)).await;
     daemon.stop().await;
@@ -118,7 +118,7 @@ async fn resend_policy_sends_in_doubt_rows_again_after_the_window(backend: Backe
     })
     .await;
     let config = db.config(&sim.url(), "[api]\ntimeout_ms = 200\n[workers]\nlease_secs = 1\n[retry]\ndedup_window_secs = 1\nin_doubt = \"resend\"\nmax_attempts = 6\nbase_delay_ms = 150");
-    let daemon = Daemon::start(config);
+    let daemon = Daemon::start(config).await;
     db.app.insert_good(1, "resend").await;
     let rows = db.app.wait_settled(Duration::from_secs(20)).await;
     daemon.stop().await;
@@ -140,7 +140,7 @@ async fn a_daily_limit_pauses_the_account_without_failing_rows(backend: Backend)
         ..Faults::default()
     }))
     .await;
-    let daemon = Daemon::start(db.config(&sim.url(), ""));
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
     db.app.insert_good(5, "paused").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while db.app.count("last_errcode = 45009").await == 0 {
@@ -179,7 +179,7 @@ async fn permanent_errcodes_fail_the_row_with_errcode_and_errmsg(backend: Backen
         ..SimSettings::default()
     })
     .await;
-    let daemon = Daemon::start(db.config(&sim.url(), ""));
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
     db.app.exec("INSERT INTO outbox (touser, template_id, data) VALUES ('o_unfollowed1', 'TEMPLATE_ID', '{}'), ('oFine000001', 'no-such-template', '{}'), ('oFine000002', 'TEMPLATE_ID', '{}')").await.unwrap();
     let rows = db.app.wait_settled(Duration::from_secs(20)).await;
     daemon.stop().await;

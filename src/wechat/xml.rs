@@ -1,0 +1,230 @@
+//! The flat XML WeChat pushes: `<xml><Field><![CDATA[value]]></Field>…</xml>`.
+//!
+//! A DOCTYPE is refused outright, so no entity can be declared or expanded (no billion laughs,
+//! no external entities); only the five predefined references and numeric character references
+//! are resolved. Nested elements are kept as their text under the outer name.
+
+use std::collections::BTreeMap;
+
+use quick_xml::Reader;
+use quick_xml::events::Event;
+
+/// Bounds that keep a hostile body cheap to reject.
+const MAX_FIELDS: usize = 256;
+const MAX_DEPTH: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XmlError {
+    #[error("XML with a DOCTYPE or entity declaration is refused")]
+    Doctype,
+    #[error("unknown entity reference &{0};")]
+    UnknownEntity(String),
+    #[error("the root element is not <xml>")]
+    NotWeChatXml,
+    #[error("too many fields or too deeply nested")]
+    TooLarge,
+    #[error("malformed XML: {0}")]
+    Malformed(String),
+}
+
+/// The top-level fields of one push, by element name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fields(pub BTreeMap<String, String>);
+
+impl Fields {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    pub fn int(&self, name: &str) -> Option<i64> {
+        self.get(name).and_then(|v| v.trim().parse().ok())
+    }
+}
+
+#[derive(PartialEq)]
+enum Root {
+    Before,
+    Open,
+    Closed,
+}
+
+pub fn parse(xml: &str) -> Result<Fields, XmlError> {
+    // No trimming: it would eat the spaces around entity references. Whitespace between
+    // fields is outside any field and ignored.
+    let mut reader = Reader::from_str(xml);
+    let mut fields = Fields::default();
+    let mut root = Root::Before;
+    // Elements open below <xml>; at depth 1 we are inside a field.
+    let mut depth = 0usize;
+    let mut field = String::new();
+    let mut text = String::new();
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| XmlError::Malformed(e.to_string()))?;
+        match event {
+            Event::DocType(_) => return Err(XmlError::Doctype),
+            Event::Decl(_) | Event::Comment(_) | Event::PI(_) => {}
+            Event::Start(start) => {
+                let name = start.local_name().as_ref().to_string();
+                match root {
+                    Root::Before if name == "xml" => root = Root::Open,
+                    Root::Before => return Err(XmlError::NotWeChatXml),
+                    Root::Closed => return Err(XmlError::Malformed("content after </xml>".into())),
+                    Root::Open => {
+                        depth += 1;
+                        if depth > MAX_DEPTH {
+                            return Err(XmlError::TooLarge);
+                        }
+                        if depth == 1 {
+                            field = name;
+                            text.clear();
+                        }
+                    }
+                }
+            }
+            Event::Empty(start) => match root {
+                Root::Open if depth == 0 => {
+                    let name = start.local_name().as_ref().to_string();
+                    insert(&mut fields, name, String::new())?;
+                }
+                Root::Open => {}
+                Root::Before => return Err(XmlError::NotWeChatXml),
+                Root::Closed => return Err(XmlError::Malformed("content after </xml>".into())),
+            },
+            Event::Text(t) if depth > 0 => text.push_str(&t.xml10_content()),
+            Event::CData(c) if depth > 0 => text.push_str(&c.into_inner()),
+            Event::GeneralRef(r) if depth > 0 => match r.resolve_char_ref() {
+                Ok(Some(c)) => text.push(c),
+                Ok(None) => {
+                    text.push(predefined(&r).ok_or_else(|| XmlError::UnknownEntity(r.to_string()))?)
+                }
+                Err(e) => return Err(XmlError::Malformed(e.to_string())),
+            },
+            Event::Text(_) | Event::CData(_) | Event::GeneralRef(_) => {}
+            Event::End(_) => match root {
+                Root::Open if depth == 0 => root = Root::Closed,
+                Root::Open => {
+                    if depth == 1 {
+                        insert(
+                            &mut fields,
+                            std::mem::take(&mut field),
+                            std::mem::take(&mut text),
+                        )?;
+                    }
+                    depth -= 1;
+                }
+                _ => return Err(XmlError::Malformed("unbalanced end tag".into())),
+            },
+            Event::Eof => break,
+        }
+    }
+    if root != Root::Closed {
+        return Err(XmlError::NotWeChatXml);
+    }
+    Ok(fields)
+}
+
+fn predefined(name: &str) -> Option<char> {
+    match name {
+        "amp" => Some('&'),
+        "lt" => Some('<'),
+        "gt" => Some('>'),
+        "quot" => Some('"'),
+        "apos" => Some('\''),
+        _ => None,
+    }
+}
+
+fn insert(fields: &mut Fields, name: String, value: String) -> Result<(), XmlError> {
+    if fields.0.len() >= MAX_FIELDS {
+        return Err(XmlError::TooLarge);
+    }
+    fields.0.entry(name).or_insert(value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_event_of_the_2014_page_parses() {
+        let xml = "<xml><ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658920</CreateTime><MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event><MsgID>200163836</MsgID>\n<Status><![CDATA[failed: system failed]]></Status></xml>";
+        let fields = parse(xml).unwrap();
+        assert_eq!(
+            fields.get("FromUserName"),
+            Some("oia2TjuEGTNoeX76QEjQNrcURxG8")
+        );
+        assert_eq!(fields.int("MsgID"), Some(200163836));
+        assert_eq!(fields.get("Status"), Some("failed: system failed"));
+        assert_eq!(fields.int("CreateTime"), Some(1395658920));
+    }
+
+    #[test]
+    fn entities_and_nesting_are_handled() {
+        let fields = parse(
+            "<?xml version=\"1.0\"?><xml><A>x &amp; y &#20320;</A><B><C>in</C></B><D/></xml>",
+        )
+        .unwrap();
+        assert_eq!(fields.get("A"), Some("x & y 你"));
+        assert_eq!(fields.get("B"), Some("in"));
+        assert_eq!(fields.get("D"), Some(""));
+    }
+
+    #[test]
+    fn hostile_or_broken_xml_is_refused() {
+        let bomb = "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\"><!ENTITY lol2 \"&lol;&lol;\">]><xml><A>&lol2;</A></xml>";
+        assert_eq!(parse(bomb), Err(XmlError::Doctype));
+        assert_eq!(
+            parse("<xml><A>&lol;</A></xml>"),
+            Err(XmlError::UnknownEntity("lol".into()))
+        );
+        assert_eq!(parse("<root><A>1</A></root>"), Err(XmlError::NotWeChatXml));
+        assert_eq!(parse("<xml><A>1</A>"), Err(XmlError::NotWeChatXml));
+        assert!(matches!(
+            parse("<xml><A>1</B></xml>"),
+            Err(XmlError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse("<xml></xml><xml></xml>"),
+            Err(XmlError::Malformed(_))
+        ));
+        let deep = format!("<xml>{}{}</xml>", "<a>".repeat(20), "</a>".repeat(20));
+        assert_eq!(parse(&deep), Err(XmlError::TooLarge));
+        assert_eq!(parse(""), Err(XmlError::NotWeChatXml));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_text_is_parsed_or_refused_without_panic(text in ".{0,400}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn xml_like_fragments_are_parsed_or_refused_without_panic(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("<xml>".to_string()), Just("</xml>".to_string()), Just("<A>".to_string()),
+                    Just("</A>".to_string()), Just("<B/>".to_string()), Just("<![CDATA[".to_string()),
+                    Just("]]>".to_string()), Just("&amp;".to_string()), Just("&#x4f60;".to_string()),
+                    Just("&#99999999;".to_string()), Just("&bogus;".to_string()), Just("<!DOCTYPE x>".to_string()),
+                    Just("<?xml version=\"1.0\"?>".to_string()), Just("<!-- c -->".to_string()), "[a-z0-9 <>&;/]{0,8}",
+                ],
+                0..40,
+            )
+        ) {
+            let text = parts.concat();
+            if let Ok(fields) = parse(&text) {
+                prop_assert!(fields.0.len() <= MAX_FIELDS);
+            }
+        }
+    }
+}
