@@ -11,13 +11,17 @@ use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::simulator::{self, SimSettings, Simulator};
+use crate::simulator::{self, CallbackTarget, SimSettings, Simulator};
+
+const CALLBACK_TOKEN: &str = "demo-callback-token";
 
 /// What the demo inserts: each row shows one behaviour.
 const ROWS: &str = r##"
 INSERT INTO outbox (touser, template_id, data) VALUES
   ('oDemoUser0001', 'ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY',
    '{"first":{"value":"您好，您已成功消费。"},"keynote1":"巧克力","keynote2":"39.8元","remark":{"value":"欢迎再次购买。","color":"#173177"}}');
+INSERT INTO outbox (touser, template_id, data) VALUES
+  ('o_block_Demo08', 'TEMPLATE_ID', '{"first":"this user blocks the account"}');
 INSERT INTO outbox (touser, template_id, data, priority, client_msg_id) VALUES
   ('oDemoUser0002', 'TEMPLATE_ID', '{"first":"urgent first"}', 10, 'order-1001-paid');
 INSERT INTO outbox (touser, template_id, data, send_after) VALUES
@@ -53,16 +57,29 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         base_url = "http://{sim_addr}"
         [workers]
         poll_interval_ms = 200
+        [callback]
+        listen = "127.0.0.1:0"
         [[accounts]]
         name = "default"
         appid = "wxdemo0000000001"
         secret = "demo-secret"
+        token = "{CALLBACK_TOKEN}"
         "#,
         db.display()
     ))?;
-    println!("simulator: http://{sim_addr}   database: {}", db.display());
-    crate::app::migrate(&config).await?;
-    let daemon = tokio::spawn(crate::app::run(config, shutdown.clone()));
+    let running = crate::app::start(config, shutdown.clone()).await?;
+    let callback = running
+        .callback_addr
+        .context("the callback endpoint did not start")?;
+    // The simulator pushes each delivery event back to the daemon, as WeChat would.
+    sim.set_callback(Some(CallbackTarget {
+        url: format!("http://{callback}/wechat/default"),
+        token: CALLBACK_TOKEN.into(),
+        encoding_aes_key: None,
+    }));
+    println!("simulator:         http://{sim_addr}");
+    println!("callback endpoint: http://{callback}/wechat/default");
+    println!("database:          {}", db.display());
 
     // An app's own connection, as from sqlite3 or any driver.
     let mut app = SqliteConnectOptions::new().filename(&db).connect().await?;
@@ -70,12 +87,13 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         .execute(&mut app)
         .await
         .context("inserting the demo rows")?;
-    println!("inserted 8 rows with plain SQL; waiting for each to reach its final status…\n");
+    println!("\ninserted 9 rows with plain SQL; waiting for each to reach its final status…\n");
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
+        // `sent` is not final here: WeChat's delivery event follows within moments.
         let open: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending')",
+            "SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending', 'sent')",
         )
         .fetch_one(&mut app)
         .await?;
@@ -89,29 +107,31 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     }
 
     type Shown = (i64, String, String, Option<i64>, Option<String>);
-    let rows: Vec<Shown> =
-        sqlx::query_as("SELECT id, touser, status, msgid, last_error FROM outbox ORDER BY id")
-            .fetch_all(&mut app)
-            .await?;
+    let rows: Vec<Shown> = sqlx::query_as(
+        "SELECT id, touser, status, msgid, COALESCE(last_error, 'delivery event: ' || delivery_status)
+         FROM outbox ORDER BY id",
+    )
+    .fetch_all(&mut app)
+    .await?;
     println!(
-        "{:>3}  {:<14} {:<10} {:<11} last_error",
+        "{:>3}  {:<14} {:<11} {:<11} why",
         "id", "touser", "status", "msgid"
     );
-    for (id, touser, status, msgid, error) in rows {
+    for (id, touser, status, msgid, why) in rows {
         let msgid = msgid.map(|m| m.to_string()).unwrap_or_default();
         println!(
-            "{id:>3}  {touser:<14} {status:<10} {msgid:<11} {}",
-            error.unwrap_or_default()
+            "{id:>3}  {touser:<14} {status:<11} {msgid:<11} {}",
+            why.unwrap_or_default()
         );
     }
     let stats = sim.stats();
     println!(
-        "\nsimulator: {} delivered, {} delivered twice, {} token(s) issued",
-        stats.delivered, stats.duplicate_deliveries, stats.tokens_issued
+        "\nsimulator: {} delivered, {} delivered twice, {} token(s) issued, {} delivery events acknowledged",
+        stats.delivered, stats.duplicate_deliveries, stats.tokens_issued, stats.events_acknowledged
     );
     app.close().await?;
     shutdown.cancel();
-    daemon.await??;
+    running.wait().await?;
     if temp.exists() {
         let _ = std::fs::remove_dir_all(&temp);
     }

@@ -345,18 +345,20 @@ impl SqliteStore {
         .rows_affected()
             == 1;
         if inserted && let (Some(suppress), Some(openid)) = (e.suppression(), &e.from_user) {
-            let sql = if suppress {
-                "INSERT INTO suppressed_openids (account, openid, since) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO NOTHING"
-            } else {
-                "DELETE FROM suppressed_openids WHERE account = ?1 AND openid = ?2 AND ?3 IS NOT NULL"
-            };
-            sqlx::query(sql)
+            let change = if suppress {
+                sqlx::query(
+                    "INSERT INTO suppressed_openids (account, openid, since) VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO NOTHING",
+                )
                 .bind(&e.account)
                 .bind(openid)
                 .bind(ts(now))
-                .execute(&mut *tx)
-                .await?;
+            } else {
+                sqlx::query("DELETE FROM suppressed_openids WHERE account = ?1 AND openid = ?2")
+                    .bind(&e.account)
+                    .bind(openid)
+            };
+            change.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(inserted)

@@ -277,3 +277,37 @@ async fn migrate_applies_the_schema_once(backend: Backend) {
     assert_eq!(db.app.count("status = 'pending'").await, 1);
 }
 on_both_backends!(migrate_applies_the_schema_once);
+
+/// The README's first command: the demo runs the whole path and every row ends as shown.
+#[test]
+fn the_demo_runs_end_to_end() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wechat-outbox"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "delivered",
+        "blocked",
+        "data is not valid JSON",
+        "errcode 40003",
+        "cancelled",
+        "expired",
+        "0 delivered twice",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from the demo:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.matches("delivery event: success").count(),
+        3,
+        "{stdout}"
+    );
+}
