@@ -467,3 +467,71 @@ async fn a_sealed_echostr_is_opened() {
     );
     daemon.stop().await;
 }
+
+/// During a key rotation both keys open pushes; compatible mode takes plain and sealed pushes;
+/// a third key, or a plain push with a wrong signature, is refused.
+async fn rotated_keys_and_compatible_mode(backend: Backend) {
+    const NEW_KEY: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghij0123456";
+    const THIRD_KEY: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let toml = db.config_toml(&sim.url(), "").replace(
+        "secret = \"test-app-secret-value\"",
+        &format!("secret = \"s\"\ntoken = \"{TOKEN}\"\nencoding_aes_key = \"{NEW_KEY}\"\nprevious_encoding_aes_key = \"{AES_KEY}\"\nmessage_mode = \"compatible\""),
+    );
+    let daemon = Daemon::start(wechat_outbox::config::Config::from_toml(&toml).unwrap()).await;
+    let pusher = Pusher {
+        url: daemon.callback_url("default"),
+        safe: false,
+    };
+    let now = chrono::Utc::now().timestamp();
+    let sealed_with = |key: &str, n: i64| {
+        let sealed = MessageCrypto::new(key, APPID).unwrap().encrypt(&event_xml(
+            "oRotate0001",
+            now + n,
+            "TEMPLATESENDJOBFINISH",
+            n,
+        ));
+        (
+            pusher.query(Some(&sealed), now),
+            format!(
+                "<xml><ToUserName><![CDATA[gh]]></ToUserName><Encrypt><![CDATA[{sealed}]]></Encrypt></xml>"
+            ),
+        )
+    };
+    let (q, body) = sealed_with(AES_KEY, 1);
+    assert_eq!(
+        pusher.raw(&q, body).await,
+        200,
+        "the previous key still opens"
+    );
+    let (q, body) = sealed_with(NEW_KEY, 2);
+    assert_eq!(pusher.raw(&q, body).await, 200, "the new key opens");
+    let (q, body) = sealed_with(THIRD_KEY, 3);
+    assert_eq!(pusher.raw(&q, body).await, 403, "an unknown key does not");
+    assert_eq!(
+        pusher
+            .post(&event_xml(
+                "oRotate0001",
+                now + 4,
+                "TEMPLATESENDJOBFINISH",
+                4
+            ))
+            .await,
+        200,
+        "compatible mode takes plain pushes"
+    );
+    let wrong = pusher.query(None, now).replace("signature=", "signature=f");
+    assert_eq!(
+        pusher
+            .raw(
+                &wrong,
+                event_xml("oRotate0001", now + 5, "TEMPLATESENDJOBFINISH", 5)
+            )
+            .await,
+        403
+    );
+    assert_eq!(events_count(&db, "1 = 1").await, 3);
+    daemon.stop().await;
+}
+on_both_backends!(rotated_keys_and_compatible_mode);
