@@ -104,45 +104,44 @@ async fn assert_joined_as_the_simulator_decided(db: &TestDb) {
     assert_eq!(events_count(db, "1 = 1").await, 9, "each push stored once");
 }
 
-async fn plain_events_are_joined(backend: Backend) {
+/// Sends the mixed rows with the simulator pushing events back; returns its counters.
+async fn joined_end_to_end(
+    backend: Backend,
+    safe: bool,
+    settings: SimSettings,
+) -> wechat_outbox::simulator::Stats {
     let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let daemon = daemon_with_callback(&db, &sim, false, "").await;
+    let sim = Sim::start(settings).await;
+    let daemon = daemon_with_callback(&db, &sim, safe, "").await;
     insert_mixed(&db).await;
     assert_joined_as_the_simulator_decided(&db).await;
     daemon.stop().await;
+    sim.sim.stats()
+}
+
+async fn plain_events_are_joined(backend: Backend) {
+    joined_end_to_end(backend, false, SimSettings::default()).await;
 }
 on_both_backends!(plain_events_are_joined);
 
 async fn safe_mode_events_are_joined(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let daemon = daemon_with_callback(&db, &sim, true, "").await;
-    insert_mixed(&db).await;
-    assert_joined_as_the_simulator_decided(&db).await;
-    daemon.stop().await;
+    joined_end_to_end(backend, true, SimSettings::default()).await;
 }
 on_both_backends!(safe_mode_events_are_joined);
 
 /// The push arrives before the daemon has recorded the send (it races the HTTP answer), and
 /// WeChat pushes every event twice: all rows still join, each push is stored once.
 async fn early_and_repeated_events_are_joined_once(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings {
+    let settings = SimSettings {
         events_before_answer: true,
         event_copies: 2,
         ..SimSettings::default()
-    })
-    .await;
-    let daemon = daemon_with_callback(&db, &sim, true, "").await;
-    insert_mixed(&db).await;
-    assert_joined_as_the_simulator_decided(&db).await;
-    let stats = sim.sim.stats();
+    };
+    let stats = joined_end_to_end(backend, true, settings).await;
     assert_eq!(
         stats.events_acknowledged, 18,
         "every copy was answered success: {stats:?}"
     );
-    daemon.stop().await;
 }
 on_both_backends!(early_and_repeated_events_are_joined_once);
 
