@@ -12,15 +12,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::callback::{self, CallbackState};
 use crate::config::Config;
+use crate::domain::clock::Clock;
 use crate::store::Store;
+use crate::templates;
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
-use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings};
+use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings, rate};
 
 /// A started daemon.
 pub struct Running {
     /// Where the callback endpoint listens, if enabled.
     pub callback_addr: Option<SocketAddr>,
+    /// The daemon's clock; tests move it to turn a quota period.
+    pub clock: Arc<Clock>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -48,21 +52,45 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let owner = instance_id();
     let http_timeout = Duration::from_millis(config.api.timeout_ms);
     let api = WechatApi::new(&config.api.base_url, http_timeout)?;
-    let tokens = TokenManager::new(
+    let tokens = Arc::new(TokenManager::new(
         store.clone(),
         api.clone(),
         config.api.token_endpoint,
         owner.clone(),
         &accounts,
-    );
+    ));
+    let clock = Arc::new(Clock::default());
+    let runtimes: Vec<Arc<AccountRuntime>> = accounts
+        .into_iter()
+        .map(|a| Arc::new(AccountRuntime::new(a)))
+        .collect();
+    let names: Vec<String> = runtimes.iter().map(|r| r.account.name.clone()).collect();
+    templates::sync_all(&store, &api, &tokens, &names, &clock).await;
+    let template_sync = tokio::spawn(templates::sync_loop(
+        store.clone(),
+        api.clone(),
+        tokens.clone(),
+        names,
+        clock.clone(),
+        Duration::from_secs(config.templates.sync_interval_secs),
+        shutdown.clone(),
+    ));
+    let rate_share = tokio::spawn(rate::share_rate(
+        store.clone(),
+        owner.clone(),
+        Arc::new(runtimes.clone()),
+        shutdown.clone(),
+    ));
     let dispatcher = Arc::new(Dispatcher {
         store: store.clone(),
         api,
         tokens,
-        accounts: accounts
+        accounts: runtimes
             .into_iter()
-            .map(|a| (a.name.clone(), AccountRuntime::new(a)))
+            .map(|r| (r.account.name.clone(), r))
             .collect::<HashMap<_, _>>(),
+        timezone: config.timezone()?,
+        clock: clock.clone(),
         retry: config.retry_policy(),
         owner: owner.clone(),
         lease: Duration::from_secs(config.workers.lease_secs),
@@ -113,6 +141,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         Pool::new(dispatcher, settings, wake).run(shutdown).await;
         let _ = watcher.await;
         let _ = joiner.await;
+        let _ = template_sync.await;
+        let _ = rate_share.await;
         if let Some((_, task)) = callback {
             let _ = task.await;
         }
@@ -121,6 +151,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     });
     Ok(Running {
         callback_addr,
+        clock,
         done,
     })
 }

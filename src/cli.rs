@@ -28,6 +28,38 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Start a simulator and the daemon on a new SQLite file, send a few rows, show their fate.
     Demo(DemoArgs),
+    /// Templates in use per account: list, activate, deactivate, sync from WeChat.
+    Templates(TemplatesArgs),
+    /// Quota used, limit and remaining per account and template, this month and today.
+    Quota(ConfigArg),
+}
+
+#[derive(Debug, Args)]
+pub struct TemplatesArgs {
+    #[command(subcommand)]
+    pub action: TemplatesAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplatesAction {
+    /// Every known template and whether it is in use.
+    List(ConfigArg),
+    /// Take a template into use, if the account has room.
+    Activate(TemplateChoice),
+    /// Take a template out of use; rows held for room are retried at once.
+    Deactivate(TemplateChoice),
+    /// Fetch each account's template list from WeChat now.
+    Sync(ConfigArg),
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateChoice {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The account's name.
+    #[arg(long, default_value = "default")]
+    pub account: String,
+    pub template_id: String,
 }
 
 #[derive(Debug, Args)]

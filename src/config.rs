@@ -38,6 +38,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitSettings,
     #[serde(default)]
+    pub templates: TemplateSettings,
+    #[serde(default)]
     pub callback: CallbackSettings,
     #[serde(default)]
     pub accounts: Vec<AccountSettings>,
@@ -146,16 +148,56 @@ impl Default for RetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitSettings {
-    /// Sends per second per account.
+    /// Templates in use at once per account.
+    pub active_templates: u32,
+    /// Take a template into use on its first send when there is room.
+    pub auto_activate_templates: bool,
+    /// Sends per template per calendar month.
+    pub monthly_per_template: u32,
+    /// Sends per account per day.
+    pub daily_per_account: u32,
+    /// Where months and days begin (IANA name).
+    pub timezone: String,
+    /// Sends per second per account, for the whole cluster.
     pub rate_per_second: u32,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
         LimitSettings {
+            active_templates: 10,
+            auto_activate_templates: true,
+            monthly_per_template: 10_000,
+            daily_per_account: 100_000,
+            timezone: "Asia/Shanghai".into(),
             rate_per_second: 50,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplateSettings {
+    /// How often WeChat's template list is synced (also at start).
+    pub sync_interval_secs: u64,
+}
+
+impl Default for TemplateSettings {
+    fn default() -> Self {
+        TemplateSettings {
+            sync_interval_secs: 3600,
+        }
+    }
+}
+
+/// One account's limits, after per-account overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub active_templates: u32,
+    pub auto_activate_templates: bool,
+    pub monthly_per_template: u32,
+    pub daily_per_account: u32,
+    pub rate_per_second: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +249,9 @@ pub struct AccountSettings {
     /// Default: `safe` when `encoding_aes_key` is set, else `plain`.
     pub message_mode: Option<MessageMode>,
     pub rate_per_second: Option<u32>,
+    pub active_templates: Option<u32>,
+    pub monthly_per_template: Option<u32>,
+    pub daily_per_account: Option<u32>,
 }
 
 /// An account with its secret resolved from wherever it was given.
@@ -219,7 +264,7 @@ pub struct Account {
     pub encoding_aes_key: Option<SecretString>,
     pub previous_encoding_aes_key: Option<SecretString>,
     pub message_mode: MessageMode,
-    pub rate_per_second: u32,
+    pub limits: Limits,
 }
 
 fn default_schema() -> String {
@@ -286,6 +331,11 @@ impl Config {
         positive("retry.max_attempts", self.retry.max_attempts as u64)?;
         positive("retry.base_delay_ms", self.retry.base_delay_ms)?;
         positive("limits.rate_per_second", self.limits.rate_per_second as u64)?;
+        positive(
+            "templates.sync_interval_secs",
+            self.templates.sync_interval_secs,
+        )?;
+        self.timezone()?;
         // A lease must outlive the HTTP call it covers, or another daemon could rescue a row
         // that is still in flight.
         if self.workers.lease_secs * 1000 < self.api.timeout_ms * 2 {
@@ -396,10 +446,32 @@ impl Config {
                     } else {
                         MessageMode::Plain
                     }),
-                    rate_per_second: a.rate_per_second.unwrap_or(self.limits.rate_per_second),
+                    limits: Limits {
+                        active_templates: a
+                            .active_templates
+                            .unwrap_or(self.limits.active_templates),
+                        auto_activate_templates: self.limits.auto_activate_templates,
+                        monthly_per_template: a
+                            .monthly_per_template
+                            .unwrap_or(self.limits.monthly_per_template),
+                        daily_per_account: a
+                            .daily_per_account
+                            .unwrap_or(self.limits.daily_per_account),
+                        rate_per_second: a.rate_per_second.unwrap_or(self.limits.rate_per_second),
+                    },
                 })
             })
             .collect()
+    }
+
+    /// The timezone in which quota months and days begin.
+    pub fn timezone(&self) -> Result<chrono_tz::Tz> {
+        self.limits.timezone.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "limits.timezone {:?} is not an IANA timezone such as Asia/Shanghai",
+                self.limits.timezone
+            )
+        })
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -445,7 +517,7 @@ mod tests {
         assert_eq!(config.workers.concurrency, 64);
         assert_eq!(config.api.base_url, "https://api.weixin.qq.com");
         assert_eq!(config.api.token_endpoint, TokenEndpoint::Stable);
-        assert_eq!(config.accounts().unwrap()[0].rate_per_second, 50);
+        assert_eq!(config.accounts().unwrap()[0].limits.rate_per_second, 50);
     }
 
     #[test]

@@ -19,7 +19,7 @@ const CALLBACK_TOKEN: &str = "demo-callback-token";
 const ROWS: &str = r##"
 INSERT INTO outbox (touser, template_id, data) VALUES
   ('oDemoUser0001', 'ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY',
-   '{"first":{"value":"您好，您已成功消费。"},"keynote1":"巧克力","keynote2":"39.8元","remark":{"value":"欢迎再次购买。","color":"#173177"}}');
+   '{"first":{"value":"您好，您已成功消费。"},"keynote1":"巧克力","keynote2":"39.8元","keynote3":"2014年9月16日","remark":{"value":"欢迎再次购买。","color":"#173177"}}');
 INSERT INTO outbox (touser, template_id, data) VALUES
   ('o_block_Demo08', 'TEMPLATE_ID', '{"first":"this user blocks the account"}');
 INSERT INTO outbox (touser, template_id, data, priority, client_msg_id) VALUES

@@ -8,11 +8,13 @@
 //! - [`worker`]: the pool that claims rows and the dispatch of one message.
 //! - [`wechat`]: the WeChat HTTP API client, the shared access token, crypto and XML.
 //! - [`callback`]: the endpoint for WeChat's pushes, and the join of delivery events.
-//! - [`app`]: wiring and shutdown.
+//! - [`templates`]: syncing WeChat's template list into the `templates` table.
+//! - [`app`]: wiring and shutdown; [`admin`]: the operator's `templates` and `quota` commands.
 //! - [`simulator`]: a WeChat stand-in for tests and staging.
 //! - [`demo`]: the README's first command.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod callback;
 pub mod cli;
@@ -22,5 +24,6 @@ pub mod domain;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod templates;
 pub mod wechat;
 pub mod worker;

@@ -7,7 +7,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use wechat_outbox::cli::{Cli, Command};
 use wechat_outbox::config::Config;
-use wechat_outbox::{app, demo, simulator, telemetry};
+use wechat_outbox::{admin, app, demo, simulator, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -64,7 +64,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             for account in accounts {
                 println!(
                     "  account {:?}: appid {}, {} sends/s",
-                    account.name, account.appid, account.rate_per_second
+                    account.name, account.appid, account.limits.rate_per_second
                 );
             }
             Ok(())
@@ -98,5 +98,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args.dir).await,
+        Command::Templates(args) => admin::templates(args.action).await,
+        Command::Quota(args) => admin::quota(&Config::load(&args.config)?).await,
     }
 }

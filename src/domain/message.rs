@@ -33,6 +33,13 @@ pub struct RawMessage {
     pub unreadable: Option<String>,
     /// The recipient unsubscribed from the account (see `suppressed_openids`).
     pub suppressed: bool,
+    /// The month period this row's send is already counted in (a retry is not counted again).
+    pub quota_month: Option<String>,
+    pub quota_day: Option<String>,
+    /// Whether the row's template is in use; `None` when the templates table does not list it.
+    pub template_in_use: Option<bool>,
+    /// The template's content when a sync has seen it.
+    pub template_content: Option<String>,
 }
 
 /// A message that passed every check, ready to be posted.
@@ -40,6 +47,7 @@ pub struct RawMessage {
 pub struct TemplateMessage {
     pub id: i64,
     pub touser: String,
+    pub template_id: String,
     pub client_msg_id: String,
     /// The JSON body of `POST /cgi-bin/message/template/send`.
     pub body: Value,
@@ -88,6 +96,7 @@ impl TemplateMessage {
         Ok(TemplateMessage {
             id: raw.id,
             touser: touser.to_string(),
+            template_id: template_id.to_string(),
             client_msg_id,
             body: Value::Object(body),
         })

@@ -17,10 +17,12 @@ pub enum Status {
     Cancelled,
     /// A request may have reached WeChat, and resending is no longer safe.
     Unknown,
+    /// Waiting on a limit (room among templates in use, a quota period); not failed.
+    Held,
 }
 
 impl Status {
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Pending,
         Status::Sending,
         Status::Sent,
@@ -28,6 +30,7 @@ impl Status {
         Status::Expired,
         Status::Cancelled,
         Status::Unknown,
+        Status::Held,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Status {
             Status::Expired => "expired",
             Status::Cancelled => "cancelled",
             Status::Unknown => "unknown",
+            Status::Held => "held",
         }
     }
 
@@ -47,7 +51,7 @@ impl Status {
     }
 
     pub fn is_terminal(self) -> bool {
-        !matches!(self, Status::Pending | Status::Sending)
+        !matches!(self, Status::Pending | Status::Sending | Status::Held)
     }
 }
 
@@ -75,6 +79,6 @@ mod tests {
             .into_iter()
             .filter(|s| !s.is_terminal())
             .collect();
-        assert_eq!(open, vec![Status::Pending, Status::Sending]);
+        assert_eq!(open, vec![Status::Pending, Status::Sending, Status::Held]);
     }
 }

@@ -109,7 +109,7 @@ pub fn demo_templates() -> Vec<SimTemplate> {
         SimTemplate {
             template_id: "TEMPLATE_ID".into(),
             title: "通知".into(),
-            content: "{{first.DATA}}\n{{remark.DATA}}".into(),
+            content: "{{first.DATA}}".into(),
         },
     ]
 }

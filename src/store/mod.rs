@@ -56,6 +56,31 @@ pub enum Outcome {
         reason: String,
         in_doubt: bool,
     },
+    /// `held` on a limit until `until`, without counting the attempt.
+    Hold {
+        until: DateTime<Utc>,
+        held_for: HeldFor,
+        reason: String,
+    },
+}
+
+/// What a held row waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldFor {
+    /// Room among the account's templates in use.
+    Template,
+    MonthlyQuota,
+    DailyQuota,
+}
+
+impl HeldFor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldFor::Template => "template",
+            HeldFor::MonthlyQuota => "monthly quota",
+            HeldFor::DailyQuota => "daily quota",
+        }
+    }
 }
 
 /// The column values an `Outcome` writes; shared by both backends.
@@ -68,6 +93,7 @@ pub(crate) struct OutcomeColumns {
     pub error: Option<String>,
     pub in_doubt: bool,
     pub refund_attempt: i32,
+    pub held_for: Option<HeldFor>,
 }
 
 impl Outcome {
@@ -81,6 +107,7 @@ impl Outcome {
             error: Some(reason.to_string()),
             in_doubt: false,
             refund_attempt: 0,
+            held_for: None,
         };
         match self {
             Outcome::Sent { msgid } => OutcomeColumns {
@@ -114,6 +141,16 @@ impl Outcome {
                 in_doubt: *in_doubt,
                 refund_attempt: 1,
                 ..base(Status::Pending, errcode, reason)
+            },
+            Outcome::Hold {
+                until,
+                held_for,
+                reason,
+            } => OutcomeColumns {
+                next_attempt_at: Some(*until),
+                refund_attempt: 1,
+                held_for: Some(*held_for),
+                ..base(Status::Held, &None, reason)
             },
         }
     }
@@ -162,6 +199,58 @@ impl InboundEvent {
             _ => None,
         }
     }
+}
+
+/// A quota reservation for one row: its month and day counters, taken together or not at all.
+pub struct QuotaReservation<'a> {
+    pub owner: &'a str,
+    pub id: i64,
+    pub account: &'a str,
+    pub template_id: &'a str,
+    pub month: &'a str,
+    pub day: &'a str,
+    pub monthly_limit: u32,
+    pub daily_limit: u32,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    Granted,
+    /// The template's month is full; nothing was taken.
+    MonthFull,
+    /// The account's day is full; nothing was taken.
+    DayFull,
+    /// The row is no longer this daemon's; nothing was taken.
+    LeaseLost,
+}
+
+/// Whether a template could be taken into use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateUse {
+    InUse,
+    /// `in_use` templates are in use already: the limit.
+    NoRoom {
+        in_use: i64,
+    },
+}
+
+/// A template as listed by `wechat-outbox templates list`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TemplateRow {
+    pub account: String,
+    pub template_id: String,
+    pub title: Option<String>,
+    pub in_use: bool,
+    pub note: Option<String>,
+}
+
+/// A template as WeChat lists it.
+#[derive(Debug, Clone)]
+pub struct SyncedTemplate {
+    pub template_id: String,
+    pub title: String,
+    pub content: String,
 }
 
 #[derive(Clone)]
@@ -312,6 +401,83 @@ impl Store {
         on_backend!(self, s => s.join_delivery_events(now).await)
     }
 
+    /// Counts a send in its template's month and its account's day, atomically, unless either
+    /// is full; records the periods on the row (guarded by the lease).
+    pub async fn reserve_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<Reserved> {
+        on_backend!(self, s => s.reserve_quota(r).await)
+    }
+
+    /// Uncounts a send WeChat refused, and forgets the periods on the row.
+    pub async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {
+        on_backend!(self, s => s.release_quota(r).await)
+    }
+
+    /// Takes a template into use if it is not and the account has room, atomically (two
+    /// daemons racing cannot exceed `limit`).
+    pub async fn take_template_into_use(
+        &self,
+        account: &str,
+        template_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<TemplateUse> {
+        on_backend!(self, s => s.take_template_into_use(account, template_id, limit, now).await)
+    }
+
+    /// Takes a template out of use with a note saying why, and wakes the account's rows held
+    /// for room; false if it was not in use.
+    pub async fn retire_template(
+        &self,
+        account: &str,
+        template_id: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        on_backend!(self, s => s.retire_template(account, template_id, note, now).await)
+    }
+
+    /// Records WeChat's template list for an account; templates missing from it go out of use.
+    pub async fn sync_templates(
+        &self,
+        account: &str,
+        listed: &[SyncedTemplate],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, s => s.sync_templates(account, listed, now).await)
+    }
+
+    pub async fn list_templates(&self) -> StoreResult<Vec<TemplateRow>> {
+        on_backend!(self, s => s.list_templates().await)
+    }
+
+    /// Quota rows of the given month and day: (account, scope, period, used).
+    pub async fn quota_usage(
+        &self,
+        month: &str,
+        day: &str,
+    ) -> StoreResult<Vec<(String, String, String, i64)>> {
+        on_backend!(self, s => s.quota_usage(month, day).await)
+    }
+
+    /// Returns held rows whose time has come to `pending`.
+    pub async fn release_due_holds(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, s => s.release_due_holds(now).await)
+    }
+
+    /// Records this daemon as alive; returns how many daemons beat since `alive_since`.
+    pub async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        on_backend!(self, s => s.heartbeat(owner, now, alive_since).await)
+    }
+
+    pub async fn remove_daemon(&self, owner: &str) -> StoreResult<()> {
+        on_backend!(self, s => s.remove_daemon(owner).await)
+    }
+
     /// Rows per status, for the CLI and the demo.
     pub async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         on_backend!(self, s => s.status_counts().await)
@@ -351,6 +517,7 @@ pub(crate) const LEASE_EXPIRED: &str = "the daemon sending it stopped (lease exp
 pub(crate) const RELEASED_AT_SHUTDOWN: &str = "released at shutdown while in flight; it may have reached WeChat, so it is resent with the \
      same client_msg_id while WeChat still de-duplicates";
 pub(crate) const EXPIRED: &str = "expires_at passed before it could be sent";
+pub(crate) const MISSING_FROM_LIST: &str = "missing from WeChat's template list at the last sync";
 pub(crate) const SUPPRESSED: &str =
     "the user unsubscribed from the account (suppressed_openids); not sent";
 pub(crate) const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window has \

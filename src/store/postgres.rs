@@ -13,11 +13,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN,
-    StoreResult, StoredToken, TokenLease, text_column,
+    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, OutcomeColumns,
+    QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, StoreResult, StoredToken, SyncedTemplate,
+    TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
+use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
 /// The channel the insert trigger notifies; the payload is the schema.
 const CHANNEL: &str = "wechat_outbox";
@@ -79,7 +81,12 @@ impl PostgresStore {
              RETURNING o.id, o.account, o.touser, o.template_id, o.data, o.url, o.miniprogram,
                 o.client_msg_id, o.expires_at, o.attempts, o.first_attempt_at, o.in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
-                        WHERE s.account = o.account AND s.openid = o.touser) AS suppressed",
+                        WHERE s.account = o.account AND s.openid = o.touser) AS suppressed,
+                o.quota_month, o.quota_day,
+                (SELECT t.in_use FROM templates t WHERE t.account = o.account
+                    AND t.template_id = o.template_id) AS template_in_use,
+                (SELECT t.content FROM templates t WHERE t.account = o.account
+                    AND t.template_id = o.template_id) AS template_content",
         )
         .bind(owner)
         .bind(lease_until)
@@ -102,7 +109,7 @@ impl PostgresStore {
                     sent_at = CASE WHEN $3 THEN $9 ELSE sent_at END,
                     next_attempt_at = COALESCE($4, next_attempt_at), last_errcode = $5,
                     last_error = $6, in_doubt = $7, attempts = attempts - $8,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $9
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $9, held_for = $12
              WHERE id = $10 AND status = 'sending' AND lease_owner = $11",
         )
         .bind(c.status.as_str())
@@ -116,6 +123,7 @@ impl PostgresStore {
         .bind(now)
         .bind(id)
         .bind(owner)
+        .bind(c.held_for.map(|h| h.as_str()))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -169,7 +177,7 @@ impl PostgresStore {
     pub(super) async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE outbox SET status = 'expired', last_error = $2, updated_at = $1
-             WHERE status = 'pending' AND expires_at <= $1",
+             WHERE status IN ('pending', 'held') AND expires_at <= $1",
         )
         .bind(now)
         .bind(EXPIRED)
@@ -366,6 +374,281 @@ impl PostgresStore {
         Ok(joined)
     }
 
+    pub(super) async fn reserve_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<Reserved> {
+        if r.monthly_limit == 0 {
+            return Ok(Reserved::MonthFull);
+        }
+        if r.daily_limit == 0 {
+            return Ok(Reserved::DayFull);
+        }
+        let mut tx = self.pool.begin().await?;
+        // The upsert locks the counter row, and its WHERE sees the latest count: concurrent
+        // reservations from any number of daemons cannot pass the limit.
+        let count = "INSERT INTO quota_usage (account, scope, period, used, updated_at)
+                     VALUES ($1, $2, $3, 1, $4)
+                     ON CONFLICT (account, scope, period) DO UPDATE
+                        SET used = quota_usage.used + 1, updated_at = excluded.updated_at
+                        WHERE quota_usage.used < $5";
+        let scope = template_scope(r.template_id);
+        for (scope, period, limit, full) in [
+            (
+                scope.as_str(),
+                r.month,
+                r.monthly_limit,
+                Reserved::MonthFull,
+            ),
+            (ACCOUNT_SCOPE, r.day, r.daily_limit, Reserved::DayFull),
+        ] {
+            let counted = sqlx::query(count)
+                .bind(r.account)
+                .bind(scope)
+                .bind(period)
+                .bind(r.now)
+                .bind(i64::from(limit))
+                .execute(&mut *tx)
+                .await?;
+            if counted.rows_affected() == 0 {
+                return Ok(full); // dropping the transaction rolls back what was counted
+            }
+        }
+        let marked = sqlx::query(
+            "UPDATE outbox SET quota_month = $1, quota_day = $2
+             WHERE id = $3 AND status = 'sending' AND lease_owner = $4",
+        )
+        .bind(r.month)
+        .bind(r.day)
+        .bind(r.id)
+        .bind(r.owner)
+        .execute(&mut *tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Ok(Reserved::LeaseLost);
+        }
+        tx.commit().await?;
+        Ok(Reserved::Granted)
+    }
+
+    pub(super) async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let unmarked = sqlx::query(
+            "UPDATE outbox SET quota_month = NULL, quota_day = NULL
+             WHERE id = $1 AND status = 'sending' AND lease_owner = $2 AND quota_month IS NOT NULL",
+        )
+        .bind(r.id)
+        .bind(r.owner)
+        .execute(&mut *tx)
+        .await?;
+        // Only the holder of the lease may give the row's count back.
+        if unmarked.rows_affected() == 1 {
+            let scope = template_scope(r.template_id);
+            for (scope, period) in [(scope.as_str(), r.month), (ACCOUNT_SCOPE, r.day)] {
+                sqlx::query(
+                    "UPDATE quota_usage SET used = used - 1, updated_at = $4
+                     WHERE account = $1 AND scope = $2 AND period = $3 AND used > 0",
+                )
+                .bind(r.account)
+                .bind(scope)
+                .bind(period)
+                .bind(r.now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn take_template_into_use(
+        &self,
+        account: &str,
+        template_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<TemplateUse> {
+        let mut tx = self.pool.begin().await?;
+        // One daemon at a time counts and activates an account's templates.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('wechat_outbox.templates:' || $1, 0))",
+        )
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+        let in_use: Option<bool> = sqlx::query_scalar(
+            "SELECT in_use FROM templates WHERE account = $1 AND template_id = $2",
+        )
+        .bind(account)
+        .bind(template_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if in_use == Some(true) {
+            return Ok(TemplateUse::InUse);
+        }
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM templates WHERE account = $1 AND in_use")
+                .bind(account)
+                .fetch_one(&mut *tx)
+                .await?;
+        if count >= i64::from(limit) {
+            return Ok(TemplateUse::NoRoom { in_use: count });
+        }
+        sqlx::query(
+            "INSERT INTO templates (account, template_id, in_use, in_use_since) VALUES ($1, $2, true, $3)
+             ON CONFLICT (account, template_id) DO UPDATE SET in_use = true,
+                in_use_since = excluded.in_use_since, note = NULL",
+        )
+        .bind(account)
+        .bind(template_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(TemplateUse::InUse)
+    }
+
+    pub(super) async fn retire_template(
+        &self,
+        account: &str,
+        template_id: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('wechat_outbox.templates:' || $1, 0))",
+        )
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+        let was_in_use: Option<bool> = sqlx::query_scalar(
+            "SELECT in_use FROM templates WHERE account = $1 AND template_id = $2",
+        )
+        .bind(account)
+        .bind(template_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO templates (account, template_id, in_use, note) VALUES ($1, $2, false, $3)
+             ON CONFLICT (account, template_id) DO UPDATE SET in_use = false, note = excluded.note",
+        )
+        .bind(account)
+        .bind(template_id)
+        .bind(note)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE outbox SET next_attempt_at = $2
+             WHERE status = 'held' AND held_for = 'template' AND account = $1",
+        )
+        .bind(account)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(was_in_use == Some(true))
+    }
+
+    pub(super) async fn sync_templates(
+        &self,
+        account: &str,
+        listed: &[SyncedTemplate],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for t in listed {
+            sqlx::query(
+                "INSERT INTO templates (account, template_id, title, content, last_seen_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (account, template_id) DO UPDATE SET title = excluded.title,
+                    content = excluded.content, last_seen_at = excluded.last_seen_at, note = NULL",
+            )
+            .bind(account)
+            .bind(&t.template_id)
+            .bind(&t.title)
+            .bind(&t.content)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE templates SET note = $3
+             WHERE account = $1 AND (last_seen_at IS NULL OR last_seen_at < $2) AND note IS NULL",
+        )
+        .bind(account)
+        .bind(now)
+        .bind(MISSING_FROM_LIST)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn list_templates(&self) -> StoreResult<Vec<TemplateRow>> {
+        sqlx::query_as(
+            "SELECT account, template_id, title, in_use, note FROM templates
+             ORDER BY account, in_use DESC, template_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn quota_usage(
+        &self,
+        month: &str,
+        day: &str,
+    ) -> StoreResult<Vec<(String, String, String, i64)>> {
+        sqlx::query_as(
+            "SELECT account, scope, period, CAST(used AS BIGINT) FROM quota_usage
+             WHERE period IN ($1, $2) ORDER BY account, scope",
+        )
+        .bind(month)
+        .bind(day)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn release_due_holds(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', held_for = NULL, updated_at = $1
+             WHERE status = 'held' AND next_attempt_at <= $1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        sqlx::query(
+            "INSERT INTO daemons (owner, started_at, heartbeat_at) VALUES ($1, $2, $2)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(owner)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM daemons WHERE heartbeat_at < $1")
+            .bind(alive_since - chrono::Duration::hours(1))
+            .execute(&self.pool)
+            .await?;
+        sqlx::query_scalar("SELECT COUNT(*) FROM daemons WHERE heartbeat_at >= $1")
+            .bind(alive_since)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub(super) async fn remove_daemon(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM daemons WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         sqlx::query_as("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
             .fetch_all(&self.pool)
@@ -445,5 +728,9 @@ fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
         in_doubt: row.try_get("in_doubt")?,
         unreadable,
         suppressed: row.try_get("suppressed")?,
+        quota_month: row.try_get("quota_month")?,
+        quota_day: row.try_get("quota_day")?,
+        template_in_use: row.try_get("template_in_use")?,
+        template_content: row.try_get("template_content")?,
     })
 }

@@ -16,11 +16,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, OutcomeColumns, RELEASED_AT_SHUTDOWN,
-    StoreResult, StoredToken, TokenLease, text_column,
+    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, OutcomeColumns,
+    QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, StoreResult, StoredToken, SyncedTemplate,
+    TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
+use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
 /// How often the watcher asks whether another connection committed. `PRAGMA data_version`
 /// reads shared memory, so this costs microseconds and no disk I/O.
@@ -102,7 +104,12 @@ impl SqliteStore {
                 CAST(client_msg_id AS BLOB) AS client_msg_id, expires_at, attempts,
                 first_attempt_at, in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
-                        WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed",
+                        WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed,
+                quota_month, quota_day,
+                (SELECT t.in_use FROM templates t WHERE t.account = outbox.account
+                    AND t.template_id = outbox.template_id) AS template_in_use,
+                (SELECT t.content FROM templates t WHERE t.account = outbox.account
+                    AND t.template_id = outbox.template_id) AS template_content",
         )
         .bind(owner)
         .bind(ts(lease_until))
@@ -127,7 +134,7 @@ impl SqliteStore {
                     sent_at = CASE WHEN ?3 THEN ?9 ELSE sent_at END,
                     next_attempt_at = COALESCE(?4, next_attempt_at), last_errcode = ?5,
                     last_error = ?6, in_doubt = ?7, attempts = attempts - ?8,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?9
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?9, held_for = ?12
              WHERE id = ?10 AND status = 'sending' AND lease_owner = ?11",
         )
         .bind(c.status.as_str())
@@ -141,6 +148,7 @@ impl SqliteStore {
         .bind(ts(now))
         .bind(id)
         .bind(owner)
+        .bind(c.held_for.map(|h| h.as_str()))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -195,7 +203,7 @@ impl SqliteStore {
     pub(super) async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE outbox SET status = 'expired', last_error = ?2, updated_at = ?1
-             WHERE status = 'pending' AND expires_at <= ?1",
+             WHERE status IN ('pending', 'held') AND expires_at <= ?1",
         )
         .bind(ts(now))
         .bind(EXPIRED)
@@ -399,6 +407,270 @@ impl SqliteStore {
         Ok(joined)
     }
 
+    pub(super) async fn reserve_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<Reserved> {
+        if r.monthly_limit == 0 {
+            return Ok(Reserved::MonthFull);
+        }
+        if r.daily_limit == 0 {
+            return Ok(Reserved::DayFull);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let count = "INSERT INTO quota_usage (account, scope, period, used, updated_at)
+                     VALUES (?1, ?2, ?3, 1, ?4)
+                     ON CONFLICT (account, scope, period) DO UPDATE
+                        SET used = used + 1, updated_at = excluded.updated_at WHERE used < ?5";
+        let scope = template_scope(r.template_id);
+        for (scope, period, limit, full) in [
+            (
+                scope.as_str(),
+                r.month,
+                r.monthly_limit,
+                Reserved::MonthFull,
+            ),
+            (ACCOUNT_SCOPE, r.day, r.daily_limit, Reserved::DayFull),
+        ] {
+            let counted = sqlx::query(count)
+                .bind(r.account)
+                .bind(scope)
+                .bind(period)
+                .bind(ts(r.now))
+                .bind(limit)
+                .execute(&mut *tx)
+                .await?;
+            if counted.rows_affected() == 0 {
+                return Ok(full); // dropping the transaction rolls back what was counted
+            }
+        }
+        let marked = sqlx::query(
+            "UPDATE outbox SET quota_month = ?1, quota_day = ?2
+             WHERE id = ?3 AND status = 'sending' AND lease_owner = ?4",
+        )
+        .bind(r.month)
+        .bind(r.day)
+        .bind(r.id)
+        .bind(r.owner)
+        .execute(&mut *tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Ok(Reserved::LeaseLost);
+        }
+        tx.commit().await?;
+        Ok(Reserved::Granted)
+    }
+
+    pub(super) async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let unmarked = sqlx::query(
+            "UPDATE outbox SET quota_month = NULL, quota_day = NULL
+             WHERE id = ?1 AND status = 'sending' AND lease_owner = ?2 AND quota_month IS NOT NULL",
+        )
+        .bind(r.id)
+        .bind(r.owner)
+        .execute(&mut *tx)
+        .await?;
+        // Only the holder of the lease may give the row's count back.
+        if unmarked.rows_affected() == 1 {
+            let scope = template_scope(r.template_id);
+            for (scope, period) in [(scope.as_str(), r.month), (ACCOUNT_SCOPE, r.day)] {
+                sqlx::query(
+                    "UPDATE quota_usage SET used = used - 1, updated_at = ?4
+                     WHERE account = ?1 AND scope = ?2 AND period = ?3 AND used > 0",
+                )
+                .bind(r.account)
+                .bind(scope)
+                .bind(period)
+                .bind(ts(r.now))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn take_template_into_use(
+        &self,
+        account: &str,
+        template_id: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<TemplateUse> {
+        // BEGIN IMMEDIATE serialises this with every other writer, daemons included.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let in_use: Option<bool> = sqlx::query_scalar(
+            "SELECT in_use FROM templates WHERE account = ?1 AND template_id = ?2",
+        )
+        .bind(account)
+        .bind(template_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if in_use == Some(true) {
+            return Ok(TemplateUse::InUse);
+        }
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM templates WHERE account = ?1 AND in_use")
+                .bind(account)
+                .fetch_one(&mut *tx)
+                .await?;
+        if count >= i64::from(limit) {
+            return Ok(TemplateUse::NoRoom { in_use: count });
+        }
+        sqlx::query(
+            "INSERT INTO templates (account, template_id, in_use, in_use_since) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (account, template_id) DO UPDATE SET in_use = 1,
+                in_use_since = excluded.in_use_since, note = NULL",
+        )
+        .bind(account)
+        .bind(template_id)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(TemplateUse::InUse)
+    }
+
+    pub(super) async fn retire_template(
+        &self,
+        account: &str,
+        template_id: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let was_in_use: Option<bool> = sqlx::query_scalar(
+            "SELECT in_use FROM templates WHERE account = ?1 AND template_id = ?2",
+        )
+        .bind(account)
+        .bind(template_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO templates (account, template_id, in_use, note) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT (account, template_id) DO UPDATE SET in_use = 0, note = excluded.note",
+        )
+        .bind(account)
+        .bind(template_id)
+        .bind(note)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE outbox SET next_attempt_at = ?2
+             WHERE status = 'held' AND held_for = 'template' AND account = ?1",
+        )
+        .bind(account)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(was_in_use == Some(true))
+    }
+
+    pub(super) async fn sync_templates(
+        &self,
+        account: &str,
+        listed: &[SyncedTemplate],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for t in listed {
+            sqlx::query(
+                "INSERT INTO templates (account, template_id, title, content, last_seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (account, template_id) DO UPDATE SET title = excluded.title,
+                    content = excluded.content, last_seen_at = excluded.last_seen_at, note = NULL",
+            )
+            .bind(account)
+            .bind(&t.template_id)
+            .bind(&t.title)
+            .bind(&t.content)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE templates SET note = ?3
+             WHERE account = ?1 AND (last_seen_at IS NULL OR last_seen_at < ?2) AND note IS NULL",
+        )
+        .bind(account)
+        .bind(ts(now))
+        .bind(MISSING_FROM_LIST)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn list_templates(&self) -> StoreResult<Vec<TemplateRow>> {
+        sqlx::query_as(
+            "SELECT account, template_id, title, in_use, note FROM templates
+             ORDER BY account, in_use DESC, template_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn quota_usage(
+        &self,
+        month: &str,
+        day: &str,
+    ) -> StoreResult<Vec<(String, String, String, i64)>> {
+        sqlx::query_as(
+            "SELECT account, scope, period, used FROM quota_usage WHERE period IN (?1, ?2)
+             ORDER BY account, scope",
+        )
+        .bind(month)
+        .bind(day)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn release_due_holds(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', held_for = NULL, updated_at = ?1
+             WHERE status = 'held' AND next_attempt_at <= ?1",
+        )
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn heartbeat(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        alive_since: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO daemons (owner, started_at, heartbeat_at) VALUES (?1, ?2, ?2)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(owner)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM daemons WHERE heartbeat_at < ?1")
+            .bind(ts(alive_since - chrono::Duration::hours(1)))
+            .execute(&mut *tx)
+            .await?;
+        let alive: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM daemons WHERE heartbeat_at >= ?1")
+                .bind(ts(alive_since))
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(alive)
+    }
+
+    pub(super) async fn remove_daemon(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM daemons WHERE owner = ?1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         sqlx::query_as("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
             .fetch_all(&self.pool)
@@ -476,5 +748,9 @@ fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
         in_doubt: row.try_get("in_doubt")?,
         unreadable,
         suppressed: row.try_get("suppressed")?,
+        quota_month: row.try_get("quota_month")?,
+        quota_day: row.try_get("quota_day")?,
+        template_in_use: row.try_get("template_in_use")?,
+        template_content: row.try_get("template_content")?,
     })
 }

@@ -29,6 +29,16 @@ pub struct TransportError {
     pub may_have_reached: bool,
 }
 
+/// One entry of `get_all_private_template`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListedTemplate {
+    pub template_id: String,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub content: String,
+}
+
 /// A fresh access token and how long WeChat says it lives.
 pub struct IssuedToken {
     pub token: SecretString,
@@ -89,6 +99,35 @@ impl WechatApi {
             .append_pair("access_token", token.expose_secret());
         let response = self.http.post(url).json(body).send().await;
         read_reply(response).await
+    }
+
+    /// `GET /cgi-bin/template/get_all_private_template?access_token=…`: the account's templates,
+    /// or WeChat's errcode.
+    pub async fn private_templates(
+        &self,
+        token: &SecretString,
+    ) -> Result<Result<Vec<ListedTemplate>, ApiReply>, TransportError> {
+        let mut url = self.endpoint("cgi-bin/template/get_all_private_template");
+        url.query_pairs_mut()
+            .append_pair("access_token", token.expose_secret());
+        let body = read_body(self.http.get(url).send().await).await?;
+        if let Some(list) = body.get("template_list") {
+            return serde_json::from_value(list.clone())
+                .map(Ok)
+                .map_err(|e| TransportError {
+                    detail: format!("template_list is not as documented: {e}"),
+                    may_have_reached: true,
+                });
+        }
+        Ok(Err(ApiReply {
+            errcode: body.get("errcode").and_then(Value::as_i64).unwrap_or(-1),
+            errmsg: body
+                .get("errmsg")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            msgid: None,
+        }))
     }
 
     /// `POST /cgi-bin/stable_token`: returns the same token while it is valid unless forced.

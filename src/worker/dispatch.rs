@@ -1,17 +1,21 @@
-//! The life of one claimed message: check it, wait for the account's rate, send it, and write
-//! down what happened. Every path ends in `Store::finish` with a readable reason.
+//! The life of one claimed message: check it, hold it on a limit or count it in the quota,
+//! wait for the account's rate, send it, and write down what happened. Every path ends in
+//! `Store::finish` with a readable reason.
 
-use std::num::NonZeroU32;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, FixedOffset, TimeZone, Utc};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use secrecy::SecretString;
 
-use crate::config::Account;
+use super::rate::AccountRuntime;
+use crate::domain::clock::Clock;
 use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::domain::message::{RawMessage, TemplateMessage};
+use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
 use crate::store::{Outcome, Store};
 use crate::wechat::api::{ApiReply, WechatApi};
@@ -20,33 +24,27 @@ use crate::wechat::token::TokenManager;
 /// Token rejections retried at once within one attempt before it counts as a failure.
 const TOKEN_RETRIES: usize = 2;
 
-/// What one account needs at send time.
-pub struct AccountRuntime {
-    pub account: Account,
-    pub limiter: DefaultDirectRateLimiter,
-}
-
-impl AccountRuntime {
-    pub fn new(account: Account) -> AccountRuntime {
-        let rate = NonZeroU32::new(account.rate_per_second).unwrap_or(NonZeroU32::MIN);
-        AccountRuntime {
-            account,
-            limiter: RateLimiter::direct(Quota::per_second(rate)),
-        }
-    }
-}
-
 /// Everything a message task shares with the others.
 pub struct Dispatcher {
     pub store: Store,
     pub api: WechatApi,
-    pub tokens: TokenManager,
-    pub accounts: std::collections::HashMap<String, AccountRuntime>,
+    pub tokens: Arc<TokenManager>,
+    pub accounts: HashMap<String, Arc<AccountRuntime>>,
     pub retry: RetryPolicy,
     pub owner: String,
     pub lease: Duration,
     pub http_timeout: Duration,
     pub not_authorised_pause: Duration,
+    /// Where quota months and days begin.
+    pub timezone: Tz,
+    pub clock: Arc<Clock>,
+}
+
+/// What a request came back with: the outcome, and whether WeChat definitely refused the
+/// message (an errcode), in which case its quota count is given back.
+struct Sent {
+    outcome: Outcome,
+    refused: bool,
 }
 
 impl Dispatcher {
@@ -70,7 +68,7 @@ impl Dispatcher {
         loop {
             match self
                 .store
-                .finish(&self.owner, id, &outcome, Utc::now())
+                .finish(&self.owner, id, &outcome, self.clock.now())
                 .await
             {
                 Ok(true) => {
@@ -125,13 +123,12 @@ impl Dispatcher {
             }
         };
         if raw.suppressed {
-            let reason = crate::store::SUPPRESSED.into();
             return Outcome::Failed {
                 errcode: None,
-                reason,
+                reason: crate::store::SUPPRESSED.into(),
             };
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         if raw.expires_at.is_some_and(|at| at <= now) {
             return Outcome::Expired {
                 reason: crate::store::EXPIRED.into(),
@@ -144,62 +141,86 @@ impl Dispatcher {
                 reason: crate::store::GAVE_UP_IN_DOUBT.into(),
             };
         }
+        let counted = match self.check_limits(raw, &message, now).await {
+            Ok(counted) => counted,
+            Err(outcome) => return outcome,
+        };
 
-        runtime.limiter.until_ready().await;
+        runtime.until_ready().await;
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
             return lost;
         }
+        let sent = self.send(raw, &message, first_attempt_at, started).await;
+        if sent.refused {
+            self.uncount(raw, &message.template_id, &counted).await;
+        }
+        sent.outcome
+    }
 
+    /// Posts the message, refreshing a rejected token and resending at once (twice at most).
+    async fn send(
+        &self,
+        raw: &RawMessage,
+        message: &TemplateMessage,
+        first_attempt_at: DateTime<Utc>,
+        started: &AtomicBool,
+    ) -> Sent {
         let mut in_doubt = raw.in_doubt;
         for _ in 0..=TOKEN_RETRIES {
             let token = match self.tokens.get(&raw.account).await {
                 Ok(token) => token,
                 Err(e) => {
-                    return self.retry_later(
-                        raw,
-                        first_attempt_at,
-                        None,
-                        format!("{e:#}"),
-                        in_doubt,
-                    );
+                    let outcome =
+                        self.retry_later(raw, first_attempt_at, None, format!("{e:#}"), in_doubt);
+                    return Sent {
+                        outcome,
+                        refused: false,
+                    };
                 }
             };
             started.store(true, Ordering::SeqCst);
             let reply = match self.api.send_template(&token, &message.body).await {
                 Ok(reply) => reply,
                 Err(e) => {
+                    // It may have been accepted: keep it counted.
                     in_doubt |= e.may_have_reached;
-                    return self.retry_later(raw, first_attempt_at, None, e.detail, in_doubt);
+                    let outcome = self.retry_later(raw, first_attempt_at, None, e.detail, in_doubt);
+                    return Sent {
+                        outcome,
+                        refused: false,
+                    };
                 }
             };
-            match classify(reply.errcode) {
-                ErrcodeClass::TokenRejected => {
-                    tracing::info!(errcode = reply.errcode, "access token rejected; refreshing");
-                    if let Err(e) = self.tokens.rejected(&raw.account, &token).await {
-                        tracing::warn!(error = %format!("{e:#}"), "token refresh failed");
-                    }
-                }
-                _ => {
-                    return self
-                        .judge(raw, runtime, first_attempt_at, reply, in_doubt)
-                        .await;
-                }
+            if classify(reply.errcode) == ErrcodeClass::TokenRejected {
+                self.token_rejected(&raw.account, &token, reply.errcode)
+                    .await;
+                continue;
             }
+            let refused = reply.errcode != 0;
+            let outcome = self
+                .judge(raw, message, first_attempt_at, reply, in_doubt)
+                .await;
+            return Sent { outcome, refused };
         }
-        self.retry_later(
-            raw,
-            first_attempt_at,
-            Some(40001),
-            "the access token was rejected again after refreshing".into(),
-            in_doubt,
-        )
+        let reason = "the access token was rejected again after refreshing".to_string();
+        Sent {
+            outcome: self.retry_later(raw, first_attempt_at, Some(40001), reason, in_doubt),
+            refused: true,
+        }
+    }
+
+    async fn token_rejected(&self, account: &str, token: &SecretString, errcode: i64) {
+        tracing::info!(errcode, "access token rejected; refreshing");
+        if let Err(e) = self.tokens.rejected(account, token).await {
+            tracing::warn!(error = %format!("{e:#}"), "token refresh failed");
+        }
     }
 
     /// Reads WeChat's errcode into an outcome.
     async fn judge(
         &self,
         raw: &RawMessage,
-        runtime: &AccountRuntime,
+        message: &TemplateMessage,
         first_attempt_at: DateTime<Utc>,
         reply: ApiReply,
         in_doubt: bool,
@@ -216,33 +237,50 @@ impl Dispatcher {
             ErrcodeClass::Transient | ErrcodeClass::TokenRejected => {
                 self.retry_later(raw, first_attempt_at, Some(errcode), described, in_doubt)
             }
-            ErrcodeClass::Permanent => Outcome::Failed {
-                errcode: Some(errcode),
-                reason: described,
-            },
+            ErrcodeClass::Permanent => {
+                if errcode == 40037 {
+                    self.retire_unknown_template(&raw.account, &message.template_id, &described)
+                        .await;
+                }
+                Outcome::Failed {
+                    errcode: Some(errcode),
+                    reason: described,
+                }
+            }
             ErrcodeClass::DailyLimit | ErrcodeClass::NotAuthorised => {
-                let now = Utc::now();
+                let now = self.clock.now();
                 let until = if classify(errcode) == ErrcodeClass::DailyLimit {
-                    next_beijing_midnight(now)
+                    periods(now, self.timezone).day_ends
                 } else {
                     now + chrono::Duration::from_std(self.not_authorised_pause).unwrap_or_default()
                 };
                 let reason = format!("account paused until {until}: {described}");
-                let account = &runtime.account.name;
                 if let Err(e) = self
                     .store
-                    .pause_account(account, until, errcode, &reason, now)
+                    .pause_account(&raw.account, until, errcode, &reason, now)
                     .await
                 {
                     tracing::error!(error = %e, "cannot record the account pause");
                 }
-                tracing::warn!(%account, %until, errcode, "account paused");
+                tracing::warn!(account = %raw.account, %until, errcode, "account paused");
                 Outcome::Release {
                     errcode: Some(errcode),
                     reason,
                     in_doubt,
                 }
             }
+        }
+    }
+
+    /// WeChat does not know the template: it goes out of use, freeing its place.
+    async fn retire_unknown_template(&self, account: &str, template_id: &str, described: &str) {
+        let note = format!("WeChat answered {described}");
+        if let Err(e) = self
+            .store
+            .retire_template(account, template_id, &note, self.clock.now())
+            .await
+        {
+            tracing::warn!(error = %e, "could not mark the template out of use");
         }
     }
 
@@ -257,7 +295,7 @@ impl Dispatcher {
         let attempts = raw.attempts.max(1) as u32;
         match self
             .retry
-            .after_failure(attempts, first_attempt_at, in_doubt, Utc::now())
+            .after_failure(attempts, first_attempt_at, in_doubt, self.clock.now())
         {
             RetryDecision::RetryAt(at) => Outcome::Retry {
                 at,
@@ -281,7 +319,7 @@ impl Dispatcher {
     async fn keep_lease(&self, id: i64, claimed_at: DateTime<Utc>) -> Option<Outcome> {
         let lease = chrono::Duration::from_std(self.lease).unwrap_or_default();
         let needed = chrono::Duration::from_std(self.http_timeout * 2).unwrap_or_default();
-        let now = Utc::now();
+        let now = self.clock.now();
         if claimed_at + lease - now > needed {
             return None;
         }
@@ -306,39 +344,9 @@ fn log_outcome(outcome: &Outcome) {
         Outcome::Sent { msgid } => tracing::info!(?msgid, "sent"),
         Outcome::Retry { at, reason, .. } => tracing::info!(%at, %reason, "will retry"),
         Outcome::Release { reason, .. } => tracing::info!(%reason, "released"),
+        Outcome::Hold { reason, .. } => tracing::info!(%reason, "held"),
         Outcome::Failed { reason, .. } => tracing::warn!(%reason, "failed"),
         Outcome::Expired { reason } => tracing::warn!(%reason, "expired"),
         Outcome::Unknown { reason, .. } => tracing::warn!(%reason, "outcome unknown"),
-    }
-}
-
-/// WeChat's daily limits reset at midnight Beijing time (UTC+8, no daylight saving).
-pub fn next_beijing_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
-    let beijing = FixedOffset::east_opt(8 * 3600).expect("valid offset");
-    let local = now.with_timezone(&beijing);
-    let tomorrow = local.date_naive().succ_opt().unwrap_or(local.date_naive());
-    beijing
-        .with_ymd_and_hms(tomorrow.year(), tomorrow.month(), tomorrow.day(), 0, 0, 0)
-        .single()
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or(now + chrono::Duration::days(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn beijing_midnight_is_16_00_utc() {
-        let now = "2026-11-27T17:30:00Z".parse::<DateTime<Utc>>().unwrap(); // 01:30 on the 28th in Beijing
-        assert_eq!(
-            next_beijing_midnight(now),
-            "2026-11-28T16:00:00Z".parse::<DateTime<Utc>>().unwrap()
-        );
-        let now = "2026-11-27T15:59:00Z".parse::<DateTime<Utc>>().unwrap(); // 23:59 on the 27th
-        assert_eq!(
-            next_beijing_midnight(now),
-            "2026-11-27T16:00:00Z".parse::<DateTime<Utc>>().unwrap()
-        );
     }
 }

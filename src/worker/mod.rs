@@ -5,17 +5,19 @@
 //! sets a lease, and each outcome is another.
 
 pub mod dispatch;
+mod limits;
+pub mod rate;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use dispatch::{AccountRuntime, Dispatcher};
+pub use dispatch::Dispatcher;
+pub use rate::AccountRuntime;
 
 use crate::domain::retry::InDoubtPolicy;
 use crate::store::Outcome;
@@ -77,7 +79,7 @@ impl Pool {
         match self
             .dispatcher
             .store
-            .release_owned(&self.dispatcher.owner, Utc::now())
+            .release_owned(&self.dispatcher.owner, self.dispatcher.clock.now())
             .await
         {
             Ok(0) => {}
@@ -111,7 +113,7 @@ impl Pool {
                 }
             }
             let wanted = held.len();
-            let now = Utc::now();
+            let now = d.clock.now();
             let lease_until = now + chrono::Duration::from_std(d.lease).unwrap_or_default();
             let rows = match d.store.claim(&d.owner, wanted, lease_until, now).await {
                 Ok(rows) => {
@@ -165,11 +167,15 @@ impl Pool {
 /// de-duplication window has passed.
 async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
     loop {
-        let now = Utc::now();
+        let now = d.clock.now();
         let result = async {
             let rescued = d.store.rescue_expired_leases(now).await?;
             if rescued > 0 {
                 tracing::warn!(rows = rescued, "rescued rows whose lease expired");
+            }
+            let released = d.store.release_due_holds(now).await?;
+            if released > 0 {
+                tracing::info!(rows = released, "held rows are due again");
             }
             let expired = d.store.expire_overdue(now).await?;
             if expired > 0 {

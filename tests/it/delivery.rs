@@ -8,7 +8,7 @@ use serde_json::Value;
 use wechat_outbox::simulator::{CallbackTarget, SimSettings};
 use wechat_outbox::wechat::crypto::{MessageCrypto, signature};
 
-use crate::helpers::{AppDb, Backend, Daemon, Sim, TestDb};
+use crate::helpers::{Backend, Daemon, Sim, TestDb};
 use crate::on_both_backends;
 
 const TOKEN: &str = "callback-token";
@@ -62,14 +62,7 @@ async fn wait_joined(db: &TestDb, rows: i64) {
 }
 
 async fn events_count(db: &TestDb, condition: &str) -> i64 {
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM inbound_events WHERE {condition}"
-    ));
-    match &db.app {
-        AppDb::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
-        AppDb::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
-    }
-    .unwrap()
+    db.app.count_in("inbound_events", condition).await
 }
 
 async fn insert_mixed(db: &TestDb) {

@@ -89,8 +89,13 @@ impl AppDb {
     }
 
     pub async fn count(&self, condition: &str) -> i64 {
+        self.count_in("outbox", condition).await
+    }
+
+    /// Rows of `table` that meet `condition`.
+    pub async fn count_in(&self, table: &str, condition: &str) -> i64 {
         let sql = AssertSqlSafe(format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM outbox WHERE {condition}"
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {condition}"
         ));
         match self {
             AppDb::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,

@@ -180,7 +180,7 @@ async fn permanent_errcodes_fail_the_row_with_errcode_and_errmsg(backend: Backen
     })
     .await;
     let daemon = Daemon::start(db.config(&sim.url(), "")).await;
-    db.app.exec("INSERT INTO outbox (touser, template_id, data) VALUES ('o_unfollowed1', 'TEMPLATE_ID', '{}'), ('oFine000001', 'no-such-template', '{}'), ('oFine000002', 'TEMPLATE_ID', '{}')").await.unwrap();
+    db.app.exec("INSERT INTO outbox (touser, template_id, data) VALUES ('o_unfollowed1', 'TEMPLATE_ID', '{\"first\":\"a\"}'), ('oFine000001', 'no-such-template', '{}'), ('oFine000002', 'TEMPLATE_ID', '{\"first\":\"b\"}')").await.unwrap();
     let rows = db.app.wait_settled(Duration::from_secs(20)).await;
     daemon.stop().await;
     let codes: Vec<(String, Option<i64>)> = rows
@@ -203,5 +203,14 @@ async fn permanent_errcodes_fail_the_row_with_errcode_and_errmsg(backend: Backen
             .contains("errcode 43004: require subscribe")
     );
     assert_eq!(rows[0].attempts, 1, "permanent errors are not retried");
+    // 40037: WeChat does not know the template, so it goes out of use with a note.
+    let retired = db
+        .app
+        .count_in(
+            "templates",
+            "template_id = 'no-such-template' AND NOT in_use AND note LIKE '%40037%'",
+        )
+        .await;
+    assert_eq!(retired, 1);
 }
 on_both_backends!(permanent_errcodes_fail_the_row_with_errcode_and_errmsg);

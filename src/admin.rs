@@ -1,0 +1,157 @@
+//! The operator's commands that read or change limits: `templates …` and `quota`.
+
+use anyhow::{Result, bail};
+
+use crate::cli::TemplatesAction;
+use crate::config::Config;
+use crate::domain::clock::Clock;
+use crate::domain::quota::{ACCOUNT_SCOPE, periods};
+use crate::store::{Store, TemplateUse};
+use crate::templates;
+use crate::wechat::api::WechatApi;
+use crate::wechat::token::TokenManager;
+
+pub async fn templates(action: TemplatesAction) -> Result<()> {
+    match action {
+        TemplatesAction::List(args) => {
+            let (_, store) = open(&Config::load(&args.config)?).await?;
+            println!(
+                "{:<12} {:<46} {:<7} {:<24} note",
+                "account", "template_id", "in use", "title"
+            );
+            for t in store.list_templates().await? {
+                let in_use = if t.in_use { "yes" } else { "no" };
+                println!(
+                    "{:<12} {:<46} {:<7} {:<24} {}",
+                    t.account,
+                    t.template_id,
+                    in_use,
+                    t.title.unwrap_or_default(),
+                    t.note.unwrap_or_default()
+                );
+            }
+        }
+        TemplatesAction::Activate(choice) => {
+            let (config, store) = open(&Config::load(&choice.config.config)?).await?;
+            let limit = account_limits(&config, &choice.account)?.active_templates;
+            let now = Clock::default().now();
+            match store
+                .take_template_into_use(&choice.account, &choice.template_id, limit, now)
+                .await?
+            {
+                TemplateUse::InUse => {
+                    println!("{} is in use for {}", choice.template_id, choice.account)
+                }
+                TemplateUse::NoRoom { in_use } => {
+                    bail!(
+                        "{} already uses {in_use} of its {limit} templates: deactivate one first",
+                        choice.account
+                    )
+                }
+            }
+        }
+        TemplatesAction::Deactivate(choice) => {
+            let (config, store) = open(&Config::load(&choice.config.config)?).await?;
+            account_limits(&config, &choice.account)?;
+            let now = Clock::default().now();
+            let was = store
+                .retire_template(
+                    &choice.account,
+                    &choice.template_id,
+                    "deactivated by an operator",
+                    now,
+                )
+                .await?;
+            println!(
+                "{} is {}out of use for {}",
+                choice.template_id,
+                if was { "now " } else { "already " },
+                choice.account
+            );
+        }
+        TemplatesAction::Sync(args) => {
+            let config = Config::load(&args.config)?;
+            let (config, store) = open(&config).await?;
+            let accounts = config.accounts()?;
+            let api = WechatApi::new(
+                &config.api.base_url,
+                std::time::Duration::from_millis(config.api.timeout_ms),
+            )?;
+            let owner = format!("cli-{}", std::process::id());
+            let tokens = TokenManager::new(
+                store.clone(),
+                api.clone(),
+                config.api.token_endpoint,
+                owner,
+                &accounts,
+            );
+            for account in &accounts {
+                let n = templates::sync_account(
+                    &store,
+                    &api,
+                    &tokens,
+                    &account.name,
+                    &Clock::default(),
+                )
+                .await?;
+                println!("{}: {n} templates listed by WeChat", account.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn quota(config: &Config) -> Result<()> {
+    let (config, store) = open(config).await?;
+    let p = periods(Clock::default().now(), config.timezone()?);
+    let usage = store.quota_usage(&p.month, &p.day).await?;
+    println!(
+        "periods: month {} and day {} ({})",
+        p.month, p.day, config.limits.timezone
+    );
+    println!(
+        "{:<12} {:<46} {:<8} {:>8} {:>8} {:>10}",
+        "account", "scope", "period", "used", "limit", "remaining"
+    );
+    for account in config.accounts()? {
+        let rows: Vec<_> = usage.iter().filter(|(a, ..)| *a == account.name).collect();
+        let day_used = rows
+            .iter()
+            .find(|(_, s, period, _)| s == ACCOUNT_SCOPE && *period == p.day)
+            .map_or(0, |r| r.3);
+        let limits = account.limits;
+        let line = |scope: &str, period: &str, used: i64, limit: u32| {
+            let remaining = (i64::from(limit) - used).max(0);
+            println!(
+                "{:<12} {scope:<46} {period:<8} {used:>8} {limit:>8} {remaining:>10}",
+                account.name
+            );
+        };
+        line(
+            "account (today)",
+            &p.day,
+            day_used,
+            limits.daily_per_account,
+        );
+        for (_, scope, period, used) in rows
+            .iter()
+            .filter(|(_, s, period, _)| s != ACCOUNT_SCOPE && *period == p.month)
+        {
+            line(scope, period, *used, limits.monthly_per_template);
+        }
+    }
+    Ok(())
+}
+
+async fn open(config: &Config) -> Result<(Config, Store)> {
+    let store = Store::connect(config).await?;
+    store.migrate().await?;
+    Ok((config.clone(), store))
+}
+
+fn account_limits(config: &Config, name: &str) -> Result<crate::config::Limits> {
+    match config.accounts()?.into_iter().find(|a| a.name == name) {
+        Some(account) => Ok(account.limits),
+        None => bail!("account {name:?} is not configured"),
+    }
+}

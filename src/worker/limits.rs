@@ -1,0 +1,186 @@
+//! The account's limits, checked for each message before its request leaves: its template must
+//! be in use (taken into use when there is room), its data must fit the template, and its send
+//! must fit the template's month and the account's day. A row that must wait is held.
+
+use chrono::{DateTime, Utc};
+
+use super::Dispatcher;
+use crate::domain::message::{RawMessage, TemplateMessage};
+use crate::domain::quota::{Periods, periods};
+use crate::domain::template::check_data;
+use crate::store::{HeldFor, Outcome, QuotaReservation, Reserved, TemplateUse};
+
+/// How often a row held for template room looks again (an operator may have edited the
+/// templates table by SQL; `templates deactivate` wakes them at once).
+const TEMPLATE_RECHECK: chrono::Duration = chrono::Duration::seconds(30);
+
+/// The periods a row's send is counted in.
+pub struct Counted {
+    pub month: String,
+    pub day: String,
+}
+
+impl Dispatcher {
+    /// Everything a row must pass before quota or a request is spent on it; `Err` is the
+    /// outcome to record instead.
+    pub(super) async fn check_limits(
+        &self,
+        raw: &RawMessage,
+        message: &TemplateMessage,
+        now: DateTime<Utc>,
+    ) -> Result<Counted, Outcome> {
+        let limits = self.accounts[&raw.account].account.limits;
+        let template_id = message.template_id.as_str();
+        if raw.template_in_use != Some(true) {
+            if !limits.auto_activate_templates {
+                return Err(hold_for_room(
+                    now,
+                    format!(
+                        "template {template_id} is not in use (auto_activate_templates is off): activate it with `wechat-outbox templates activate`"
+                    ),
+                ));
+            }
+            match self
+                .store
+                .take_template_into_use(&raw.account, template_id, limits.active_templates, now)
+                .await
+            {
+                Ok(TemplateUse::InUse) => {}
+                Ok(TemplateUse::NoRoom { in_use }) => {
+                    return Err(hold_for_room(
+                        now,
+                        format!(
+                            "template {template_id} is not in use and the account already uses {in_use} of its {} templates; it is sent once one is deactivated",
+                            limits.active_templates
+                        ),
+                    ));
+                }
+                Err(e) => return Err(database_trouble(raw, e)),
+            }
+        }
+        if let Some(content) = &raw.template_content
+            && let Err(reason) = check_data(template_id, content, &message.body["data"])
+        {
+            return Err(Outcome::Failed {
+                errcode: None,
+                reason,
+            });
+        }
+        if let (Some(month), Some(day)) = (&raw.quota_month, &raw.quota_day) {
+            // Counted by an earlier attempt that may have reached WeChat: not counted again.
+            return Ok(Counted {
+                month: month.clone(),
+                day: day.clone(),
+            });
+        }
+        let p = periods(now, self.timezone);
+        let reservation = self.reservation(raw, template_id, &p.month, &p.day, now);
+        match self.store.reserve_quota(&reservation).await {
+            Ok(Reserved::Granted) => Ok(Counted {
+                month: p.month,
+                day: p.day,
+            }),
+            Ok(Reserved::MonthFull) => Err(self.hold_for_quota(
+                HeldFor::MonthlyQuota,
+                template_id,
+                limits.monthly_per_template,
+                &p,
+            )),
+            Ok(Reserved::DayFull) => Err(self.hold_for_quota(
+                HeldFor::DailyQuota,
+                template_id,
+                limits.daily_per_account,
+                &p,
+            )),
+            Ok(Reserved::LeaseLost) => Err(Outcome::Release {
+                errcode: None,
+                reason: "lease lost before the quota was counted".into(),
+                in_doubt: raw.in_doubt,
+            }),
+            Err(e) => Err(database_trouble(raw, e)),
+        }
+    }
+
+    /// Gives back the count of a send WeChat refused.
+    pub(super) async fn uncount(&self, raw: &RawMessage, template_id: &str, counted: &Counted) {
+        let reservation = self.reservation(
+            raw,
+            template_id,
+            &counted.month,
+            &counted.day,
+            self.clock.now(),
+        );
+        if let Err(e) = self.store.release_quota(&reservation).await {
+            // Counting too much is the safe side: the quota is never exceeded.
+            tracing::warn!(error = %e, "could not give back a refused send's quota");
+        }
+    }
+
+    fn reservation<'a>(
+        &'a self,
+        raw: &'a RawMessage,
+        template_id: &'a str,
+        month: &'a str,
+        day: &'a str,
+        now: DateTime<Utc>,
+    ) -> QuotaReservation<'a> {
+        let limits = self.accounts[&raw.account].account.limits;
+        QuotaReservation {
+            owner: &self.owner,
+            id: raw.id,
+            account: &raw.account,
+            template_id,
+            month,
+            day,
+            monthly_limit: limits.monthly_per_template,
+            daily_limit: limits.daily_per_account,
+            now,
+        }
+    }
+
+    fn hold_for_quota(
+        &self,
+        held_for: HeldFor,
+        template_id: &str,
+        limit: u32,
+        p: &Periods,
+    ) -> Outcome {
+        let (until, what) = match held_for {
+            HeldFor::MonthlyQuota => (
+                p.month_ends,
+                format!(
+                    "the monthly quota of template {template_id} ({limit} in {})",
+                    p.month
+                ),
+            ),
+            _ => (
+                p.day_ends,
+                format!("the account's daily quota ({limit} on {})", p.day),
+            ),
+        };
+        let local = until
+            .with_timezone(&self.timezone)
+            .format("%Y-%m-%d %H:%M %Z");
+        Outcome::Hold {
+            until,
+            held_for,
+            reason: format!("{what} is used up; held until {local}"),
+        }
+    }
+}
+
+fn hold_for_room(now: DateTime<Utc>, reason: String) -> Outcome {
+    Outcome::Hold {
+        until: now + TEMPLATE_RECHECK,
+        held_for: HeldFor::Template,
+        reason,
+    }
+}
+
+fn database_trouble(raw: &RawMessage, e: sqlx::Error) -> Outcome {
+    Outcome::Release {
+        errcode: None,
+        reason: format!("database unavailable while checking limits: {e}"),
+        in_doubt: raw.in_doubt,
+    }
+}

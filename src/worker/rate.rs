@@ -1,0 +1,110 @@
+//! The per-account send rate, shared by the cluster: each live daemon (a heartbeat row in the
+//! database) takes an equal share of `rate_per_second`, re-divided when one joins or dies.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Account;
+use crate::store::Store;
+
+/// How often a daemon says it is alive; three missed beats and it no longer counts.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What one account needs at send time.
+pub struct AccountRuntime {
+    pub account: Account,
+    limiter: RwLock<Arc<DefaultDirectRateLimiter>>,
+}
+
+impl AccountRuntime {
+    pub fn new(account: Account) -> AccountRuntime {
+        let limiter = RwLock::new(Arc::new(limiter_for(account.limits.rate_per_second, 1)));
+        AccountRuntime { account, limiter }
+    }
+
+    /// Waits until this daemon's share of the account's rate allows one more send.
+    pub async fn until_ready(&self) {
+        let limiter = self.limiter.read().expect("limiter lock").clone();
+        limiter.until_ready().await;
+    }
+
+    fn share_with(&self, daemons: u32) {
+        let limiter = limiter_for(self.account.limits.rate_per_second, daemons);
+        *self.limiter.write().expect("limiter lock") = Arc::new(limiter);
+    }
+}
+
+/// `rate / daemons` sends per second, with a burst of the same size (at least one).
+fn limiter_for(rate: u32, daemons: u32) -> DefaultDirectRateLimiter {
+    let daemons = daemons.max(1);
+    let per_second = f64::from(rate.max(1)) / f64::from(daemons);
+    let burst = NonZeroU32::new(per_second.floor() as u32).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(Duration::from_secs_f64(1.0 / per_second))
+        .expect("a positive period")
+        .allow_burst(burst);
+    RateLimiter::direct(quota)
+}
+
+/// Beats the heartbeat and re-divides the rate when the number of live daemons changes;
+/// removes this daemon's row when it stops.
+pub async fn share_rate(
+    store: Store,
+    owner: String,
+    accounts: Arc<Vec<Arc<AccountRuntime>>>,
+    shutdown: CancellationToken,
+) {
+    let mut sharing = 1;
+    loop {
+        let now = Utc::now();
+        let alive_since =
+            now - chrono::Duration::from_std(HEARTBEAT_INTERVAL * 3).unwrap_or_default();
+        match store.heartbeat(&owner, now, alive_since).await {
+            Ok(alive) => {
+                let alive = u32::try_from(alive.max(1)).unwrap_or(u32::MAX);
+                if alive != sharing {
+                    tracing::info!(
+                        daemons = alive,
+                        "re-dividing the send rate among live daemons"
+                    );
+                    for account in accounts.iter() {
+                        account.share_with(alive);
+                    }
+                    sharing = alive;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed; keeping the current rate share")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+    }
+    if let Err(e) = store.remove_daemon(&owner).await {
+        tracing::warn!(error = %e, "could not remove this daemon's heartbeat row");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_allows_its_burst_and_no_more() {
+        let limiter = limiter_for(30, 3);
+        let granted = (0..100).filter(|_| limiter.check().is_ok()).count();
+        assert_eq!(granted, 10, "a third of 30/s, burst 10");
+        let slow = limiter_for(1, 4);
+        assert_eq!(
+            (0..10).filter(|_| slow.check().is_ok()).count(),
+            1,
+            "at least one"
+        );
+    }
+}
