@@ -38,6 +38,8 @@ pub struct Faults {
     /// Answer `errcode` (for example 45009) without delivering.
     pub errcode_rate: f64,
     pub errcode: i64,
+    /// Only for sends of this appid (all appids when unset).
+    pub errcode_appid: Option<String>,
     /// Wait this long before answering every send.
     pub delay_ms: u64,
 }
@@ -490,11 +492,21 @@ async fn send_template(
     if settings.faults.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(settings.faults.delay_ms)).await;
     }
-    let fault = draw_fault(&settings.faults);
+    let mut fault = draw_fault(&settings.faults);
     let mut event_to_push = None;
     let (code, msg, msgid) = {
         let mut state = sim.state.lock().expect("sim state");
         state.stats.send_requests += 1;
+        if let (Some(Fault::Errcode(_)), Some(only)) = (&fault, &settings.faults.errcode_appid) {
+            let appid = q
+                .access_token
+                .as_deref()
+                .and_then(|t| state.tokens.get(t))
+                .map(|t| t.appid.as_str());
+            if appid != Some(only.as_str()) {
+                fault = None;
+            }
+        }
         let name = match fault {
             Some(Fault::Busy) => Some("busy"),
             Some(Fault::HttpError) => Some("http_error"),

@@ -348,6 +348,8 @@ pub struct Daemon {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// Where its callback endpoint listens.
     pub callback: SocketAddr,
+    /// Its clock, which a test may move (to turn a quota period).
+    pub clock: Arc<wechat_outbox::domain::clock::Clock>,
 }
 
 impl Daemon {
@@ -357,10 +359,12 @@ impl Daemon {
             .await
             .expect("daemon starts");
         let callback = running.callback_addr.expect("callback endpoint enabled");
+        let clock = running.clock.clone();
         Daemon {
             stop,
             task: tokio::spawn(running.wait()),
             callback,
+            clock,
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod delivery;
 mod helpers;
+mod limits;
 mod limits_of_input;
 mod pipeline;
 mod processes;

@@ -1,0 +1,376 @@
+//! The account's limits, exactly, on both backends: the monthly quota per template (also with
+//! two daemons racing), templates in use, refused sends not counted, 45009 pausing one
+//! account, data checked against the template, and the cluster-wide send rate.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use wechat_outbox::config::Config;
+use wechat_outbox::simulator::{Faults, SimSettings};
+
+use crate::helpers::{Backend, Daemon, Process, Sim, TestDb};
+use crate::on_both_backends;
+
+/// Waits until `condition` holds for `count` rows of `table`.
+async fn wait_for(db: &TestDb, table: &str, condition: &str, count: i64, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let now = db.app.count_in(table, condition).await;
+        if now == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{table} where {condition}: {now}, expected {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inserts `n` rows of one template for distinct users.
+async fn insert_for_template(db: &TestDb, template: &str, n: usize, tag: &str) {
+    let values: Vec<String> = (0..n)
+        .map(|i| format!("('o{tag}{i:06}', '{template}', '{{\"k\":\"v\"}}')"))
+        .collect();
+    for chunk in values.chunks(1000) {
+        db.app
+            .exec(&format!(
+                "INSERT INTO outbox (touser, template_id, data) VALUES {}",
+                chunk.join(",")
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+fn next_month(now: DateTime<Utc>) -> DateTime<Utc> {
+    let tz: chrono_tz::Tz = "Asia/Shanghai".parse().unwrap();
+    wechat_outbox::domain::quota::periods(now, tz).month_ends + chrono::Duration::seconds(1)
+}
+
+const FAST: &str = "[workers]\nconcurrency = 64\nbatch_size = 64";
+
+/// 12,000 rows for one template, 10,000 a month: exactly 10,000 sent, 2,000 held, and the
+/// 2,000 sent once the month turns.
+async fn the_monthly_quota_is_exact_and_resumes_next_month(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let daemon = Daemon::start(db.config(&sim.url(), FAST)).await;
+    insert_for_template(&db, "TQUOTA", 12_000, "q").await;
+    wait_for(
+        &db,
+        "outbox",
+        "status IN ('pending', 'sending')",
+        0,
+        Duration::from_secs(240),
+    )
+    .await;
+
+    assert_eq!(db.app.count("status = 'sent'").await, 10_000);
+    assert_eq!(db.app.count("status = 'held' AND held_for = 'monthly quota' AND last_error LIKE '%monthly quota of template TQUOTA (10000 in %is used up; held until %'").await, 2_000);
+    assert_eq!(sim.sim.stats().delivered, 10_000, "never sent over quota");
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'template:TQUOTA' AND used = 10000")
+            .await,
+        1
+    );
+
+    daemon.clock.set(next_month(Utc::now()));
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'sent'",
+        12_000,
+        Duration::from_secs(120),
+    )
+    .await;
+    daemon.stop().await;
+    assert_eq!(sim.sim.stats().delivered, 12_000);
+    assert_eq!(sim.sim.stats().duplicate_deliveries, 0);
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'template:TQUOTA' AND used = 2000")
+            .await,
+        1,
+        "counted in the new month"
+    );
+}
+on_both_backends!(the_monthly_quota_is_exact_and_resumes_next_month);
+
+/// Two daemons (separate processes) race for the last of the quota: still exactly the limit.
+async fn two_daemons_racing_stop_at_the_limit(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let config = db.config_toml(
+        &sim.url(),
+        &format!("{FAST}\n[limits]\nmonthly_per_template = 2000"),
+    );
+    let first = Process::start(&config, &["run"]);
+    let second = Process::start(&config, &["run"]);
+    insert_for_template(&db, "TRACE", 2_600, "r").await;
+    wait_for(
+        &db,
+        "outbox",
+        "status IN ('pending', 'sending')",
+        0,
+        Duration::from_secs(120),
+    )
+    .await;
+    drop((first, second));
+    assert_eq!(db.app.count("status = 'sent'").await, 2_000);
+    assert_eq!(db.app.count("status = 'held'").await, 600);
+    assert_eq!(sim.sim.stats().delivered, 2_000);
+}
+on_both_backends!(two_daemons_racing_stop_at_the_limit);
+
+/// With room for 10 templates, the 11th waits as `held` with a reason, is never sent, and goes
+/// out once an operator deactivates one.
+async fn the_eleventh_template_waits_for_room(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let config = db.config_toml(&sim.url(), "");
+    let daemon = Daemon::start(Config::from_toml(&config).unwrap()).await;
+    for t in 1..=10 {
+        insert_for_template(&db, &format!("T{t:02}"), 2, &format!("t{t:02}")).await;
+    }
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'sent'",
+        20,
+        Duration::from_secs(20),
+    )
+    .await;
+    insert_for_template(&db, "T11", 3, "eleven").await;
+    wait_for(&db, "outbox", "status = 'held' AND held_for = 'template' AND last_error LIKE 'template T11 is not in use and the account already uses 10 of its 10 templates%'", 3, Duration::from_secs(20)).await;
+    assert_eq!(db.app.count_in("templates", "in_use").await, 10);
+    assert!(
+        sim.sim.deliveries().iter().all(|d| d.template_id != "T11"),
+        "never sent while held"
+    );
+
+    let mut deactivate = Process::start(&config, &["templates", "deactivate", "T01"]);
+    assert_eq!(
+        deactivate.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0),
+        "{}",
+        deactivate.stderr()
+    );
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'sent'",
+        23,
+        Duration::from_secs(20),
+    )
+    .await;
+    daemon.stop().await;
+    assert_eq!(db.app.count_in("templates", "in_use").await, 10);
+    assert_eq!(
+        db.app
+            .count_in(
+                "templates",
+                "template_id = 'T01' AND NOT in_use AND note = 'deactivated by an operator'"
+            )
+            .await,
+        1
+    );
+}
+on_both_backends!(the_eleventh_template_waits_for_room);
+
+/// Rows for 11 templates at once, two daemons: exactly 10 templates get into use.
+async fn racing_daemons_never_use_eleven_templates(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let config = db.config(&sim.url(), FAST);
+    let (first, second) = (
+        Daemon::start(config.clone()).await,
+        Daemon::start(config).await,
+    );
+    for t in 1..=11 {
+        insert_for_template(&db, &format!("R{t:02}"), 20, &format!("r{t:02}")).await;
+    }
+    wait_for(
+        &db,
+        "outbox",
+        "status IN ('pending', 'sending')",
+        0,
+        Duration::from_secs(30),
+    )
+    .await;
+    first.stop().await;
+    second.stop().await;
+    assert_eq!(db.app.count_in("templates", "in_use").await, 10);
+    assert_eq!(db.app.count("status = 'sent'").await, 200);
+    assert_eq!(
+        db.app
+            .count("status = 'held' AND held_for = 'template'")
+            .await,
+        20,
+        "one template's rows wait"
+    );
+}
+on_both_backends!(racing_daemons_never_use_eleven_templates);
+
+/// Refused sends (43004, and -1 before it succeeds) give their count back.
+async fn refused_sends_are_not_counted(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings {
+        faults: Faults {
+            busy_rate: 0.4,
+            ..Faults::default()
+        },
+        ..SimSettings::default()
+    })
+    .await;
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
+    insert_for_template(&db, "TCOUNT", 30, "c").await;
+    db.app.exec("INSERT INTO outbox (touser, template_id, data) VALUES ('o_unfollowed_1', 'TCOUNT', '{\"k\":\"v\"}'), ('o_unfollowed_2', 'TCOUNT', '{\"k\":\"v\"}')").await.unwrap();
+    db.app.wait_settled(Duration::from_secs(30)).await;
+    daemon.stop().await;
+    assert_eq!(db.app.count("status = 'sent'").await, 30);
+    assert_eq!(db.app.count("last_errcode = 43004").await, 2);
+    assert!(sim.sim.stats().errcodes["-1"] > 0);
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'template:TCOUNT' AND used = 30")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'account' AND used = 30")
+            .await,
+        1
+    );
+}
+on_both_backends!(refused_sends_are_not_counted);
+
+/// 45009 on one account pauses it until the next day; the other keeps sending.
+async fn a_daily_limit_pauses_only_its_account(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let faults = Faults {
+        errcode_rate: 1.0,
+        errcode: 45009,
+        errcode_appid: Some("wxshop000000002".into()),
+        ..Faults::default()
+    };
+    let sim = Sim::start(SimSettings {
+        faults,
+        ..SimSettings::default()
+    })
+    .await;
+    let mut toml = db.config_toml(&sim.url(), "");
+    toml.push_str(
+        "[[accounts]]\nname = \"shop\"\nappid = \"wxshop000000002\"\nsecret = \"shop-secret\"\n",
+    );
+    let daemon = Daemon::start(Config::from_toml(&toml).unwrap()).await;
+    db.app.exec("INSERT INTO outbox (account, touser, template_id, data) VALUES ('shop', 'oShopUser1', 'T', '{}'), ('shop', 'oShopUser2', 'T', '{}')").await.unwrap();
+    wait_for(
+        &db,
+        "account_pauses",
+        "account = 'shop' AND errcode = 45009",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    db.app.insert_good(10, "other").await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'sent'",
+        10,
+        Duration::from_secs(20),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    daemon.stop().await;
+    assert_eq!(
+        db.app
+            .count("account = 'shop' AND status = 'pending' AND attempts = 0")
+            .await,
+        2,
+        "held back, not failed"
+    );
+    assert_eq!(
+        db.app
+            .count("account = 'default' AND status = 'sent'")
+            .await,
+        10
+    );
+    assert!(
+        sim.sim.stats().send_requests <= 12,
+        "the paused account stopped calling"
+    );
+}
+on_both_backends!(a_daily_limit_pauses_only_its_account);
+
+/// Data that does not fit a known template fails before any quota or request is spent.
+async fn bad_data_for_a_known_template_fails_first(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
+    // TEMPLATE_ID is listed by the simulator with the single parameter `first`.
+    db.app.exec("INSERT INTO outbox (touser, template_id, data) VALUES ('oData00001', 'TEMPLATE_ID', '{\"frist\":\"typo\"}'), ('oData00002', 'TEMPLATE_ID', '{\"first\":\"ok\",\"extra\":\"x\"}')").await.unwrap();
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    daemon.stop().await;
+    assert_eq!(
+        rows[0].last_error.as_deref(),
+        Some("data lacks parameter \"first\" of template TEMPLATE_ID")
+    );
+    assert!(
+        rows[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("data.extra is not a parameter of template TEMPLATE_ID")
+    );
+    assert_eq!(sim.sim.stats().send_requests, 0);
+    assert_eq!(db.app.count_in("quota_usage", "used > 0").await, 0);
+}
+on_both_backends!(bad_data_for_a_known_template_fails_first);
+
+/// The configured rate is for the whole cluster: one daemon, or three sharing it, never send
+/// faster than the rate (a lower bound on the time taken, so a slow machine cannot fail it) and
+/// do use it (a generous upper bound).
+async fn the_rate_holds_for_the_cluster(backend: Backend) {
+    const RATE: f64 = 50.0;
+    const ROWS: usize = 150;
+    for daemons in [1usize, 3] {
+        let db = TestDb::new(backend).await;
+        let sim = Sim::start(SimSettings::default()).await;
+        let config = db.config(&sim.url(), "[limits]\nrate_per_second = 50");
+        let mut running = Vec::new();
+        for _ in 0..daemons {
+            running.push(Daemon::start(config.clone()).await);
+        }
+        // Let the heartbeats see every daemon before the burst arrives.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let started = Instant::now();
+        insert_for_template(&db, "TRATE", ROWS, "rate").await;
+        wait_for(
+            &db,
+            "outbox",
+            "status = 'sent'",
+            ROWS as i64,
+            Duration::from_secs(60),
+        )
+        .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        for daemon in running {
+            daemon.stop().await;
+        }
+        // Each daemon may start with a full burst of its share: RATE in all.
+        let fastest = (ROWS as f64 - RATE) / RATE;
+        assert!(
+            elapsed >= fastest / 1.1,
+            "{daemons} daemon(s): {ROWS} sends in {elapsed:.2} s beat the rate (≥ {fastest:.2} s)"
+        );
+        assert!(
+            elapsed <= fastest * 2.5 + 2.0,
+            "{daemons} daemon(s): {elapsed:.2} s is far below the rate"
+        );
+    }
+}
+on_both_backends!(the_rate_holds_for_the_cluster);
