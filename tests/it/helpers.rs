@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -399,13 +399,14 @@ impl Process {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml).unwrap();
         let stderr_path = dir.path().join("stderr.log");
+        let stdout_path = dir.path().join("stdout.log");
         let child = Command::new(env!("CARGO_BIN_EXE_wechat-outbox"))
             .args(args)
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "debug")
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path).unwrap())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .expect("start the daemon binary");
@@ -445,6 +446,10 @@ impl Process {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.stderr_path.with_file_name("stdout.log")).unwrap_or_default()
     }
 }
 

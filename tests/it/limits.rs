@@ -374,3 +374,65 @@ async fn the_rate_holds_for_the_cluster(backend: Backend) {
     }
 }
 on_both_backends!(the_rate_holds_for_the_cluster);
+
+/// The operator's view: `quota` shows used, limit and remaining; `templates list` shows what is
+/// in use; `templates activate` refuses without room.
+async fn the_cli_shows_quota_and_templates(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let config = db.config_toml(
+        &sim.url(),
+        "[limits]\nactive_templates = 1\nmonthly_per_template = 100",
+    );
+    let daemon = Daemon::start(Config::from_toml(&config).unwrap()).await;
+    insert_for_template(&db, "TCLI", 7, "cli").await;
+    wait_for(&db, "outbox", "status = 'sent'", 7, Duration::from_secs(20)).await;
+    daemon.stop().await;
+
+    let run = |args: &[&str]| Process::start(&config, args);
+    let mut quota = run(&["quota"]);
+    assert_eq!(
+        quota.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0),
+        "{}",
+        quota.stderr()
+    );
+    let out = quota.stdout();
+    assert!(
+        out.lines().any(|l| l.contains("template:TCLI")
+            && l.split_whitespace().rev().take(3).collect::<Vec<_>>() == ["93", "100", "7"]),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.contains("account (today)")
+            && l.split_whitespace().rev().take(3).collect::<Vec<_>>() == ["99993", "100000", "7"]),
+        "{out}"
+    );
+
+    let mut list = run(&["templates", "list"]);
+    assert_eq!(
+        list.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+    assert!(
+        list.stdout()
+            .lines()
+            .any(|l| l.contains("TCLI") && l.contains(" yes ")),
+        "{}",
+        list.stdout()
+    );
+
+    let mut activate = run(&["templates", "activate", "TOTHER"]);
+    assert_eq!(
+        activate.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(1)
+    );
+    assert!(
+        activate
+            .stderr()
+            .contains("already uses 1 of its 1 templates"),
+        "{}",
+        activate.stderr()
+    );
+}
+on_both_backends!(the_cli_shows_quota_and_templates);
