@@ -5,6 +5,7 @@
 //! reach a server where the user may create databases. Tests never skip when it is down.
 
 mod delivery;
+mod faults;
 mod helpers;
 mod limits;
 mod limits_of_input;
