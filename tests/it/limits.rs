@@ -436,3 +436,41 @@ async fn the_cli_shows_quota_and_templates(backend: Backend) {
     );
 }
 on_both_backends!(the_cli_shows_quota_and_templates);
+
+/// The account's daily quota, set per account: the rest wait for the next day in the
+/// configured timezone, then go.
+async fn the_daily_quota_holds_rows_until_the_next_day(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let toml = db
+        .config_toml(&sim.url(), "[limits]\ntimezone = \"UTC\"")
+        .replace(
+            "secret = \"test-app-secret-value\"",
+            "secret = \"test-app-secret-value\"\ndaily_per_account = 5",
+        );
+    let daemon = Daemon::start(Config::from_toml(&toml).unwrap()).await;
+    insert_for_template(&db, "TDAY", 8, "day").await;
+    wait_for(
+        &db,
+        "outbox",
+        "status IN ('pending', 'sending')",
+        0,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(db.app.count("status = 'sent'").await, 5);
+    assert_eq!(db.app.count("status = 'held' AND held_for = 'daily quota' AND last_error LIKE '%daily quota (5 on %) is used up; held until % UTC'").await, 3);
+
+    let tomorrow = Utc::now()
+        .date_naive()
+        .succ_opt()
+        .unwrap()
+        .and_hms_opt(0, 0, 1)
+        .unwrap()
+        .and_utc();
+    daemon.clock.set(tomorrow);
+    wait_for(&db, "outbox", "status = 'sent'", 8, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    assert_eq!(sim.sim.stats().delivered, 8);
+}
+on_both_backends!(the_daily_quota_holds_rows_until_the_next_day);
