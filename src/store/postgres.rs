@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -458,6 +458,30 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// A transaction holding the account's template lock (one daemon at a time counts and
+    /// changes an account's templates), and whether the template is in use.
+    async fn change_template(
+        &self,
+        account: &str,
+        template_id: &str,
+    ) -> StoreResult<(Transaction<'static, Postgres>, Option<bool>)> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('wechat_outbox.templates:' || $1, 0))",
+        )
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+        let in_use = sqlx::query_scalar(
+            "SELECT in_use FROM templates WHERE account = $1 AND template_id = $2",
+        )
+        .bind(account)
+        .bind(template_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok((tx, in_use))
+    }
+
     pub(super) async fn take_template_into_use(
         &self,
         account: &str,
@@ -465,21 +489,7 @@ impl PostgresStore {
         limit: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<TemplateUse> {
-        let mut tx = self.pool.begin().await?;
-        // One daemon at a time counts and activates an account's templates.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended('wechat_outbox.templates:' || $1, 0))",
-        )
-        .bind(account)
-        .execute(&mut *tx)
-        .await?;
-        let in_use: Option<bool> = sqlx::query_scalar(
-            "SELECT in_use FROM templates WHERE account = $1 AND template_id = $2",
-        )
-        .bind(account)
-        .bind(template_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let (mut tx, in_use) = self.change_template(account, template_id).await?;
         if in_use == Some(true) {
             return Ok(TemplateUse::InUse);
         }
@@ -512,20 +522,7 @@ impl PostgresStore {
         note: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended('wechat_outbox.templates:' || $1, 0))",
-        )
-        .bind(account)
-        .execute(&mut *tx)
-        .await?;
-        let was_in_use: Option<bool> = sqlx::query_scalar(
-            "SELECT in_use FROM templates WHERE account = $1 AND template_id = $2",
-        )
-        .bind(account)
-        .bind(template_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let (mut tx, was_in_use) = self.change_template(account, template_id).await?;
         sqlx::query(
             "INSERT INTO templates (account, template_id, in_use, note) VALUES ($1, $2, false, $3)
              ON CONFLICT (account, template_id) DO UPDATE SET in_use = false, note = excluded.note",

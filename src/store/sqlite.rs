@@ -11,7 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Row, SqliteConnection};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -488,6 +488,24 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// A write transaction (BEGIN IMMEDIATE serialises it with every other writer, daemons
+    /// included), and whether the template is in use.
+    async fn change_template(
+        &self,
+        account: &str,
+        template_id: &str,
+    ) -> StoreResult<(Transaction<'static, Sqlite>, Option<bool>)> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let in_use = sqlx::query_scalar(
+            "SELECT in_use FROM templates WHERE account = ?1 AND template_id = ?2",
+        )
+        .bind(account)
+        .bind(template_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok((tx, in_use))
+    }
+
     pub(super) async fn take_template_into_use(
         &self,
         account: &str,
@@ -495,15 +513,7 @@ impl SqliteStore {
         limit: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<TemplateUse> {
-        // BEGIN IMMEDIATE serialises this with every other writer, daemons included.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let in_use: Option<bool> = sqlx::query_scalar(
-            "SELECT in_use FROM templates WHERE account = ?1 AND template_id = ?2",
-        )
-        .bind(account)
-        .bind(template_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let (mut tx, in_use) = self.change_template(account, template_id).await?;
         if in_use == Some(true) {
             return Ok(TemplateUse::InUse);
         }
@@ -536,14 +546,7 @@ impl SqliteStore {
         note: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let was_in_use: Option<bool> = sqlx::query_scalar(
-            "SELECT in_use FROM templates WHERE account = ?1 AND template_id = ?2",
-        )
-        .bind(account)
-        .bind(template_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let (mut tx, was_in_use) = self.change_template(account, template_id).await?;
         sqlx::query(
             "INSERT INTO templates (account, template_id, in_use, note) VALUES (?1, ?2, 0, ?3)
              ON CONFLICT (account, template_id) DO UPDATE SET in_use = 0, note = excluded.note",

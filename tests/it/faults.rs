@@ -11,7 +11,7 @@ use sqlx::{Connection, SqliteConnection};
 use wechat_outbox::simulator::{CallbackTarget, Faults, SimSettings};
 use wechat_outbox::wechat::crypto::signature;
 
-use crate::helpers::{AppDb, Backend, Process, Row, Sim, TestDb, assert_each_sent_once};
+use crate::helpers::{AppDb, Backend, Process, Row, Sim, TestDb, assert_each_sent_once, slow_sim};
 use crate::on_both_backends;
 
 /// `short` in CI, `long` for soak runs.
@@ -95,14 +95,7 @@ fn daemon_config(db: &TestDb, sim: &Sim, extra: &str) -> String {
 /// kill -9 at random moments under load, many times in a row, with restarts.
 async fn kill_9_at_random_moments(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings {
-        faults: Faults {
-            delay_ms: 5,
-            ..Faults::default()
-        },
-        ..SimSettings::default()
-    })
-    .await;
+    let sim = Sim::start(slow_sim(5)).await;
     let config = daemon_config(&db, &sim, "");
     db.app.insert_good(scale(400, 5000), "kill").await;
     for _ in 0..scale(6, 60) {
@@ -132,14 +125,7 @@ on_both_backends!(kill_9_at_random_moments);
 /// Three daemons on one database, one killed and restarted repeatedly: no double sends.
 async fn three_daemons_one_killed_repeatedly(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings {
-        faults: Faults {
-            delay_ms: 3,
-            ..Faults::default()
-        },
-        ..SimSettings::default()
-    })
-    .await;
+    let sim = Sim::start(slow_sim(3)).await;
     let config = daemon_config(&db, &sim, "");
     let steady = [
         Process::start(&config, &["run"]),
@@ -291,14 +277,7 @@ on_both_backends!(bad_rows_among_good_ones);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_killed_mid_run() {
     let db = TestDb::new(Backend::Postgres).await;
-    let sim = Sim::start(SimSettings {
-        faults: Faults {
-            delay_ms: 5,
-            ..Faults::default()
-        },
-        ..SimSettings::default()
-    })
-    .await;
+    let sim = Sim::start(slow_sim(5)).await;
     let mut daemon = Process::start(&daemon_config(&db, &sim, ""), &["run"]);
     db.app.insert_good(scale(500, 5000), "kill").await;
     let AppDb::Postgres(pool) = &db.app else {
@@ -337,14 +316,7 @@ async fn postgres_connections_killed_mid_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_read_only_for_a_moment() {
     let db = TestDb::new(Backend::Postgres).await;
-    let sim = Sim::start(SimSettings {
-        faults: Faults {
-            delay_ms: 5,
-            ..Faults::default()
-        },
-        ..SimSettings::default()
-    })
-    .await;
+    let sim = Sim::start(slow_sim(5)).await;
     let mut daemon = Process::start(&daemon_config(&db, &sim, ""), &["run"]);
     db.app.insert_good(200, "before").await;
     // Mid-run: the daemon is up and sending.
@@ -423,14 +395,7 @@ async fn wait_or_show_log(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_locked_by_another_writer() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let sim = Sim::start(SimSettings {
-        faults: Faults {
-            delay_ms: 5,
-            ..Faults::default()
-        },
-        ..SimSettings::default()
-    })
-    .await;
+    let sim = Sim::start(slow_sim(5)).await;
     let mut daemon = Process::start(
         &daemon_config(&db, &sim, "[database]\nbusy_timeout_ms = 1000"),
         &["run"],

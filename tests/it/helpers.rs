@@ -314,6 +314,17 @@ impl Drop for TestDb {
     }
 }
 
+/// Simulator settings that answer every send after `delay_ms`.
+pub fn slow_sim(delay_ms: u64) -> SimSettings {
+    SimSettings {
+        faults: wechat_outbox::simulator::Faults {
+            delay_ms,
+            ..Default::default()
+        },
+        ..SimSettings::default()
+    }
+}
+
 /// A simulator on a free port, stopped when dropped.
 pub struct Sim {
     pub sim: Arc<Simulator>,

@@ -5,18 +5,8 @@ use std::time::Duration;
 
 use wechat_outbox::simulator::{Faults, SimSettings};
 
-use crate::helpers::{Backend, Process, Sim, TestDb, assert_each_sent_once};
+use crate::helpers::{Backend, Process, Sim, TestDb, assert_each_sent_once, slow_sim};
 use crate::on_both_backends;
-
-fn slow_sim(delay_ms: u64) -> SimSettings {
-    SimSettings {
-        faults: Faults {
-            delay_ms,
-            ..Faults::default()
-        },
-        ..SimSettings::default()
-    }
-}
 
 async fn kill_9_mid_run_then_restart_sends_each_row_once(backend: Backend) {
     let db = TestDb::new(backend).await;
