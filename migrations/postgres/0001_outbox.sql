@@ -19,8 +19,10 @@ CREATE TABLE outbox (
     status           TEXT        NOT NULL DEFAULT 'pending',
     attempts         INTEGER     NOT NULL DEFAULT 0,
     next_attempt_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
-    first_attempt_at TIMESTAMPTZ,
     in_doubt         BOOLEAN     NOT NULL DEFAULT false,
+    -- When the first attempt that may have reached WeChat began: the start of its
+    -- client_msg_id de-duplication window. NULL while nothing is in doubt.
+    in_doubt_since   TIMESTAMPTZ,
     last_errcode     INTEGER,
     last_error       TEXT,
     msgid            BIGINT,
@@ -46,7 +48,7 @@ CREATE INDEX outbox_claim ON outbox (priority DESC, next_attempt_at, id) WHERE s
 CREATE INDEX outbox_leases ON outbox (lease_expires_at) WHERE status = 'sending';
 CREATE INDEX outbox_expiry ON outbox (expires_at)
     WHERE status = 'pending' AND expires_at IS NOT NULL;
-CREATE INDEX outbox_in_doubt ON outbox (first_attempt_at) WHERE status = 'pending' AND in_doubt;
+CREATE INDEX outbox_in_doubt ON outbox (in_doubt_since) WHERE status = 'pending' AND in_doubt;
 
 -- Wake the daemons when rows arrive: once per statement, not per row, so a bulk insert costs
 -- one notification. The payload names the schema, as several outboxes may share a database.

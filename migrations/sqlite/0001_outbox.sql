@@ -22,8 +22,10 @@ CREATE TABLE outbox (
     status           TEXT    NOT NULL DEFAULT 'pending',
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
-    first_attempt_at TEXT,
     in_doubt         INTEGER NOT NULL DEFAULT 0,
+    -- When the first attempt that may have reached WeChat began: the start of its
+    -- client_msg_id de-duplication window. NULL while nothing is in doubt.
+    in_doubt_since   TEXT,
     last_errcode     INTEGER,
     last_error       TEXT,
     msgid            INTEGER,
@@ -59,7 +61,7 @@ CREATE INDEX outbox_claim ON outbox (priority DESC, next_attempt_at, id) WHERE s
 CREATE INDEX outbox_leases ON outbox (lease_expires_at) WHERE status = 'sending';
 CREATE INDEX outbox_expiry ON outbox (expires_at)
     WHERE status = 'pending' AND expires_at IS NOT NULL;
-CREATE INDEX outbox_in_doubt ON outbox (first_attempt_at) WHERE status = 'pending' AND in_doubt = 1;
+CREATE INDEX outbox_in_doubt ON outbox (in_doubt_since) WHERE status = 'pending' AND in_doubt = 1;
 
 -- Times written by apps: refuse what SQLite cannot read as a time, like Postgres does...
 CREATE TRIGGER outbox_times_valid_insert BEFORE INSERT ON outbox

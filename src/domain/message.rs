@@ -26,7 +26,8 @@ pub struct RawMessage {
     pub expires_at: Option<DateTime<Utc>>,
     /// Attempts including the one just claimed.
     pub attempts: i32,
-    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// When the first attempt that may have reached WeChat began (its window's start).
+    pub in_doubt_since: Option<DateTime<Utc>>,
     /// An earlier attempt may have reached WeChat (timeout, crash mid-flight).
     pub in_doubt: bool,
     /// A column the store could not read at all (for example text that is not UTF-8).

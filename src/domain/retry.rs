@@ -54,7 +54,7 @@ impl RetryPolicy {
     pub fn after_failure(
         &self,
         attempts: u32,
-        first_attempt_at: DateTime<Utc>,
+        doubt_since: DateTime<Utc>,
         in_doubt: bool,
         now: DateTime<Utc>,
     ) -> RetryDecision {
@@ -66,16 +66,17 @@ impl RetryPolicy {
             };
         }
         let at = now + self.delay(attempts);
-        if in_doubt && !self.resend_is_safe(first_attempt_at, at) {
+        if in_doubt && !self.resend_is_safe(doubt_since, at) {
             return RetryDecision::Unknown;
         }
         RetryDecision::RetryAt(at)
     }
 
-    /// Whether a resend at `at` of a request first sent at `first_attempt_at` is still covered by
+    /// Whether a resend at `at` of a request that may have arrived, sent in an attempt begun at
+    /// `doubt_since`, is still covered by
     /// WeChat's `client_msg_id` de-duplication (or the operator chose to resend regardless).
-    pub fn resend_is_safe(&self, first_attempt_at: DateTime<Utc>, at: DateTime<Utc>) -> bool {
-        self.in_doubt == InDoubtPolicy::Resend || at - first_attempt_at < self.window()
+    pub fn resend_is_safe(&self, doubt_since: DateTime<Utc>, at: DateTime<Utc>) -> bool {
+        self.in_doubt == InDoubtPolicy::Resend || at - doubt_since < self.window()
     }
 
     pub fn window(&self) -> chrono::Duration {

@@ -307,15 +307,18 @@ impl Store {
     }
 
     /// Writes an attempt's outcome if `owner` still holds the row's lease; false if it does not.
+    /// `attempt_began` is when this attempt was claimed: if the outcome leaves the row in doubt
+    /// for the first time, its de-duplication window started then.
     pub async fn finish(
         &self,
         owner: &str,
         id: i64,
         outcome: &Outcome,
         now: DateTime<Utc>,
+        attempt_began: DateTime<Utc>,
     ) -> StoreResult<bool> {
         let columns = outcome.columns(now);
-        on_backend!(self, s => s.finish(owner, id, &columns, now).await)
+        on_backend!(self, s => s.finish(owner, id, &columns, now, attempt_began).await)
     }
 
     /// Extends the lease of a row `owner` still holds; false if it no longer does.

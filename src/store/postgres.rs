@@ -67,7 +67,7 @@ impl PostgresStore {
         let rows = sqlx::query(
             "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
                     attempts = o.attempts + 1,
-                    first_attempt_at = COALESCE(o.first_attempt_at, $3), updated_at = $3
+                    updated_at = $3
              FROM (
                 SELECT id FROM outbox
                 WHERE status = 'pending' AND next_attempt_at <= $3
@@ -79,7 +79,7 @@ impl PostgresStore {
                 FOR UPDATE SKIP LOCKED) AS due
              WHERE o.id = due.id
              RETURNING o.id, o.account, o.touser, o.template_id, o.data, o.url, o.miniprogram,
-                o.client_msg_id, o.expires_at, o.attempts, o.first_attempt_at, o.in_doubt,
+                o.client_msg_id, o.expires_at, o.attempts, o.in_doubt_since, o.in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
                         WHERE s.account = o.account AND s.openid = o.touser) AS suppressed,
                 o.quota_month, o.quota_day,
@@ -103,13 +103,15 @@ impl PostgresStore {
         id: i64,
         c: &OutcomeColumns,
         now: DateTime<Utc>,
+        attempt_began: DateTime<Utc>,
     ) -> StoreResult<bool> {
         let done = sqlx::query(
             "UPDATE outbox SET status = $1, msgid = COALESCE($2, msgid),
                     sent_at = CASE WHEN $3 THEN $9 ELSE sent_at END,
                     next_attempt_at = COALESCE($4, next_attempt_at), last_errcode = $5,
                     last_error = $6, in_doubt = $7, attempts = attempts - $8,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $9, held_for = $12
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $9, held_for = $12,
+                    in_doubt_since = CASE WHEN $7 THEN COALESCE(in_doubt_since, $13) END
              WHERE id = $10 AND status = 'sending' AND lease_owner = $11",
         )
         .bind(c.status.as_str())
@@ -124,6 +126,7 @@ impl PostgresStore {
         .bind(id)
         .bind(owner)
         .bind(c.held_for.map(|h| h.as_str()))
+        .bind(attempt_began)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -149,7 +152,8 @@ impl PostgresStore {
 
     pub(super) async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(
-            "UPDATE outbox SET status = 'pending', in_doubt = true, lease_owner = NULL,
+            "UPDATE outbox SET status = 'pending', in_doubt = true,
+                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
              WHERE status = 'sending' AND lease_expires_at < $1",
         )
@@ -162,7 +166,8 @@ impl PostgresStore {
 
     pub(super) async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(
-            "UPDATE outbox SET status = 'pending', in_doubt = true, lease_owner = NULL,
+            "UPDATE outbox SET status = 'pending', in_doubt = true,
+                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
              WHERE status = 'sending' AND lease_owner = $3",
         )
@@ -193,7 +198,7 @@ impl PostgresStore {
     ) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE outbox SET status = 'unknown', last_error = $3, updated_at = $1
-             WHERE status = 'pending' AND in_doubt AND first_attempt_at <= $2",
+             WHERE status = 'pending' AND in_doubt AND in_doubt_since <= $2",
         )
         .bind(now)
         .bind(first_attempt_before)
@@ -721,7 +726,7 @@ fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
         client_msg_id,
         expires_at: row.try_get("expires_at")?,
         attempts: row.try_get("attempts")?,
-        first_attempt_at: row.try_get("first_attempt_at")?,
+        in_doubt_since: row.try_get("in_doubt_since")?,
         in_doubt: row.try_get("in_doubt")?,
         unreadable,
         suppressed: row.try_get("suppressed")?,

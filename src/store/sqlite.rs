@@ -88,7 +88,7 @@ impl SqliteStore {
         // the claim of the others: it is failed with a reason instead.
         let rows = sqlx::query(
             "UPDATE outbox SET status = 'sending', lease_owner = ?1, lease_expires_at = ?2,
-                    attempts = attempts + 1, first_attempt_at = COALESCE(first_attempt_at, ?3),
+                    attempts = attempts + 1,
                     updated_at = ?3
              WHERE id IN (
                 SELECT id FROM outbox
@@ -102,7 +102,7 @@ impl SqliteStore {
                 CAST(template_id AS BLOB) AS template_id, CAST(data AS BLOB) AS data,
                 CAST(url AS BLOB) AS url, CAST(miniprogram AS BLOB) AS miniprogram,
                 CAST(client_msg_id AS BLOB) AS client_msg_id, expires_at, attempts,
-                first_attempt_at, in_doubt,
+                in_doubt_since, in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
                         WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed,
                 quota_month, quota_day,
@@ -127,6 +127,7 @@ impl SqliteStore {
         id: i64,
         c: &OutcomeColumns,
         now: DateTime<Utc>,
+        attempt_began: DateTime<Utc>,
     ) -> StoreResult<bool> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let done = sqlx::query(
@@ -134,7 +135,8 @@ impl SqliteStore {
                     sent_at = CASE WHEN ?3 THEN ?9 ELSE sent_at END,
                     next_attempt_at = COALESCE(?4, next_attempt_at), last_errcode = ?5,
                     last_error = ?6, in_doubt = ?7, attempts = attempts - ?8,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?9, held_for = ?12
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?9, held_for = ?12,
+                    in_doubt_since = CASE WHEN ?7 THEN COALESCE(in_doubt_since, ?13) END
              WHERE id = ?10 AND status = 'sending' AND lease_owner = ?11",
         )
         .bind(c.status.as_str())
@@ -149,6 +151,7 @@ impl SqliteStore {
         .bind(id)
         .bind(owner)
         .bind(c.held_for.map(|h| h.as_str()))
+        .bind(ts(attempt_began))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -175,7 +178,8 @@ impl SqliteStore {
 
     pub(super) async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(
-            "UPDATE outbox SET status = 'pending', in_doubt = 1, lease_owner = NULL,
+            "UPDATE outbox SET status = 'pending', in_doubt = 1,
+                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = ?1, last_error = ?2, updated_at = ?1
              WHERE status = 'sending' AND lease_expires_at < ?1",
         )
@@ -188,7 +192,8 @@ impl SqliteStore {
 
     pub(super) async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(
-            "UPDATE outbox SET status = 'pending', in_doubt = 1, lease_owner = NULL,
+            "UPDATE outbox SET status = 'pending', in_doubt = 1,
+                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = ?1, last_error = ?2, updated_at = ?1
              WHERE status = 'sending' AND lease_owner = ?3",
         )
@@ -219,7 +224,7 @@ impl SqliteStore {
     ) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE outbox SET status = 'unknown', last_error = ?3, updated_at = ?1
-             WHERE status = 'pending' AND in_doubt = 1 AND first_attempt_at <= ?2",
+             WHERE status = 'pending' AND in_doubt = 1 AND in_doubt_since <= ?2",
         )
         .bind(ts(now))
         .bind(ts(first_attempt_before))
@@ -747,7 +752,7 @@ fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
         client_msg_id,
         expires_at: time("expires_at")?,
         attempts: row.try_get("attempts")?,
-        first_attempt_at: time("first_attempt_at")?,
+        in_doubt_since: time("in_doubt_since")?,
         in_doubt: row.try_get("in_doubt")?,
         unreadable,
         suppressed: row.try_get("suppressed")?,

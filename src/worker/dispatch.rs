@@ -58,17 +58,17 @@ impl Dispatcher {
         started: Arc<AtomicBool>,
     ) {
         let outcome = self.attempt(&raw, claimed_at, &started).await;
-        self.record(raw.id, outcome).await;
+        self.record(raw.id, outcome, claimed_at).await;
     }
 
     /// Writes the outcome, retrying while the database is unreachable: the lease keeps the row
     /// ours for a while, and after that the rescuer hands it on, so nothing is lost either way.
-    pub async fn record(&self, id: i64, outcome: Outcome) {
+    pub async fn record(&self, id: i64, outcome: Outcome, attempt_began: DateTime<Utc>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self
                 .store
-                .finish(&self.owner, id, &outcome, self.clock.now())
+                .finish(&self.owner, id, &outcome, self.clock.now(), attempt_began)
                 .await
             {
                 Ok(true) => {
@@ -134,8 +134,9 @@ impl Dispatcher {
                 reason: crate::store::EXPIRED.into(),
             };
         }
-        let first_attempt_at = raw.first_attempt_at.unwrap_or(claimed_at);
-        if raw.in_doubt && !self.retry.resend_is_safe(first_attempt_at, now) {
+        // Doubt that arises in this attempt began when it was claimed.
+        let doubt_since = raw.in_doubt_since.unwrap_or(claimed_at);
+        if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, now) {
             return Outcome::Unknown {
                 errcode: None,
                 reason: crate::store::GAVE_UP_IN_DOUBT.into(),
@@ -150,7 +151,7 @@ impl Dispatcher {
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
             return lost;
         }
-        let sent = self.send(raw, &message, first_attempt_at, started).await;
+        let sent = self.send(raw, &message, doubt_since, started).await;
         if sent.refused {
             self.uncount(raw, &message.template_id, &counted).await;
         }
@@ -162,7 +163,7 @@ impl Dispatcher {
         &self,
         raw: &RawMessage,
         message: &TemplateMessage,
-        first_attempt_at: DateTime<Utc>,
+        doubt_since: DateTime<Utc>,
         started: &AtomicBool,
     ) -> Sent {
         let mut in_doubt = raw.in_doubt;
@@ -171,7 +172,7 @@ impl Dispatcher {
                 Ok(token) => token,
                 Err(e) => {
                     let outcome =
-                        self.retry_later(raw, first_attempt_at, None, format!("{e:#}"), in_doubt);
+                        self.retry_later(raw, doubt_since, None, format!("{e:#}"), in_doubt);
                     return Sent {
                         outcome,
                         refused: false,
@@ -184,7 +185,7 @@ impl Dispatcher {
                 Err(e) => {
                     // It may have been accepted: keep it counted.
                     in_doubt |= e.may_have_reached;
-                    let outcome = self.retry_later(raw, first_attempt_at, None, e.detail, in_doubt);
+                    let outcome = self.retry_later(raw, doubt_since, None, e.detail, in_doubt);
                     return Sent {
                         outcome,
                         refused: false,
@@ -197,14 +198,12 @@ impl Dispatcher {
                 continue;
             }
             let refused = reply.errcode != 0;
-            let outcome = self
-                .judge(raw, message, first_attempt_at, reply, in_doubt)
-                .await;
+            let outcome = self.judge(raw, message, doubt_since, reply, in_doubt).await;
             return Sent { outcome, refused };
         }
         let reason = "the access token was rejected again after refreshing".to_string();
         Sent {
-            outcome: self.retry_later(raw, first_attempt_at, Some(40001), reason, in_doubt),
+            outcome: self.retry_later(raw, doubt_since, Some(40001), reason, in_doubt),
             refused: true,
         }
     }
@@ -221,7 +220,7 @@ impl Dispatcher {
         &self,
         raw: &RawMessage,
         message: &TemplateMessage,
-        first_attempt_at: DateTime<Utc>,
+        doubt_since: DateTime<Utc>,
         reply: ApiReply,
         in_doubt: bool,
     ) -> Outcome {
@@ -235,7 +234,7 @@ impl Dispatcher {
             // Accepted without a msgid still went out; only its delivery event cannot be joined.
             ErrcodeClass::Accepted => Outcome::Sent { msgid },
             ErrcodeClass::Transient | ErrcodeClass::TokenRejected => {
-                self.retry_later(raw, first_attempt_at, Some(errcode), described, in_doubt)
+                self.retry_later(raw, doubt_since, Some(errcode), described, in_doubt)
             }
             ErrcodeClass::Permanent => {
                 if errcode == 40037 {
@@ -287,7 +286,7 @@ impl Dispatcher {
     fn retry_later(
         &self,
         raw: &RawMessage,
-        first_attempt_at: DateTime<Utc>,
+        doubt_since: DateTime<Utc>,
         errcode: Option<i64>,
         reason: String,
         in_doubt: bool,
@@ -295,7 +294,7 @@ impl Dispatcher {
         let attempts = raw.attempts.max(1) as u32;
         match self
             .retry
-            .after_failure(attempts, first_attempt_at, in_doubt, self.clock.now())
+            .after_failure(attempts, doubt_since, in_doubt, self.clock.now())
         {
             RetryDecision::RetryAt(at) => Outcome::Retry {
                 at,

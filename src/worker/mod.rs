@@ -145,7 +145,7 @@ impl Pool {
                         _ = hard_stop.cancelled() => {
                             let in_doubt = started.load(std::sync::atomic::Ordering::SeqCst);
                             let reason = if in_doubt { crate::store::RELEASED_AT_SHUTDOWN } else { "released at shutdown before it was sent" };
-                            dispatcher.record(id, Outcome::Release { errcode: None, reason: reason.into(), in_doubt }).await;
+                            dispatcher.record(id, Outcome::Release { errcode: None, reason: reason.into(), in_doubt }, now).await;
                         }
                     }
                 });

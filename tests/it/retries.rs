@@ -214,3 +214,38 @@ async fn permanent_errcodes_fail_the_row_with_errcode_and_errmsg(backend: Backen
     assert_eq!(retired, 1);
 }
 on_both_backends!(permanent_errcodes_fail_the_row_with_errcode_and_errmsg);
+
+/// The de-duplication window runs from the attempt that may have reached WeChat, not from the
+/// row's first attempt: a row refused with -1 for longer than the window, whose next request
+/// then times out, is still resent safely before it is given up as unknown.
+async fn the_window_starts_at_the_doubtful_attempt(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(sim_with(Faults {
+        busy_rate: 1.0,
+        ..Faults::default()
+    }))
+    .await;
+    let config = db.config(
+        &sim.url(),
+        "[api]\ntimeout_ms = 200\n[retry]\ndedup_window_secs = 2\nbase_delay_ms = 100\nmax_delay_secs = 1\nmax_attempts = 100",
+    );
+    let daemon = Daemon::start(config).await;
+    db.app.insert_good(1, "late").await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // busy for longer than the window
+    sim.sim.set_faults(Faults {
+        hang_rate: 1.0,
+        ..Faults::default()
+    });
+    let attempts_before = db.app.rows().await[0].attempts;
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    daemon.stop().await;
+    assert_eq!(rows[0].status, "unknown", "{rows:#?}");
+    assert!(
+        rows[0].attempts >= attempts_before + 2,
+        "resent inside the window that began with the first doubtful request: {} then {}",
+        attempts_before,
+        rows[0].attempts
+    );
+    assert_eq!(sim.sim.stats().delivered, 1);
+}
+on_both_backends!(the_window_starts_at_the_doubtful_attempt);
