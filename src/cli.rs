@@ -32,6 +32,18 @@ pub enum Command {
     Templates(TemplatesArgs),
     /// Quota used, limit and remaining per account and template, this month and today.
     Quota(ConfigArg),
+    /// Print a report view: status, daily, errors, latency, stuck (docs/reports.md).
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// status, daily, errors, latency or stuck.
+    pub name: String,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: crate::report::Format,
 }
 
 #[derive(Debug, Args)]

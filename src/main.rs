@@ -7,7 +7,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use wechat_outbox::cli::{Cli, Command};
 use wechat_outbox::config::Config;
-use wechat_outbox::{admin, app, demo, simulator, telemetry};
+use wechat_outbox::{admin, app, demo, report, simulator, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -100,5 +100,13 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args.dir).await,
         Command::Templates(args) => admin::templates(args.action).await,
         Command::Quota(args) => admin::quota(&Config::load(&args.config)?).await,
+        Command::Report(args) => {
+            let config = Config::load(&args.config.config)?;
+            let store = wechat_outbox::store::Store::connect(&config).await?;
+            store.migrate().await?;
+            let report = report::read(&store, &args.name).await?;
+            print!("{}", report::render(&report, args.format));
+            Ok(())
+        }
     }
 }

@@ -481,6 +481,25 @@ impl Store {
         on_backend!(self, s => s.remove_daemon(owner).await)
     }
 
+    /// Reads a report view, each value as JSON; `view` and `order` come from `report::REPORTS`.
+    pub async fn read_view(&self, view: &str, order: &str) -> StoreResult<crate::report::Report> {
+        let sql = format!("SELECT * FROM {view} ORDER BY {order}");
+        match self {
+            Store::Sqlite(s) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(s.pool())
+                    .await?;
+                Ok(report_from(&rows))
+            }
+            Store::Postgres(s) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(s.pool())
+                    .await?;
+                Ok(report_from(&rows))
+            }
+        }
+    }
+
     /// Rows per status, for the CLI and the demo.
     pub async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {
         on_backend!(self, s => s.status_counts().await)
@@ -495,6 +514,47 @@ impl Store {
     pub async fn close(&self) {
         on_backend!(self, s => s.close().await)
     }
+}
+
+/// Turns rows of any shape into JSON values, trying the types the report views produce.
+fn report_from<R: sqlx::Row>(rows: &[R]) -> crate::report::Report
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    use serde_json::Value;
+    use sqlx::Column;
+    let columns = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    let value = |row: &R, i: usize| -> Value {
+        if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+            return v.map_or(Value::Null, Value::from);
+        }
+        if let Ok(v) = row.try_get::<Option<i32>, _>(i) {
+            return v.map_or(Value::Null, Value::from);
+        }
+        if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
+            return v.map_or(Value::Null, Value::from);
+        }
+        if let Ok(v) = row.try_get::<Option<DateTime<Utc>>, _>(i) {
+            return v.map_or(Value::Null, |t| Value::from(t.to_rfc3339()));
+        }
+        row.try_get::<Option<String>, _>(i)
+            .ok()
+            .flatten()
+            .map_or(Value::Null, Value::from)
+    };
+    let rows = rows
+        .iter()
+        .map(|row| (0..row.columns().len()).map(|i| value(row, i)).collect())
+        .collect();
+    crate::report::Report { columns, rows }
 }
 
 /// Reads an app-written text column that the backend returned as bytes, noting (instead of

@@ -11,5 +11,6 @@ mod limits;
 mod limits_of_input;
 mod pipeline;
 mod processes;
+mod reports;
 mod retries;
 mod simulator_pushes;

@@ -1,0 +1,254 @@
+//! The report views return the right figures for a fixture with known counts, on both
+//! backends, through `wechat-outbox report NAME --format json`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{AppDb, Backend, Process, TestDb};
+use crate::on_both_backends;
+
+/// Ten rows of TA in every state, inserted three hours ago with known seconds from insert to
+/// sent and from sent to delivered, and two TB rows inserted and sent just now.
+async fn insert_fixture(app: &AppDb) {
+    let at = |seconds_from_insert: i64| app.now_plus(-3 * 3600 + seconds_from_insert);
+    let created = at(0);
+    // template, touser, status, sent_at, delivered_at, last_errcode, last_error, next_attempt_at, lease_expires_at
+    let row = |t: &str,
+               user: String,
+               status: &str,
+               sent: String,
+               delivered: String,
+               errcode: &str,
+               error: &str,
+               next: String,
+               lease: String| {
+        format!(
+            "('{t}', '{user}', '{status}', {created}, {sent}, {delivered}, {errcode}, {error}, {next}, {lease})"
+        )
+    };
+    let null = || "NULL".to_string();
+    let mut rows = Vec::new();
+    for (i, (status, to_sent, to_delivered)) in [
+        ("delivered", 1, 10),
+        ("delivered", 2, 20),
+        ("delivered", 3, 30),
+        ("blocked", 4, 40),
+        ("undelivered", 5, 50),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        rows.push(row(
+            "TA",
+            format!("oR{i}"),
+            status,
+            at(to_sent),
+            at(to_sent + to_delivered),
+            "NULL",
+            "NULL",
+            created.clone(),
+            null(),
+        ));
+    }
+    rows.push(row(
+        "TA",
+        "oR5".into(),
+        "sent",
+        at(3600),
+        null(),
+        "NULL",
+        "NULL",
+        created.clone(),
+        null(),
+    ));
+    for i in 6..8 {
+        rows.push(row(
+            "TA",
+            format!("oR{i}"),
+            "failed",
+            null(),
+            null(),
+            "40003",
+            "'errcode 40003: invalid openid'",
+            created.clone(),
+            null(),
+        ));
+    }
+    rows.push(row(
+        "TA",
+        "oR8".into(),
+        "pending",
+        null(),
+        null(),
+        "NULL",
+        "NULL",
+        at(60),
+        null(),
+    ));
+    rows.push(row(
+        "TA",
+        "oR9".into(),
+        "sending",
+        null(),
+        null(),
+        "NULL",
+        "NULL",
+        created.clone(),
+        at(120),
+    ));
+    app.exec(&format!(
+        "INSERT INTO outbox (template_id, touser, status, created_at, sent_at, delivered_at, last_errcode, last_error, next_attempt_at, lease_expires_at) VALUES {}",
+        rows.join(",")
+    ))
+    .await
+    .unwrap();
+    let (just_now, a_second_later) = (app.now_plus(-2), app.now_plus(-1));
+    app.exec(&format!(
+        "INSERT INTO outbox (template_id, touser, status, created_at, sent_at) VALUES ('TB', 'oS0', 'sent', {just_now}, {a_second_later}), ('TB', 'oS1', 'sent', {just_now}, {a_second_later})"
+    ))
+    .await
+    .unwrap();
+}
+
+async fn report(db: &TestDb, name: &str) -> Vec<Value> {
+    let mut process = Process::start(
+        &db.config_toml("http://127.0.0.1:9", ""),
+        &["report", name, "--format", "json"],
+    );
+    assert_eq!(
+        process.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0),
+        "{}",
+        process.stderr()
+    );
+    serde_json::from_str::<Value>(&process.stdout())
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn pick<'a>(rows: &'a [Value], key: &str, value: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r[key] == value)
+        .unwrap_or_else(|| panic!("no {key} = {value} in {rows:#?}"))
+}
+
+fn close(value: &Value, expected: f64) -> bool {
+    value.as_f64().is_some_and(|v| (v - expected).abs() < 0.01)
+}
+
+async fn the_reports_count_a_known_fixture(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    insert_fixture(&db.app).await;
+
+    let status = report(&db, "status").await;
+    let count = |template: &str, status_name: &str| {
+        status
+            .iter()
+            .find(|r| r["template_id"] == template && r["status"] == status_name)
+            .map(|r| r["row_count"].as_i64().unwrap())
+    };
+    assert_eq!(
+        [
+            count("TA", "delivered"),
+            count("TA", "blocked"),
+            count("TA", "undelivered"),
+            count("TA", "failed"),
+            count("TA", "pending"),
+            count("TA", "sending"),
+            count("TA", "sent"),
+            count("TB", "sent")
+        ],
+        [
+            Some(3),
+            Some(1),
+            Some(1),
+            Some(2),
+            Some(1),
+            Some(1),
+            Some(1),
+            Some(2)
+        ]
+    );
+
+    let daily = report(&db, "daily").await;
+    let ta = pick(&daily, "template_id", "TA");
+    let beijing_day = (chrono::Utc::now() - chrono::Duration::hours(3)
+        + chrono::Duration::hours(8))
+    .format("%Y-%m-%d")
+    .to_string();
+    assert_eq!(ta["day"], beijing_day.as_str());
+    assert_eq!(
+        [
+            &ta["queued"],
+            &ta["sent"],
+            &ta["delivered"],
+            &ta["blocked"],
+            &ta["undelivered"],
+            &ta["failed"]
+        ],
+        [10, 6, 3, 1, 1, 2]
+    );
+    assert!(close(&ta["delivery_rate"], 0.6), "{ta}");
+    assert_eq!(
+        pick(&daily, "template_id", "TB")["delivery_rate"],
+        Value::Null
+    );
+
+    let errors = report(&db, "errors").await;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!([&errors[0]["errcode"], &errors[0]["row_count"]], [40003, 2]);
+    assert_eq!(errors[0]["error"], "errcode 40003: invalid openid");
+
+    let stuck = report(&db, "stuck").await;
+    let mut why: Vec<&str> = stuck.iter().map(|r| r["why"].as_str().unwrap()).collect();
+    why.sort();
+    assert_eq!(
+        why,
+        [
+            "pending 5 minutes past next_attempt_at",
+            "sending past its lease",
+            "sent over an hour ago without a delivery event"
+        ]
+    );
+
+    let latency = report(&db, "latency").await;
+    let ta = pick(&latency, "template_id", "TA");
+    assert_eq!([&ta["sent_rows"], &ta["delivered_rows"]], [6, 5]);
+    for (key, expected) in [
+        ("mean_to_sent_secs", 602.5),
+        ("p50_to_sent_secs", 3.0),
+        ("p95_to_sent_secs", 3600.0),
+        ("mean_to_delivered_secs", 30.0),
+        ("p50_to_delivered_secs", 30.0),
+        ("p95_to_delivered_secs", 50.0),
+    ] {
+        assert!(
+            close(&ta[key], expected),
+            "{key}: {} expected {expected}",
+            ta[key]
+        );
+    }
+    let tb = pick(&latency, "template_id", "TB");
+    assert!(
+        close(&tb["p50_to_sent_secs"], 1.0) && tb["p50_to_delivered_secs"].is_null(),
+        "{tb}"
+    );
+
+    let mut unknown = Process::start(
+        &db.config_toml("http://127.0.0.1:9", ""),
+        &["report", "nonsense"],
+    );
+    assert_eq!(
+        unknown.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(1)
+    );
+    assert!(
+        unknown
+            .stderr()
+            .contains("the reports are: status, daily, errors, latency, stuck")
+    );
+}
+on_both_backends!(the_reports_count_a_known_fixture);
