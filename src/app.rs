@@ -14,10 +14,10 @@ use crate::callback::{self, CallbackState};
 use crate::config::Config;
 use crate::domain::clock::Clock;
 use crate::store::Store;
-use crate::templates;
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
 use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings, rate};
+use crate::{retention, templates};
 
 /// A started daemon.
 pub struct Running {
@@ -73,6 +73,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         names,
         clock.clone(),
         Duration::from_secs(config.templates.sync_interval_secs),
+        shutdown.clone(),
+    ));
+    let pruner = tokio::spawn(retention::prune_loop(
+        store.clone(),
+        config.retention.clone(),
+        clock.clone(),
         shutdown.clone(),
     ));
     let rate_share = tokio::spawn(rate::share_rate(
@@ -143,6 +149,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         let _ = joiner.await;
         let _ = template_sync.await;
         let _ = rate_share.await;
+        let _ = pruner.await;
         if let Some((_, task)) = callback {
             let _ = task.await;
         }

@@ -32,6 +32,8 @@ pub enum Command {
     Templates(TemplatesArgs),
     /// Quota used, limit and remaining per account and template, this month and today.
     Quota(ConfigArg),
+    /// Delete terminal rows and stored pushes older than retention.keep_days, now.
+    Prune(ConfigArg),
     /// Print a report view: status, daily, errors, latency, stuck (docs/reports.md).
     Report(ReportArgs),
 }

@@ -40,6 +40,8 @@ pub struct Config {
     #[serde(default)]
     pub templates: TemplateSettings,
     #[serde(default)]
+    pub retention: RetentionSettings,
+    #[serde(default)]
     pub callback: CallbackSettings,
     #[serde(default)]
     pub accounts: Vec<AccountSettings>,
@@ -190,6 +192,27 @@ impl Default for TemplateSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Terminal rows and stored pushes older than this are deleted.
+    pub keep_days: u32,
+    /// Rows deleted per statement, so that pruning never holds a long lock.
+    pub batch_size: u32,
+    /// How often the daemon prunes.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            keep_days: 90,
+            batch_size: 1000,
+            interval_secs: 3600,
+        }
+    }
+}
+
 /// One account's limits, after per-account overrides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -336,6 +359,9 @@ impl Config {
             self.templates.sync_interval_secs,
         )?;
         self.timezone()?;
+        positive("retention.keep_days", self.retention.keep_days as u64)?;
+        positive("retention.batch_size", self.retention.batch_size as u64)?;
+        positive("retention.interval_secs", self.retention.interval_secs)?;
         // A lease must outlive the HTTP call it covers, or another daemon could rescue a row
         // that is still in flight.
         if self.workers.lease_secs * 1000 < self.api.timeout_ms * 2 {

@@ -11,7 +11,7 @@
 //! - [`templates`]: syncing WeChat's template list into the `templates` table.
 //! - [`app`]: wiring and shutdown; [`admin`]: the operator's `templates` and `quota` commands.
 //! - [`simulator`]: a WeChat stand-in for tests and staging.
-//! - [`report`]: the operators' report views, printed.
+//! - [`report`]: the operators' report views, printed; [`retention`]: pruning old rows.
 //! - [`demo`]: the README's first command.
 #![forbid(unsafe_code)]
 
@@ -23,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod report;
+pub mod retention;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;

@@ -100,6 +100,19 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args.dir).await,
         Command::Templates(args) => admin::templates(args.action).await,
         Command::Quota(args) => admin::quota(&Config::load(&args.config)?).await,
+        Command::Prune(args) => {
+            let config = Config::load(&args.config)?;
+            let store = wechat_outbox::store::Store::connect(&config).await?;
+            store.migrate().await?;
+            let clock = wechat_outbox::domain::clock::Clock::default();
+            let (rows, pushes) =
+                wechat_outbox::retention::prune_due(&store, &config.retention, &clock).await?;
+            println!(
+                "deleted {rows} rows and {pushes} pushes older than {} days",
+                config.retention.keep_days
+            );
+            Ok(())
+        }
         Command::Report(args) => {
             let config = Config::load(&args.config.config)?;
             let store = wechat_outbox::store::Store::connect(&config).await?;

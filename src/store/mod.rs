@@ -481,6 +481,13 @@ impl Store {
         on_backend!(self, s => s.remove_daemon(owner).await)
     }
 
+    /// Deletes up to `batch` terminal rows last changed before `cutoff`, and as many stored
+    /// pushes received before it; returns how many of each. Quota rows of the last 400 days stay
+    /// for the reports. Call again until it returns (0, 0).
+    pub async fn prune(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<(u64, u64)> {
+        on_backend!(self, s => s.prune(cutoff, i64::from(batch)).await)
+    }
+
     /// Reads a report view, each value as JSON; `view` and `order` come from `report::REPORTS`.
     pub async fn read_view(&self, view: &str, order: &str) -> StoreResult<crate::report::Report> {
         let sql = format!("SELECT * FROM {view} ORDER BY {order}");
@@ -581,6 +588,10 @@ pub(crate) const RELEASED_AT_SHUTDOWN: &str = "released at shutdown while in fli
      same client_msg_id while WeChat still de-duplicates";
 pub(crate) const EXPIRED: &str = "expires_at passed before it could be sent";
 pub(crate) const MISSING_FROM_LIST: &str = "missing from WeChat's template list at the last sync";
+/// The statuses a row never leaves: what retention may delete. `sent` counts too, as a row
+/// whose delivery event never came stays `sent`.
+pub(crate) const PRUNABLE: &str =
+    "('sent', 'failed', 'expired', 'cancelled', 'unknown', 'delivered', 'blocked', 'undelivered')";
 pub(crate) const SUPPRESSED: &str =
     "the user unsubscribed from the account (suppressed_openids); not sent";
 pub(crate) const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window has \

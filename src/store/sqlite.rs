@@ -11,14 +11,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, OutcomeColumns,
-    QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, StoreResult, StoredToken, SyncedTemplate,
-    TemplateRow, TemplateUse, TokenLease, text_column,
+    PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, StoreResult, StoredToken,
+    SyncedTemplate, TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -677,6 +677,32 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    pub(super) async fn prune(&self, cutoff: DateTime<Utc>, batch: i64) -> StoreResult<(u64, u64)> {
+        // Terminal statuses only: a waiting row is never deleted, however old.
+        let rows = format!(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
+                 WHERE status IN {PRUNABLE} AND updated_at < ?1 LIMIT ?2)"
+        );
+        let rows = sqlx::query(AssertSqlSafe(rows))
+            .bind(ts(cutoff))
+            .bind(batch)
+            .execute(&self.pool)
+            .await?;
+        let events = sqlx::query(
+            "DELETE FROM inbound_events WHERE id IN (SELECT id FROM inbound_events
+                 WHERE received_at < ?1 LIMIT ?2)",
+        )
+        .bind(ts(cutoff))
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM quota_usage WHERE updated_at < ?1")
+            .bind(ts(cutoff - chrono::Duration::days(400)))
+            .execute(&self.pool)
+            .await?;
+        Ok((rows.rows_affected(), events.rows_affected()))
     }
 
     pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {

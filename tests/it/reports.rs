@@ -252,3 +252,76 @@ async fn the_reports_count_a_known_fixture(backend: Backend) {
     );
 }
 on_both_backends!(the_reports_count_a_known_fixture);
+
+/// Pruning removes exactly what is old and terminal, and nothing else, in batches.
+async fn pruning_removes_exactly_the_old_terminal_rows(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (old, recent) = (db.app.now_plus(-100 * 86400), db.app.now_plus(-86400));
+    let terminal = [
+        "sent",
+        "failed",
+        "expired",
+        "cancelled",
+        "unknown",
+        "delivered",
+        "blocked",
+        "undelivered",
+    ];
+    let waiting = ["pending", "sending", "held"];
+    let mut rows = Vec::new();
+    for (i, status) in terminal.iter().chain(waiting.iter()).enumerate() {
+        rows.push(format!("('oOld{i:04}', 'T', '{{}}', '{status}', {old})"));
+        rows.push(format!("('oNew{i:04}', 'T', '{{}}', '{status}', {recent})"));
+    }
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data, status, updated_at) VALUES {}",
+            rows.join(",")
+        ))
+        .await
+        .unwrap();
+    let event = |i: usize, when: &str| format!("('default', 'k{i}', 'event', '<xml/>', {when})");
+    let events: Vec<String> = (0..5)
+        .map(|i| event(i, &old))
+        .chain((5..8).map(|i| event(i, &recent)))
+        .collect();
+    db.app.exec(&format!("INSERT INTO inbound_events (account, dedup_key, msg_type, raw_xml, received_at) VALUES {}", events.join(","))).await.unwrap();
+
+    let config = db.config_toml(
+        "http://127.0.0.1:9",
+        "[retention]\nkeep_days = 90\nbatch_size = 2",
+    );
+    let mut prune = Process::start(&config, &["prune"]);
+    assert_eq!(
+        prune.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0),
+        "{}",
+        prune.stderr()
+    );
+    assert!(
+        prune
+            .stdout()
+            .contains("deleted 8 rows and 5 pushes older than 90 days"),
+        "{}",
+        prune.stdout()
+    );
+
+    assert_eq!(
+        db.app.count("touser LIKE 'oOld%'").await,
+        waiting.len() as i64,
+        "old waiting rows stay"
+    );
+    assert_eq!(
+        db.app
+            .count("touser LIKE 'oOld%' AND status IN ('pending', 'sending', 'held')")
+            .await,
+        3
+    );
+    assert_eq!(
+        db.app.count("touser LIKE 'oNew%'").await,
+        (terminal.len() + waiting.len()) as i64,
+        "recent rows stay"
+    );
+    assert_eq!(db.app.count_in("inbound_events", "1 = 1").await, 3);
+}
+on_both_backends!(pruning_removes_exactly_the_old_terminal_rows);
