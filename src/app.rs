@@ -134,6 +134,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         batch_size: config.workers.batch_size.min(config.workers.concurrency),
         poll_interval: Duration::from_millis(config.workers.poll_interval_ms),
         shutdown_grace: Duration::from_secs(config.workers.shutdown_grace_secs),
+        watchdog: sd_notify::watchdog_enabled(),
     };
     tracing::info!(
         backend = store.backend_name(),
@@ -143,6 +144,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         "wechat-outbox started"
     );
     let callback_addr = callback.as_ref().map(|(addr, _)| *addr);
+    // Migrations ran, the endpoint listens, the workers start now: ready.
+    crate::worker::notify_systemd(sd_notify::NotifyState::Ready);
     let done = tokio::spawn(async move {
         Pool::new(dispatcher, settings, wake).run(shutdown).await;
         let _ = watcher.await;

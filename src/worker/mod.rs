@@ -32,6 +32,8 @@ pub struct PoolSettings {
     pub batch_size: usize,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
+    /// systemd's watchdog period (`WatchdogSec`), when the service has one.
+    pub watchdog: Option<Duration>,
 }
 
 pub struct Pool {
@@ -57,6 +59,7 @@ impl Pool {
         let maintenance = tokio::spawn(maintain(self.dispatcher.clone(), shutdown.clone()));
 
         self.claim_loop(&tracker, &hard_stop, &shutdown).await;
+        notify_systemd(sd_notify::NotifyState::Stopping);
 
         tracker.close();
         let in_flight = tracker.len();
@@ -99,10 +102,21 @@ impl Pool {
         let permits = Arc::new(Semaphore::new(self.settings.concurrency));
         let d = &self.dispatcher;
         let mut db_backoff = Duration::from_millis(100);
+        // The watchdog is fed from this loop, so a wedged loop stops feeding it; no wait below
+        // lasts longer than half its period.
+        let beat = self
+            .settings
+            .watchdog
+            .map(|w| w / 2)
+            .unwrap_or(Duration::MAX);
         loop {
+            if self.settings.watchdog.is_some() {
+                notify_systemd(sd_notify::NotifyState::Watchdog);
+            }
             // Room for at least one message, then as many more as a batch allows.
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(beat) => continue,
                 permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
             };
             let mut held = vec![first];
@@ -156,10 +170,18 @@ impl Pool {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval.min(beat)) => {}
                 }
             }
         }
+    }
+}
+
+/// Tells systemd (when run under it with `Type=notify`) how the daemon is doing; a no-op
+/// elsewhere.
+pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
     }
 }
 

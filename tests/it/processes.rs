@@ -301,3 +301,71 @@ fn the_demo_runs_end_to_end() {
         "{stdout}"
     );
 }
+
+/// Under systemd (`Type=notify`): READY=1 once started, WATCHDOG=1 while running, STOPPING=1
+/// on SIGTERM, then a clean exit with the in-flight rows finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_is_told_ready_alive_and_stopping() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let sim = Sim::start(slow_sim(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let socket_env = socket_path.to_str().unwrap().to_string();
+    let mut daemon = Process::start_with_env(
+        &db.config_toml(&sim.url(), ""),
+        &["run"],
+        &[
+            ("NOTIFY_SOCKET", socket_env.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let next = move |socket: &std::os::unix::net::UnixDatagram| {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let messages = tokio::task::spawn_blocking(move || {
+        let first = next(&socket);
+        // The watchdog (1 s) is fed at least every half period.
+        let beats: Vec<String> = (0..3).map(|_| next(&socket)).collect();
+        (first, beats, socket)
+    })
+    .await
+    .unwrap();
+    assert_eq!(messages.0.trim(), "READY=1");
+    assert!(
+        messages.1.iter().all(|m| m.trim() == "WATCHDOG=1"),
+        "{:?}",
+        messages.1
+    );
+
+    db.app.insert_good(4, "notify").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.app.count("status = 'sending'").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing claimed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    daemon.signal("TERM");
+    let socket = messages.2;
+    let stopping = tokio::task::spawn_blocking(move || {
+        (0..20)
+            .map(|_| next(&socket))
+            .find(|m| m.trim() == "STOPPING=1")
+    })
+    .await
+    .unwrap();
+    assert!(stopping.is_some(), "STOPPING=1 was sent");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(0)
+    );
+    assert_eq!(
+        db.app.count("status = 'sent'").await,
+        4,
+        "in-flight rows finished"
+    );
+}
