@@ -12,6 +12,9 @@ use clap::{Args, Parser, Subcommand};
     about = "Durable sender of WeChat template messages from an SQL outbox table"
 )]
 pub struct Cli {
+    /// text (default; journald-friendly under systemd) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    telemetry::init(default_level);
+    telemetry::init(default_level, cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -369,3 +369,58 @@ async fn systemd_is_told_ready_alive_and_stopping() {
         "in-flight rows finished"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, each message's lines carrying its id;
+/// under systemd's journal (`JOURNAL_STREAM`) text lines leave the timestamp to journald.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_with_a_flag_and_journald_friendly() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let config = db.config_toml(&sim.url(), "");
+    let mut json = Process::start(&config, &["--log-format", "json", "run"]);
+    json.wait_started().await;
+    db.app.insert_good(1, "json").await;
+    db.app.wait_settled(Duration::from_secs(20)).await;
+    json.signal("TERM");
+    assert_eq!(
+        json.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(0)
+    );
+    let lines: Vec<serde_json::Value> = json
+        .stderr()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "wechat-outbox started")
+    );
+    let sent = lines
+        .iter()
+        .find(|l| l["message"] == "sent")
+        .expect("a 'sent' line");
+    assert_eq!(
+        sent["span"]["id"], 1,
+        "the message's id rides on its lines: {sent}"
+    );
+
+    let mut journal = Process::start_with_env(
+        &config,
+        &["run"],
+        &[("JOURNAL_STREAM", "8:12345"), ("RUST_LOG", "info")],
+    );
+    journal.wait_started().await;
+    journal.signal("TERM");
+    journal.wait_exit(Duration::from_secs(10)).await;
+    let first = journal
+        .stderr()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        first.starts_with(" INFO") || first.starts_with("INFO"),
+        "no timestamp of our own under journald: {first:?}"
+    );
+}
