@@ -109,9 +109,12 @@ impl Pool {
             .watchdog
             .map(|w| w / 2)
             .unwrap_or(Duration::MAX);
+        let mut fed: Option<tokio::time::Instant> = None;
         loop {
-            if self.settings.watchdog.is_some() {
+            // Fed at a quarter of the period, not on every pass of a busy loop.
+            if self.settings.watchdog.is_some() && fed.is_none_or(|at| at.elapsed() >= beat / 2) {
                 notify_systemd(sd_notify::NotifyState::Watchdog);
+                fed = Some(tokio::time::Instant::now());
             }
             // Room for at least one message, then as many more as a batch allows.
             let first = tokio::select! {
