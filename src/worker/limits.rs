@@ -29,6 +29,15 @@ impl Dispatcher {
         message: &TemplateMessage,
         now: DateTime<Utc>,
     ) -> Result<Counted, Outcome> {
+        // Counted by an earlier attempt, which passed every check below before its request left
+        // and may have reached WeChat: it goes out again as it is, never held (a hold would end
+        // its doubt, and a resend outside the window could reach the user twice).
+        if let (Some(month), Some(day)) = (&raw.quota_month, &raw.quota_day) {
+            return Ok(Counted {
+                month: month.clone(),
+                day: day.clone(),
+            });
+        }
         let limits = self.accounts[&raw.account].account.limits;
         let template_id = message.template_id.as_str();
         if raw.template_in_use != Some(true) {
@@ -64,13 +73,6 @@ impl Dispatcher {
             return Err(Outcome::Failed {
                 errcode: None,
                 reason,
-            });
-        }
-        if let (Some(month), Some(day)) = (&raw.quota_month, &raw.quota_day) {
-            // Counted by an earlier attempt that may have reached WeChat: not counted again.
-            return Ok(Counted {
-                month: month.clone(),
-                day: day.clone(),
             });
         }
         let p = periods(now, self.timezone);

@@ -474,3 +474,62 @@ async fn the_daily_quota_holds_rows_until_the_next_day(backend: Backend) {
     assert_eq!(sim.sim.stats().delivered, 8);
 }
 on_both_backends!(the_daily_quota_holds_rows_until_the_next_day);
+
+/// A row whose request may have reached WeChat is never held on a limit at its retry (which
+/// would erase its doubt and let a later resend outside the window reach the user twice): it
+/// was counted and checked before that request left, so the retry goes out with the same
+/// client_msg_id even though its template was deactivated meanwhile.
+async fn an_in_doubt_retry_is_not_held_when_its_template_goes_out_of_use(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings {
+        faults: Faults {
+            hang_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimSettings::default()
+    })
+    .await;
+    let config = db.config_toml(
+        &sim.url(),
+        "[limits]\nauto_activate_templates = false\n[api]\ntimeout_ms = 200\n[retry]\nbase_delay_ms = 1500\nmax_delay_secs = 2",
+    );
+    let mut activate = Process::start(&config, &["templates", "activate", "TDOUBT"]);
+    assert_eq!(
+        activate.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0),
+        "{}",
+        activate.stderr()
+    );
+    let daemon = Daemon::start(Config::from_toml(&config).unwrap()).await;
+    insert_for_template(&db, "TDOUBT", 1, "doubt").await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'pending' AND in_doubt = (1 = 1)",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let mut deactivate = Process::start(&config, &["templates", "deactivate", "TDOUBT"]);
+    assert_eq!(
+        deactivate.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0),
+        "{}",
+        deactivate.stderr()
+    );
+    sim.sim.set_faults(Faults::default());
+    wait_for(&db, "outbox", "status = 'sent'", 1, Duration::from_secs(20)).await;
+    daemon.stop().await;
+    let stats = sim.sim.stats();
+    assert_eq!(
+        (stats.delivered, stats.duplicate_deliveries),
+        (1, 0),
+        "{stats:?}"
+    );
+    assert!(
+        stats.deduplicated >= 1,
+        "the retry reused the client_msg_id: {stats:?}"
+    );
+}
+on_both_backends!(an_in_doubt_retry_is_not_held_when_its_template_goes_out_of_use);
