@@ -7,8 +7,9 @@ use serde_json::{Map, Value};
 use crate::store::Store;
 
 /// The views, each with the order its rows are printed in.
-pub const REPORTS: [(&str, &str); 5] = [
+pub const REPORTS: [(&str, &str); 6] = [
     ("report_status", "account, template_id, status"),
+    ("report_quota", "account, template_id"),
     ("report_daily", "day DESC, account, template_id"),
     ("report_errors", "row_count DESC, errcode"),
     ("report_latency", "account, template_id"),

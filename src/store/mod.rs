@@ -235,6 +235,25 @@ pub enum TemplateUse {
     },
 }
 
+/// An account's limits as the daemon runs them, for `report_quota`.
+#[derive(Debug, Clone)]
+pub struct AccountLimitsRow {
+    pub account: String,
+    pub limits: crate::config::Limits,
+    pub timezone: String,
+    /// The timezone's offset from UTC at the time of writing.
+    pub utc_offset_minutes: i32,
+}
+
+/// Rows counted by account, status and, for held rows, what they wait for.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RowCount {
+    pub account: String,
+    pub status: String,
+    pub held_for: Option<String>,
+    pub rows: i64,
+}
+
 /// A template as listed by `wechat-outbox templates list`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TemplateRow {
@@ -505,6 +524,25 @@ impl Store {
                 Ok(report_from(&rows))
             }
         }
+    }
+
+    /// Writes the limits this daemon runs its accounts with, for `report_quota`.
+    pub async fn record_limits(
+        &self,
+        rows: &[AccountLimitsRow],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, s => s.record_limits(rows, now).await)
+    }
+
+    /// Rows by account, status and held reason, for `/metrics`.
+    pub async fn row_counts(&self) -> StoreResult<Vec<RowCount>> {
+        on_backend!(self, s => s.row_counts().await)
+    }
+
+    /// One round trip to the database, for `/healthz`.
+    pub async fn ping(&self) -> StoreResult<()> {
+        on_backend!(self, s => s.ping().await)
     }
 
     /// Rows per status, for the CLI and the demo.

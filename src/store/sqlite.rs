@@ -16,9 +16,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, OutcomeColumns,
-    PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, StoreResult, StoredToken,
-    SyncedTemplate, TemplateRow, TemplateUse, TokenLease, text_column,
+    AccountLimitsRow, EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST,
+    OutcomeColumns, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
+    StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -703,6 +703,53 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok((rows.rows_affected(), events.rows_affected()))
+    }
+
+    pub(super) async fn record_limits(
+        &self,
+        rows: &[AccountLimitsRow],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        for row in rows {
+            sqlx::query(
+                "INSERT INTO account_limits (account, active_templates, monthly_per_template,
+                     daily_per_account, rate_per_second, timezone, utc_offset_minutes, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (account) DO UPDATE SET
+                     active_templates = excluded.active_templates,
+                     monthly_per_template = excluded.monthly_per_template,
+                     daily_per_account = excluded.daily_per_account,
+                     rate_per_second = excluded.rate_per_second,
+                     timezone = excluded.timezone,
+                     utc_offset_minutes = excluded.utc_offset_minutes,
+                     updated_at = excluded.updated_at",
+            )
+            .bind(&row.account)
+            .bind(i64::from(row.limits.active_templates))
+            .bind(i64::from(row.limits.monthly_per_template))
+            .bind(i64::from(row.limits.daily_per_account))
+            .bind(i64::from(row.limits.rate_per_second))
+            .bind(&row.timezone)
+            .bind(row.utc_offset_minutes)
+            .bind(ts(now))
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn row_counts(&self) -> StoreResult<Vec<RowCount>> {
+        sqlx::query_as(
+            "SELECT account, status, held_for, COUNT(*) AS rows
+             FROM outbox GROUP BY account, status, held_for",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     pub(super) async fn status_counts(&self) -> StoreResult<Vec<(String, i64)>> {

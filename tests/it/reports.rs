@@ -248,10 +248,116 @@ async fn the_reports_count_a_known_fixture(backend: Backend) {
     assert!(
         unknown
             .stderr()
-            .contains("the reports are: status, daily, errors, latency, stuck")
+            .contains("the reports are: status, quota, daily, errors, latency, stuck")
     );
 }
 on_both_backends!(the_reports_count_a_known_fixture);
+
+/// The date on which a month's pace exhausts `limit`, as report_quota computes it: the month's
+/// start plus the elapsed part of the month times limit / used; None if after the month.
+fn exhausted_on(now: chrono::DateTime<chrono::Utc>, used: i64, limit: i64) -> Option<String> {
+    use chrono::{Datelike, NaiveDate};
+    let local = now.with_timezone(&chrono_tz::Asia::Shanghai).naive_local();
+    let start = NaiveDate::from_ymd_opt(local.year(), local.month(), 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap();
+    let end = start.checked_add_months(chrono::Months::new(1)).unwrap();
+    let elapsed = (local - start).num_milliseconds() as f64;
+    let at = start + chrono::Duration::milliseconds((elapsed * limit as f64 / used as f64) as i64);
+    (at < end).then(|| at.format("%Y-%m-%d").to_string())
+}
+
+/// report_quota: this month per template and today per account against the limits the daemon
+/// recorded, with the day the month's pace runs out.
+async fn report_quota_shows_use_limit_and_pace(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let now = chrono::Utc::now();
+    let p = wechat_outbox::domain::quota::periods(now, chrono_tz::Asia::Shanghai);
+    let earlier = wechat_outbox::domain::quota::periods(
+        now - chrono::Duration::days(40),
+        chrono_tz::Asia::Shanghai,
+    );
+    let yes = if backend == Backend::Sqlite {
+        "1"
+    } else {
+        "true"
+    };
+    let no = if backend == Backend::Sqlite {
+        "0"
+    } else {
+        "false"
+    };
+    let at = db.app.now_plus(0);
+    db.app
+        .exec(&format!(
+            "INSERT INTO account_limits (account, active_templates, monthly_per_template,
+                 daily_per_account, rate_per_second, timezone, utc_offset_minutes, updated_at)
+             VALUES ('shop', 10, 1000, 500, 20, 'Asia/Shanghai', 480, {at}),
+                    ('idle', 10, 10, 5, 20, 'Asia/Shanghai', 480, {at});
+             INSERT INTO templates (account, template_id, in_use) VALUES
+                 ('shop', 'TA', {yes}), ('shop', 'TB', {yes}), ('shop', 'TC', {no}),
+                 ('shop', 'TD', {no}), ('other', 'TX', {yes});
+             INSERT INTO quota_usage (account, scope, period, used) VALUES
+                 ('shop', 'template:TA', '{month}', 1000),
+                 ('shop', 'template:TB', '{month}', 950),
+                 ('shop', 'template:TC', '{month}', 3),
+                 ('shop', 'template:TC', '{old_month}', 7),
+                 ('shop', 'template:TD', '{old_month}', 9),
+                 ('shop', 'account', '{day}', 120),
+                 ('shop', 'account', '{old_day}', 999);",
+            month = p.month,
+            day = p.day,
+            old_month = earlier.month,
+            old_day = earlier.day,
+        ))
+        .await
+        .unwrap();
+
+    let rows = report(&db, "quota").await;
+    let row = |account: &str, template: Option<&str>| {
+        rows.iter()
+            .find(|r| r["account"] == account && r["template_id"].as_str() == template)
+            .unwrap_or_else(|| panic!("no row for {account} {template:?} in {rows:#?}"))
+    };
+    assert_eq!(
+        rows.len(),
+        4,
+        "TA, TB, TC of shop and one row for idle: {rows:#?}"
+    );
+    for (template, used, remaining) in [("TA", 1000, 0), ("TB", 950, 50), ("TC", 3, 997)] {
+        let r = row("shop", Some(template));
+        assert_eq!(r["month"], p.month.as_str());
+        assert_eq!(r["month_used"], used, "{template}");
+        assert_eq!(r["month_limit"], 1000);
+        assert_eq!(r["month_remaining"], remaining, "{template}");
+        assert_eq!(
+            r["month_exhausted_on"].as_str().map(str::to_string),
+            exhausted_on(now, used, 1000),
+            "{template}"
+        );
+        assert_eq!(r["day"], p.day.as_str());
+        assert_eq!(
+            (&r["day_used"], &r["day_limit"], &r["day_remaining"]),
+            (&120.into(), &500.into(), &380.into())
+        );
+    }
+    // At the limit, the month ran out today.
+    assert_eq!(
+        row("shop", Some("TA"))["month_exhausted_on"],
+        p.day.as_str()
+    );
+    let idle = row("idle", None);
+    assert_eq!(
+        (
+            &idle["month_used"],
+            &idle["month_exhausted_on"],
+            &idle["day_remaining"]
+        ),
+        (&0.into(), &Value::Null, &5.into())
+    );
+}
+on_both_backends!(report_quota_shows_use_limit_and_pace);
 
 /// Pruning removes exactly what is old and terminal, and nothing else, in batches.
 async fn pruning_removes_exactly_the_old_terminal_rows(backend: Backend) {
