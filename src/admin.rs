@@ -84,6 +84,7 @@ pub async fn templates(action: TemplatesAction) -> Result<()> {
                 config.api.token_endpoint,
                 owner,
                 &accounts,
+                Default::default(),
             );
             for account in &accounts {
                 let n = templates::sync_account(

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::callback::{self, CallbackState};
 use crate::config::Config;
 use crate::domain::clock::Clock;
-use crate::store::Store;
+use crate::metrics::Metrics;
+use crate::monitor::{self, Health};
+use crate::store::{AccountLimitsRow, Store};
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
 use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings, rate};
@@ -23,6 +25,8 @@ use crate::{retention, templates};
 pub struct Running {
     /// Where the callback endpoint listens, if enabled.
     pub callback_addr: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if enabled.
+    pub monitor_addr: Option<SocketAddr>,
     /// The daemon's clock; tests move it to turn a quota period.
     pub clock: Arc<Clock>,
     done: tokio::task::JoinHandle<()>,
@@ -48,7 +52,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let accounts = config.accounts()?;
     let accounts_for_callback = accounts.clone();
     let store = Store::connect(&config).await?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    // Served from before the migrations, so that `/readyz` answers "not ready" while they run.
+    let monitor = if config.monitor.enabled {
+        let router = monitor::router(store.clone(), metrics.clone(), health.clone());
+        let (addr, task) = monitor::spawn(&config.monitor.listen, router, shutdown.clone()).await?;
+        tracing::info!(%addr, "monitor endpoint listening on /metrics, /healthz, /readyz");
+        Some((addr, task))
+    } else {
+        None
+    };
     store.migrate().await?;
+    let timezone = config.timezone()?;
+    record_limits(&store, &accounts, &config.limits.timezone, timezone).await?;
     let owner = instance_id();
     let http_timeout = Duration::from_millis(config.api.timeout_ms);
     let api = WechatApi::new(&config.api.base_url, http_timeout)?;
@@ -58,6 +75,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         config.api.token_endpoint,
         owner.clone(),
         &accounts,
+        metrics.clone(),
     ));
     let clock = Arc::new(Clock::default());
     let runtimes: Vec<Arc<AccountRuntime>> = accounts
@@ -95,13 +113,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             .into_iter()
             .map(|r| (r.account.name.clone(), r))
             .collect::<HashMap<_, _>>(),
-        timezone: config.timezone()?,
+        timezone,
         clock: clock.clone(),
         retry: config.retry_policy(),
         owner: owner.clone(),
         lease: Duration::from_secs(config.workers.lease_secs),
         http_timeout,
         not_authorised_pause: Duration::from_secs(config.retry.not_authorised_pause_secs),
+        metrics: metrics.clone(),
+        health: health.clone(),
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {
@@ -110,6 +130,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             &accounts_for_callback,
             config.callback.timestamp_window_secs,
             joined.clone(),
+            metrics.clone(),
         ));
         let (addr, task) = callback::spawn(
             &config.callback.listen,
@@ -123,7 +144,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     } else {
         None
     };
-    let joiner = tokio::spawn(callback::join_loop(store.clone(), joined, shutdown.clone()));
+    let joiner = tokio::spawn(callback::join_loop(
+        store.clone(),
+        joined,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let limits_refresh = {
+        let (store, accounts, shutdown) = (
+            store.clone(),
+            accounts_for_callback.clone(),
+            shutdown.clone(),
+        );
+        let zone_name = config.limits.timezone.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(LIMITS_REFRESH) => {}
+                }
+                if let Err(e) = record_limits(&store, &accounts, &zone_name, timezone).await {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot record the account limits");
+                }
+            }
+        })
+    };
     let wake = Arc::new(Notify::new());
     let watcher = {
         let (store, wake, shutdown) = (store.clone(), wake.clone(), shutdown.clone());
@@ -144,16 +189,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         "wechat-outbox started"
     );
     let callback_addr = callback.as_ref().map(|(addr, _)| *addr);
+    let monitor_addr = monitor.as_ref().map(|(addr, _)| *addr);
     // Migrations ran, the endpoint listens, the workers start now: ready.
     crate::worker::notify_systemd(sd_notify::NotifyState::Ready);
+    health.set_ready(true);
     let done = tokio::spawn(async move {
         Pool::new(dispatcher, settings, wake).run(shutdown).await;
+        let _ = limits_refresh.await;
         let _ = watcher.await;
         let _ = joiner.await;
         let _ = template_sync.await;
         let _ = rate_share.await;
         let _ = pruner.await;
-        if let Some((_, task)) = callback {
+        for (_, task) in callback.into_iter().chain(monitor) {
             let _ = task.await;
         }
         store.close().await;
@@ -161,9 +209,36 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     });
     Ok(Running {
         callback_addr,
+        monitor_addr,
         clock,
         done,
     })
+}
+
+/// How often the timezone offset in `account_limits` is brought up to date (a DST change).
+const LIMITS_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Writes the limits the accounts run with, for `report_quota`.
+async fn record_limits(
+    store: &Store,
+    accounts: &[crate::config::Account],
+    zone_name: &str,
+    timezone: chrono_tz::Tz,
+) -> Result<()> {
+    use chrono::{Offset, TimeZone};
+    let now = chrono::Utc::now();
+    let offset = timezone.offset_from_utc_datetime(&now.naive_utc()).fix();
+    let rows: Vec<AccountLimitsRow> = accounts
+        .iter()
+        .map(|a| AccountLimitsRow {
+            account: a.name.clone(),
+            limits: a.limits,
+            timezone: zone_name.to_string(),
+            utc_offset_minutes: offset.local_minus_utc() / 60,
+        })
+        .collect();
+    store.record_limits(&rows, now).await?;
+    Ok(())
 }
 
 /// Applies migrations and returns; `wechat-outbox migrate`.

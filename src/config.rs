@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub callback: CallbackSettings,
     #[serde(default)]
+    pub monitor: MonitorSettings,
+    #[serde(default)]
     pub accounts: Vec<AccountSettings>,
 }
 
@@ -235,6 +237,24 @@ pub struct CallbackSettings {
     pub timestamp_window_secs: u64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorSettings {
+    /// Serve `/metrics`, `/healthz` and `/readyz`.
+    pub enabled: bool,
+    /// Loopback by default: the figures are for the operator's scraper, not the internet.
+    pub listen: String,
+}
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        MonitorSettings {
+            enabled: true,
+            listen: "127.0.0.1:9479".into(),
+        }
+    }
+}
+
 impl Default for CallbackSettings {
     fn default() -> Self {
         CallbackSettings {
@@ -367,15 +387,14 @@ impl Config {
         if self.workers.lease_secs * 1000 < self.api.timeout_ms * 2 {
             bail!("workers.lease_secs must be at least twice api.timeout_ms");
         }
-        self.callback
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .with_context(|| {
-                format!(
-                    "callback.listen is not an address: {:?}",
-                    self.callback.listen
-                )
-            })?;
+        for (key, listen) in [
+            ("callback.listen", &self.callback.listen),
+            ("monitor.listen", &self.monitor.listen),
+        ] {
+            listen
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| format!("{key} is not an address: {listen:?}"))?;
+        }
         if self.accounts.is_empty() {
             bail!("accounts: configure at least one [[accounts]] with name, appid and secret");
         }

@@ -59,6 +59,8 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         poll_interval_ms = 200
         [callback]
         listen = "127.0.0.1:0"
+        [monitor]
+        listen = "127.0.0.1:0"
         [[accounts]]
         name = "default"
         appid = "wxdemo0000000001"

@@ -22,6 +22,8 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod metrics;
+pub mod monitor;
 pub mod report;
 pub mod retention;
 pub mod simulator;

@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::get;
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
@@ -23,6 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Account, MessageMode};
+use crate::metrics::Metrics;
 use crate::store::{InboundEvent, Store};
 use crate::wechat::crypto::{MessageCrypto, signature_matches};
 use crate::wechat::xml;
@@ -41,6 +44,7 @@ pub struct CallbackState {
     window_secs: i64,
     /// Woken after a template event is stored, so that it is joined at once.
     joined: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl CallbackState {
@@ -49,6 +53,7 @@ impl CallbackState {
         accounts: &[Account],
         window_secs: u64,
         joined: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> CallbackState {
         let endpoints = accounts
             .iter()
@@ -74,6 +79,7 @@ impl CallbackState {
             endpoints,
             window_secs: window_secs as i64,
             joined,
+            metrics,
         }
     }
 }
@@ -82,7 +88,34 @@ pub fn router(state: Arc<CallbackState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/wechat/{account}", get(verify_server).post(receive))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_refusals,
+        ))
         .with_state(state)
+}
+
+/// Counts every refused request, whichever layer refused it (a body too large never reaches
+/// the handler).
+async fn count_refusals(
+    State(state): State<Arc<CallbackState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let account = request
+        .uri()
+        .path()
+        .strip_prefix("/wechat/")
+        .filter(|name| state.endpoints.contains_key(*name))
+        .unwrap_or("unknown")
+        .to_string();
+    let response = next.run(request).await;
+    if !response.status().is_success() {
+        state
+            .metrics
+            .callback_refused(&account, response.status().as_u16());
+    }
+    response
 }
 
 /// Binds `listen` and serves until `shutdown`; returns the bound address.
@@ -294,6 +327,12 @@ async fn receive(
     })?;
     match state.store.record_inbound(&event, Utc::now()).await {
         Ok(new) => {
+            if new {
+                let kind = event.event.as_deref().or(event.msg_type.as_deref());
+                state
+                    .metrics
+                    .event_received(&account, kind.unwrap_or("unknown"));
+            }
             tracing::debug!(%account, new, event = ?event.event, msg_type = ?event.msg_type, "push stored");
             if event.event.as_deref() == Some("TEMPLATESENDJOBFINISH") {
                 state.joined.notify_one();
@@ -351,11 +390,19 @@ pub fn inbound_event(account: &str, fields: &xml::Fields, raw_xml: String) -> Op
 
 /// Joins stored template events to their rows: at once when one arrives, and every second for
 /// events that came before their send was recorded (the push can race the HTTP answer).
-pub async fn join_loop(store: Store, wake: Arc<Notify>, shutdown: CancellationToken) {
+pub async fn join_loop(
+    store: Store,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     loop {
         match store.join_delivery_events(Utc::now()).await {
             Ok(0) => {}
-            Ok(rows) => tracing::debug!(rows, "delivery events joined"),
+            Ok(rows) => {
+                metrics.events_joined(rows);
+                tracing::debug!(rows, "delivery events joined");
+            }
             Err(e) => tracing::warn!(error = %e, "cannot join delivery events yet"),
         }
         tokio::select! {

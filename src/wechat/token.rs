@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use super::api::{TokenError, WechatApi};
 use crate::config::{Account, TokenEndpoint};
+use crate::metrics::Metrics;
 use crate::store::{Store, StoredToken, TokenLease};
 
 /// Refresh this long before expiry. WeChat renews stable tokens 5 minutes before they expire.
@@ -47,6 +48,7 @@ pub struct TokenManager {
     slots: HashMap<String, Arc<Slot>>,
     /// Tokens this daemon fetched from WeChat.
     refreshes: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl TokenManager {
@@ -56,6 +58,7 @@ impl TokenManager {
         endpoint: TokenEndpoint,
         owner: String,
         accounts: &[Account],
+        metrics: Arc<Metrics>,
     ) -> TokenManager {
         let slots = accounts
             .iter()
@@ -74,6 +77,7 @@ impl TokenManager {
             owner,
             slots,
             refreshes: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -142,6 +146,7 @@ impl TokenManager {
             };
             if self.store.lease_token_refresh(&lease).await? {
                 let fetched = self.fetch(account, failing).await;
+                self.metrics.token_refresh(&account.name, fetched.is_ok());
                 return match fetched {
                     Ok(token) => {
                         let stored = StoredToken {

@@ -17,6 +17,8 @@ use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
+use crate::metrics::Metrics;
+use crate::monitor::Health;
 use crate::store::{Outcome, Store};
 use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
@@ -38,6 +40,8 @@ pub struct Dispatcher {
     /// Where quota months and days begin.
     pub timezone: Tz,
     pub clock: Arc<Clock>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
 }
 
 /// What a request came back with: the outcome, and whether WeChat definitely refused the
@@ -58,12 +62,18 @@ impl Dispatcher {
         started: Arc<AtomicBool>,
     ) {
         let outcome = self.attempt(&raw, claimed_at, &started).await;
-        self.record(raw.id, outcome, claimed_at).await;
+        self.record(raw.id, &raw.account, outcome, claimed_at).await;
     }
 
     /// Writes the outcome, retrying while the database is unreachable: the lease keeps the row
     /// ours for a while, and after that the rescuer hands it on, so nothing is lost either way.
-    pub async fn record(&self, id: i64, outcome: Outcome, attempt_began: DateTime<Utc>) {
+    pub async fn record(
+        &self,
+        id: i64,
+        account: &str,
+        outcome: Outcome,
+        attempt_began: DateTime<Utc>,
+    ) {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self
@@ -73,6 +83,7 @@ impl Dispatcher {
             {
                 Ok(true) => {
                     log_outcome(&outcome);
+                    self.metrics.outcome(account, &outcome);
                     return;
                 }
                 Ok(false) => {
@@ -180,8 +191,13 @@ impl Dispatcher {
                 }
             };
             started.store(true, Ordering::SeqCst);
+            let request_began = std::time::Instant::now();
             let reply = match self.api.send_template(&token, &message.body).await {
-                Ok(reply) => reply,
+                Ok(reply) => {
+                    self.metrics
+                        .send_request(&raw.account, request_began.elapsed());
+                    reply
+                }
                 Err(e) => {
                     // It may have been accepted: keep it counted.
                     in_doubt |= e.may_have_reached;

@@ -24,6 +24,9 @@ use crate::store::Outcome;
 
 /// How often expired leases are rescued and overdue rows expired.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest the claim loop waits before passing again, so that `/healthz` can tell a
+/// waiting loop from a stuck one.
+pub const CLAIM_LOOP_MAX_WAIT: Duration = Duration::from_secs(5);
 /// The longest pause after the database fails, before trying again.
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -59,6 +62,7 @@ impl Pool {
         let maintenance = tokio::spawn(maintain(self.dispatcher.clone(), shutdown.clone()));
 
         self.claim_loop(&tracker, &hard_stop, &shutdown).await;
+        self.dispatcher.health.set_ready(false);
         notify_systemd(sd_notify::NotifyState::Stopping);
 
         tracker.close();
@@ -107,10 +111,10 @@ impl Pool {
         let beat = self
             .settings
             .watchdog
-            .map(|w| w / 2)
-            .unwrap_or(Duration::MAX);
+            .map_or(CLAIM_LOOP_MAX_WAIT, |w| (w / 2).min(CLAIM_LOOP_MAX_WAIT));
         let mut fed: Option<tokio::time::Instant> = None;
         loop {
+            d.health.claim_loop_passed();
             // Fed at a quarter of the period, not on every pass of a busy loop.
             if self.settings.watchdog.is_some() && fed.is_none_or(|at| at.elapsed() >= beat / 2) {
                 notify_systemd(sd_notify::NotifyState::Watchdog);
@@ -155,14 +159,14 @@ impl Pool {
                 let hard_stop = hard_stop.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    let id = raw.id;
+                    let (id, account) = (raw.id, raw.account.clone());
                     let started = Arc::new(AtomicBool::new(false));
                     tokio::select! {
                         _ = dispatcher.handle(raw, now, started.clone()) => {}
                         _ = hard_stop.cancelled() => {
                             let in_doubt = started.load(std::sync::atomic::Ordering::SeqCst);
                             let reason = if in_doubt { crate::store::RELEASED_AT_SHUTDOWN } else { "released at shutdown before it was sent" };
-                            dispatcher.record(id, Outcome::Release { errcode: None, reason: reason.into(), in_doubt }, now).await;
+                            dispatcher.record(id, &account, Outcome::Release { errcode: None, reason: reason.into(), in_doubt }, now).await;
                         }
                     }
                 });
@@ -192,6 +196,7 @@ pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 /// de-duplication window has passed.
 async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
     loop {
+        d.health.maintenance_passed();
         let now = d.clock.now();
         let result = async {
             let rescued = d.store.rescue_expired_leases(now).await?;

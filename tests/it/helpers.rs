@@ -218,6 +218,37 @@ impl TestDb {
         }
     }
 
+    /// Postgres: refuses new connections to this database and ends the daemon's sessions,
+    /// as when the server goes away.
+    pub async fn terminate_connections_and_refuse(&self) {
+        let name = self.pg_name.as_ref().expect("a Postgres test database");
+        self.admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .await;
+        self.admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{name}' AND application_name = 'wechat-outbox'"
+        ))
+        .await;
+    }
+
+    pub async fn allow_connections(&self) {
+        let name = self.pg_name.as_ref().expect("a Postgres test database");
+        self.admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+            .await;
+    }
+
+    async fn admin(&self, sql: &str) {
+        let mut conn = PgConnectOptions::from_url(&admin_url().parse().unwrap())
+            .expect("TEST_POSTGRES_URL")
+            .connect()
+            .await
+            .expect("admin connection");
+        sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&mut conn)
+            .await
+            .expect("admin statement");
+    }
+
     pub fn config_toml(&self, api_base: &str, extra: &str) -> String {
         config_toml(self.backend, &self.url, api_base, extra)
     }
@@ -259,6 +290,8 @@ fn config_toml(backend: Backend, url: &str, api_base: &str, extra: &str) -> Stri
             [limits]
             rate_per_second = 100000
             [callback]
+            listen = "127.0.0.1:0"
+            [monitor]
             listen = "127.0.0.1:0"
             [[accounts]]
             name = "default"
@@ -359,6 +392,8 @@ pub struct Daemon {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// Where its callback endpoint listens.
     pub callback: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub monitor: SocketAddr,
     /// Its clock, which a test may move (to turn a quota period).
     pub clock: Arc<wechat_outbox::domain::clock::Clock>,
 }
@@ -370,11 +405,13 @@ impl Daemon {
             .await
             .expect("daemon starts");
         let callback = running.callback_addr.expect("callback endpoint enabled");
+        let monitor = running.monitor_addr.expect("monitor endpoint enabled");
         let clock = running.clock.clone();
         Daemon {
             stop,
             task: tokio::spawn(running.wait()),
             callback,
+            monitor,
             clock,
         }
     }

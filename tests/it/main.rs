@@ -9,6 +9,7 @@ mod faults;
 mod helpers;
 mod limits;
 mod limits_of_input;
+mod monitor;
 mod pipeline;
 mod processes;
 mod reports;

@@ -1,0 +1,311 @@
+//! What `/metrics` shows. Counters and the latency histogram count what this process did
+//! since it started; the row and quota gauges are read from the database at each scrape, so
+//! every daemon of a cluster shows the same, whole-table figures for them. docs/operations.md.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::store::{Outcome, Store};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabels {
+    account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    account: String,
+    outcome: &'static str,
+    /// WeChat's errcode, or `none` when the outcome came without one.
+    errcode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    account: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    account: String,
+    /// The push's Event (TEMPLATESENDJOBFINISH, subscribe, …) or, for user messages, MsgType.
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    /// The account in the path when it is configured, `unknown` otherwise (the path is
+    /// anyone's to choose, and a label per made-up name would grow without bound).
+    account: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RowLabels {
+    account: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeldLabels {
+    account: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    account: String,
+    /// Empty for the account's daily cap.
+    template_id: String,
+    period: &'static str,
+}
+
+/// Upper bounds of the send latency buckets, in seconds: 1 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    outcomes: Family<OutcomeLabels, Counter>,
+    send_seconds: Family<AccountLabels, Histogram>,
+    retries: Family<AccountLabels, Counter>,
+    token_refreshes: Family<ResultLabels, Counter>,
+    events_received: Family<EventLabels, Counter>,
+    callback_refused: Family<RefusalLabels, Counter>,
+    events_joined: Counter,
+    rows: Family<RowLabels, Gauge>,
+    held_rows: Family<HeldLabels, Gauge>,
+    quota_remaining: Family<QuotaLabels, Gauge>,
+    database_up: Gauge,
+    /// Scrapes refill the database gauges; one at a time, so two never interleave.
+    scrape: tokio::sync::Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wechat_outbox");
+        let outcomes = Family::default();
+        registry.register(
+            "outcomes",
+            "Outcomes written for claimed rows: sent, failed, expired, unknown, retry, released, held",
+            outcomes.clone(),
+        );
+        let send_seconds = Family::<AccountLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(LATENCY_BUCKETS)
+        });
+        registry.register(
+            "send_request_seconds",
+            "Duration of template send requests to WeChat that got an answer",
+            send_seconds.clone(),
+        );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Rows scheduled for another attempt",
+            retries.clone(),
+        );
+        let token_refreshes = Family::default();
+        registry.register(
+            "token_refreshes",
+            "Access tokens fetched from WeChat, by result",
+            token_refreshes.clone(),
+        );
+        let events_received = Family::default();
+        registry.register(
+            "events_received",
+            "Pushes from WeChat verified and stored (retries of a stored push not counted)",
+            events_received.clone(),
+        );
+        let callback_refused = Family::default();
+        registry.register(
+            "callback_refused",
+            "Callback requests refused, by HTTP status",
+            callback_refused.clone(),
+        );
+        let events_joined = Counter::default();
+        registry.register(
+            "events_joined",
+            "Delivery events joined to their sent row",
+            events_joined.clone(),
+        );
+        let rows = Family::default();
+        registry.register(
+            "rows",
+            "Rows in the outbox by status (whole table, read at scrape)",
+            rows.clone(),
+        );
+        let held_rows = Family::default();
+        registry.register(
+            "held_rows",
+            "Held rows by what they wait for (read at scrape)",
+            held_rows.clone(),
+        );
+        let quota_remaining = Family::default();
+        registry.register(
+            "quota_remaining",
+            "Sends left this month per template and today per account (report_quota, read at scrape)",
+            quota_remaining.clone(),
+        );
+        let database_up = Gauge::default();
+        registry.register(
+            "database_up",
+            "1 when the last scrape could read the database",
+            database_up.clone(),
+        );
+        Metrics {
+            registry,
+            outcomes,
+            send_seconds,
+            retries,
+            token_refreshes,
+            events_received,
+            callback_refused,
+            events_joined,
+            rows,
+            held_rows,
+            quota_remaining,
+            database_up,
+            scrape: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts an outcome once it is written to its row.
+    pub fn outcome(&self, account: &str, outcome: &Outcome) {
+        let (name, errcode) = match outcome {
+            Outcome::Sent { .. } => ("sent", None),
+            Outcome::Failed { errcode, .. } => ("failed", *errcode),
+            Outcome::Expired { .. } => ("expired", None),
+            Outcome::Unknown { errcode, .. } => ("unknown", *errcode),
+            Outcome::Retry { errcode, .. } => ("retry", *errcode),
+            Outcome::Release { errcode, .. } => ("released", *errcode),
+            Outcome::Hold { .. } => ("held", None),
+        };
+        let labels = OutcomeLabels {
+            account: account.to_string(),
+            outcome: name,
+            errcode: errcode.map_or_else(|| "none".to_string(), |c| c.to_string()),
+        };
+        self.outcomes.get_or_create(&labels).inc();
+        if name == "retry" {
+            self.retries.get_or_create(&account_labels(account)).inc();
+        }
+    }
+
+    pub fn send_request(&self, account: &str, took: std::time::Duration) {
+        self.send_seconds
+            .get_or_create(&account_labels(account))
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn token_refresh(&self, account: &str, ok: bool) {
+        let labels = ResultLabels {
+            account: account.to_string(),
+            result: if ok { "ok" } else { "error" },
+        };
+        self.token_refreshes.get_or_create(&labels).inc();
+    }
+
+    pub fn event_received(&self, account: &str, event: &str) {
+        let labels = EventLabels {
+            account: account.to_string(),
+            event: event.to_string(),
+        };
+        self.events_received.get_or_create(&labels).inc();
+    }
+
+    /// `account` must be a configured name or `unknown`.
+    pub fn callback_refused(&self, account: &str, status: u16) {
+        let labels = RefusalLabels {
+            account: account.to_string(),
+            status,
+        };
+        self.callback_refused.get_or_create(&labels).inc();
+    }
+
+    pub fn events_joined(&self, rows: u64) {
+        self.events_joined.inc_by(rows);
+    }
+
+    /// Reads the database gauges and encodes everything in the OpenMetrics text format (which
+    /// Prometheus reads; its classic text parser reads it too).
+    pub async fn render(&self, store: &Store) -> String {
+        let _one_at_a_time = self.scrape.lock().await;
+        let read = self.read_database(store).await;
+        if let Err(e) = &read {
+            tracing::warn!(error = %format!("{e:#}"), "metrics: cannot read the database gauges");
+        }
+        self.database_up.set(i64::from(read.is_ok()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String does not fail");
+        text
+    }
+
+    async fn read_database(&self, store: &Store) -> anyhow::Result<()> {
+        let counts = store.row_counts().await?;
+        let quota = crate::report::read(store, "report_quota").await?;
+        // Statuses that emptied since the last scrape must show 0, not their old value.
+        self.rows.clear();
+        self.held_rows.clear();
+        self.quota_remaining.clear();
+        for c in counts {
+            let labels = RowLabels {
+                account: c.account.clone(),
+                status: c.status.clone(),
+            };
+            self.rows.get_or_create(&labels).inc_by(c.rows);
+            if let Some(reason) = c.held_for.filter(|_| c.status == "held") {
+                let labels = HeldLabels {
+                    account: c.account,
+                    reason,
+                };
+                self.held_rows.get_or_create(&labels).inc_by(c.rows);
+            }
+        }
+        let column = |name: &str| quota.columns.iter().position(|c| c == name);
+        let (Some(account), Some(template), Some(month), Some(day)) = (
+            column("account"),
+            column("template_id"),
+            column("month_remaining"),
+            column("day_remaining"),
+        ) else {
+            return Ok(()); // no account has written its limits yet
+        };
+        for row in &quota.rows {
+            let account = row[account].as_str().unwrap_or_default().to_string();
+            if let Some(template_id) = row[template].as_str() {
+                let labels = QuotaLabels {
+                    account: account.clone(),
+                    template_id: template_id.to_string(),
+                    period: "month",
+                };
+                self.quota_remaining
+                    .get_or_create(&labels)
+                    .set(row[month].as_i64().unwrap_or_default());
+            }
+            let labels = QuotaLabels {
+                account,
+                template_id: String::new(),
+                period: "day",
+            };
+            self.quota_remaining
+                .get_or_create(&labels)
+                .set(row[day].as_i64().unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+fn account_labels(account: &str) -> AccountLabels {
+    AccountLabels {
+        account: account.to_string(),
+    }
+}
