@@ -10,6 +10,7 @@ mod helpers;
 mod limits;
 mod limits_of_input;
 mod monitor;
+mod packaging;
 mod pipeline;
 mod processes;
 mod reports;
