@@ -18,7 +18,7 @@ use crate::monitor::{self, Health};
 use crate::store::{AccountLimitsRow, Store};
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
-use crate::worker::{AccountRuntime, Dispatcher, Pool, PoolSettings, rate};
+use crate::worker::{AccountRuntime, Completions, Dispatcher, Pool, PoolSettings, rate};
 use crate::{retention, templates};
 
 /// A started daemon.
@@ -65,7 +65,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     };
     store.migrate().await?;
     let timezone = config.timezone()?;
-    record_limits(&store, &accounts, &config.limits.timezone, timezone).await?;
     let owner = instance_id();
     let http_timeout = Duration::from_millis(config.api.timeout_ms);
     let api = WechatApi::new(&config.api.base_url, http_timeout)?;
@@ -122,6 +121,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         not_authorised_pause: Duration::from_secs(config.retry.not_authorised_pause_secs),
         metrics: metrics.clone(),
         health: health.clone(),
+        completions: Completions::spawn(store.clone(), owner.clone()),
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {
@@ -157,14 +157,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             shutdown.clone(),
         );
         let zone_name = config.limits.timezone.clone();
+        // Only reports read these, so a database that refuses the write (locked by another
+        // process, say) must not stop the daemon: try again soon, then hourly.
         tokio::spawn(async move {
             loop {
+                let wait = match record_limits(&store, &accounts, &zone_name, timezone).await {
+                    Ok(()) => LIMITS_REFRESH,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot record the account limits yet");
+                        LIMITS_RETRY
+                    }
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(LIMITS_REFRESH) => {}
-                }
-                if let Err(e) = record_limits(&store, &accounts, &zone_name, timezone).await {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot record the account limits");
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         })
@@ -217,6 +223,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
 
 /// How often the timezone offset in `account_limits` is brought up to date (a DST change).
 const LIMITS_REFRESH: Duration = Duration::from_secs(3600);
+const LIMITS_RETRY: Duration = Duration::from_secs(10);
 
 /// Writes the limits the accounts run with, for `report_quota`.
 async fn record_limits(
