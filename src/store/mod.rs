@@ -83,6 +83,15 @@ impl HeldFor {
     }
 }
 
+/// One outcome to write: the row, what happened, when, and when its attempt began.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: i64,
+    pub outcome: Outcome,
+    pub now: DateTime<Utc>,
+    pub attempt_began: DateTime<Utc>,
+}
+
 /// The column values an `Outcome` writes; shared by both backends.
 pub(crate) struct OutcomeColumns {
     pub status: Status,
@@ -336,8 +345,24 @@ impl Store {
         now: DateTime<Utc>,
         attempt_began: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let columns = outcome.columns(now);
-        on_backend!(self, s => s.finish(owner, id, &columns, now, attempt_began).await)
+        let done = self
+            .finish_many(
+                owner,
+                &[Finish {
+                    id,
+                    outcome: outcome.clone(),
+                    now,
+                    attempt_began,
+                }],
+            )
+            .await?;
+        Ok(done[0])
+    }
+
+    /// Writes several outcomes in one transaction (one commit, one fsync); for each, whether
+    /// the row was still ours. All or none: on an error nothing was written.
+    pub async fn finish_many(&self, owner: &str, items: &[Finish]) -> StoreResult<Vec<bool>> {
+        on_backend!(self, s => s.finish_many(owner, items).await)
     }
 
     /// Extends the lease of a row `owner` still holds; false if it no longer does.

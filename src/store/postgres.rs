@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccountLimitsRow, EXPIRED, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST,
-    OutcomeColumns, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
+    AccountLimitsRow, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED,
+    MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
     StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
@@ -97,39 +97,44 @@ impl PostgresStore {
         rows.into_iter().map(raw_message).collect()
     }
 
-    pub(super) async fn finish(
+    pub(super) async fn finish_many(
         &self,
         owner: &str,
-        id: i64,
-        c: &OutcomeColumns,
-        now: DateTime<Utc>,
-        attempt_began: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE outbox SET status = $1, msgid = COALESCE($2, msgid),
+        items: &[Finish],
+    ) -> StoreResult<Vec<bool>> {
+        let mut tx = self.pool.begin().await?;
+        let mut done = Vec::with_capacity(items.len());
+        for item in items {
+            let (id, now, attempt_began) = (item.id, item.now, item.attempt_began);
+            let c = &item.outcome.columns(now);
+            let updated = sqlx::query(
+                "UPDATE outbox SET status = $1, msgid = COALESCE($2, msgid),
                     sent_at = CASE WHEN $3 THEN $9 ELSE sent_at END,
                     next_attempt_at = COALESCE($4, next_attempt_at), last_errcode = $5,
                     last_error = $6, in_doubt = $7, attempts = attempts - $8,
                     lease_owner = NULL, lease_expires_at = NULL, updated_at = $9, held_for = $12,
                     in_doubt_since = CASE WHEN $7 THEN COALESCE(in_doubt_since, $13) END
              WHERE id = $10 AND status = 'sending' AND lease_owner = $11",
-        )
-        .bind(c.status.as_str())
-        .bind(c.msgid)
-        .bind(c.sent)
-        .bind(c.next_attempt_at)
-        .bind(c.errcode.map(errcode_column))
-        .bind(c.error.as_deref())
-        .bind(c.in_doubt)
-        .bind(c.refund_attempt)
-        .bind(now)
-        .bind(id)
-        .bind(owner)
-        .bind(c.held_for.map(|h| h.as_str()))
-        .bind(attempt_began)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+            )
+            .bind(c.status.as_str())
+            .bind(c.msgid)
+            .bind(c.sent)
+            .bind(c.next_attempt_at)
+            .bind(c.errcode.map(errcode_column))
+            .bind(c.error.as_deref())
+            .bind(c.in_doubt)
+            .bind(c.refund_attempt)
+            .bind(now)
+            .bind(id)
+            .bind(owner)
+            .bind(c.held_for.map(|h| h.as_str()))
+            .bind(attempt_began)
+            .execute(&mut *tx)
+            .await?;
+            done.push(updated.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(done)
     }
 
     pub(super) async fn extend_lease(

@@ -42,6 +42,8 @@ pub struct Dispatcher {
     pub clock: Arc<Clock>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Writes outcomes in groups.
+    pub completions: super::Completions,
 }
 
 /// What a request came back with: the outcome, and whether WeChat definitely refused the
@@ -77,8 +79,8 @@ impl Dispatcher {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self
-                .store
-                .finish(&self.owner, id, &outcome, self.clock.now(), attempt_began)
+                .completions
+                .finish(id, &outcome, self.clock.now(), attempt_began)
                 .await
             {
                 Ok(true) => {

@@ -4,6 +4,7 @@
 //! No transaction or lock is held across an HTTP call: a claim is one short statement that
 //! sets a lease, and each outcome is another.
 
+mod completions;
 pub mod dispatch;
 mod limits;
 pub mod rate;
@@ -16,6 +17,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use completions::Completions;
 pub use dispatch::Dispatcher;
 pub use rate::AccountRuntime;
 
