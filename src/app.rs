@@ -18,7 +18,9 @@ use crate::monitor::{self, Health};
 use crate::store::{AccountLimitsRow, Store};
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
-use crate::worker::{AccountRuntime, Completions, Dispatcher, Pool, PoolSettings, rate};
+use crate::worker::{
+    AccountRuntime, Completions, Dispatcher, Pool, PoolSettings, Reservations, rate,
+};
 use crate::{retention, templates};
 
 /// A started daemon.
@@ -122,6 +124,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         metrics: metrics.clone(),
         health: health.clone(),
         completions: Completions::spawn(store.clone(), owner.clone()),
+        reservations: Reservations::spawn(store.clone()),
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {

@@ -451,7 +451,16 @@ impl Store {
     /// Counts a send in its template's month and its account's day, atomically, unless either
     /// is full; records the periods on the row (guarded by the lease).
     pub async fn reserve_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<Reserved> {
-        on_backend!(self, s => s.reserve_quota(r).await)
+        Ok(self.reserve_quota_many(std::slice::from_ref(r)).await?[0])
+    }
+
+    /// Reserves quota for several rows in one transaction; a result per row, in order. All or
+    /// none on an error: nothing was reserved.
+    pub async fn reserve_quota_many(
+        &self,
+        items: &[QuotaReservation<'_>],
+    ) -> StoreResult<Vec<Reserved>> {
+        on_backend!(self, s => s.reserve_quota_many(items).await)
     }
 
     /// Uncounts a send WeChat refused, and forgets the periods on the row.

@@ -415,55 +415,93 @@ impl SqliteStore {
         Ok(joined)
     }
 
-    pub(super) async fn reserve_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<Reserved> {
-        if r.monthly_limit == 0 {
-            return Ok(Reserved::MonthFull);
-        }
-        if r.daily_limit == 0 {
-            return Ok(Reserved::DayFull);
-        }
+    /// Reserves quota for several rows in one transaction (one commit for the group). Per row:
+    /// mark the row (proving the lease), count the template's month, count the account's day;
+    /// a count refused at its limit undoes that row's earlier steps, so each row's reservation
+    /// stays all or nothing while the group shares the commit.
+    pub(super) async fn reserve_quota_many(
+        &self,
+        items: &[QuotaReservation<'_>],
+    ) -> StoreResult<Vec<Reserved>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let count = "INSERT INTO quota_usage (account, scope, period, used, updated_at)
-                     VALUES (?1, ?2, ?3, 1, ?4)
-                     ON CONFLICT (account, scope, period) DO UPDATE
-                        SET used = used + 1, updated_at = excluded.updated_at WHERE used < ?5";
-        let scope = template_scope(r.template_id);
-        for (scope, period, limit, full) in [
-            (
-                scope.as_str(),
-                r.month,
-                r.monthly_limit,
-                Reserved::MonthFull,
-            ),
-            (ACCOUNT_SCOPE, r.day, r.daily_limit, Reserved::DayFull),
-        ] {
-            let counted = sqlx::query(count)
-                .bind(r.account)
-                .bind(scope)
-                .bind(period)
-                .bind(ts(r.now))
-                .bind(limit)
-                .execute(&mut *tx)
-                .await?;
-            if counted.rows_affected() == 0 {
-                return Ok(full); // dropping the transaction rolls back what was counted
+        let mut results = Vec::with_capacity(items.len());
+        for r in items {
+            if r.monthly_limit == 0 {
+                results.push(Reserved::MonthFull);
+                continue;
             }
-        }
-        let marked = sqlx::query(
-            "UPDATE outbox SET quota_month = ?1, quota_day = ?2
-             WHERE id = ?3 AND status = 'sending' AND lease_owner = ?4",
-        )
-        .bind(r.month)
-        .bind(r.day)
-        .bind(r.id)
-        .bind(r.owner)
-        .execute(&mut *tx)
-        .await?;
-        if marked.rows_affected() == 0 {
-            return Ok(Reserved::LeaseLost);
+            if r.daily_limit == 0 {
+                results.push(Reserved::DayFull);
+                continue;
+            }
+            let marked = sqlx::query(
+                "UPDATE outbox SET quota_month = ?1, quota_day = ?2
+                 WHERE id = ?3 AND status = 'sending' AND lease_owner = ?4",
+            )
+            .bind(r.month)
+            .bind(r.day)
+            .bind(r.id)
+            .bind(r.owner)
+            .execute(&mut *tx)
+            .await?;
+            if marked.rows_affected() == 0 {
+                results.push(Reserved::LeaseLost);
+                continue;
+            }
+            // The upsert locks the counter row, and its WHERE sees the latest count: concurrent
+            // reservations from any number of daemons cannot pass the limit.
+            let count = "INSERT INTO quota_usage (account, scope, period, used, updated_at)
+                         VALUES (?1, ?2, ?3, 1, ?4)
+                         ON CONFLICT (account, scope, period) DO UPDATE
+                            SET used = quota_usage.used + 1, updated_at = excluded.updated_at
+                            WHERE quota_usage.used < ?5";
+            let template_scope = template_scope(r.template_id);
+            let mut result = Reserved::Granted;
+            let mut counted: Vec<(&str, &str)> = Vec::with_capacity(2);
+            for (scope, period, limit, full) in [
+                (
+                    template_scope.as_str(),
+                    r.month,
+                    r.monthly_limit,
+                    Reserved::MonthFull,
+                ),
+                (ACCOUNT_SCOPE, r.day, r.daily_limit, Reserved::DayFull),
+            ] {
+                let done = sqlx::query(count)
+                    .bind(r.account)
+                    .bind(scope)
+                    .bind(period)
+                    .bind(ts(r.now))
+                    .bind(i64::from(limit))
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    result = full;
+                    break;
+                }
+                counted.push((scope, period));
+            }
+            if result != Reserved::Granted {
+                for (scope, period) in counted {
+                    sqlx::query(
+                        "UPDATE quota_usage SET used = used - 1
+                         WHERE account = ?1 AND scope = ?2 AND period = ?3",
+                    )
+                    .bind(r.account)
+                    .bind(scope)
+                    .bind(period)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ?1")
+                    .bind(r.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            results.push(result);
         }
         tx.commit().await?;
-        Ok(Reserved::Granted)
+        Ok(results)
     }
 
     pub(super) async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {

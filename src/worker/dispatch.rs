@@ -44,6 +44,8 @@ pub struct Dispatcher {
     pub health: Arc<Health>,
     /// Writes outcomes in groups.
     pub completions: super::Completions,
+    /// Reserves quota in groups.
+    pub reservations: super::Reservations,
 }
 
 /// What a request came back with: the outcome, and whether WeChat definitely refused the

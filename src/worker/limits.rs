@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::Dispatcher;
+use super::grouped::ReservationRequest;
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::{Periods, periods};
 use crate::domain::template::check_data;
@@ -76,8 +77,18 @@ impl Dispatcher {
             });
         }
         let p = periods(now, self.timezone);
-        let reservation = self.reservation(raw, template_id, &p.month, &p.day, now);
-        match self.store.reserve_quota(&reservation).await {
+        let request = ReservationRequest {
+            owner: self.owner.clone(),
+            id: raw.id,
+            account: raw.account.clone(),
+            template_id: template_id.to_string(),
+            month: p.month.clone(),
+            day: p.day.clone(),
+            monthly_limit: limits.monthly_per_template,
+            daily_limit: limits.daily_per_account,
+            now,
+        };
+        match self.reservations.reserve(request).await {
             Ok(Reserved::Granted) => Ok(Counted {
                 month: p.month,
                 day: p.day,

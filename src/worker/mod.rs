@@ -4,8 +4,8 @@
 //! No transaction or lock is held across an HTTP call: a claim is one short statement that
 //! sets a lease, and each outcome is another.
 
-mod completions;
 pub mod dispatch;
+mod grouped;
 mod limits;
 pub mod rate;
 
@@ -17,8 +17,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use completions::Completions;
 pub use dispatch::Dispatcher;
+pub use grouped::{Completions, Reservations};
 pub use rate::AccountRuntime;
 
 use crate::domain::retry::InDoubtPolicy;

@@ -460,6 +460,20 @@ async fn the_daily_quota_holds_rows_until_the_next_day(backend: Backend) {
     .await;
     assert_eq!(db.app.count("status = 'sent'").await, 5);
     assert_eq!(db.app.count("status = 'held' AND held_for = 'daily quota' AND last_error LIKE '%daily quota (5 on %) is used up; held until % UTC'").await, 3);
+    // A reservation refused by the day gives back the month it had counted, and leaves its row
+    // uncounted (reservations share a transaction; each one stays all or nothing).
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'template:TDAY' AND used = 5")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.app
+            .count("status = 'held' AND quota_month IS NULL")
+            .await,
+        3
+    );
 
     let tomorrow = Utc::now()
         .date_naive()
@@ -472,6 +486,12 @@ async fn the_daily_quota_holds_rows_until_the_next_day(backend: Backend) {
     wait_for(&db, "outbox", "status = 'sent'", 8, Duration::from_secs(20)).await;
     daemon.stop().await;
     assert_eq!(sim.sim.stats().delivered, 8);
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'template:TDAY' AND used = 8")
+            .await,
+        1
+    );
 }
 on_both_backends!(the_daily_quota_holds_rows_until_the_next_day);
 

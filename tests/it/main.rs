@@ -4,6 +4,7 @@
 //! PostgreSQL: `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) must
 //! reach a server where the user may create databases. Tests never skip when it is down.
 
+mod bench_smoke;
 mod delivery;
 mod faults;
 mod helpers;
