@@ -97,44 +97,67 @@ impl PostgresStore {
         rows.into_iter().map(raw_message).collect()
     }
 
+    /// One statement for the whole group: the outcomes travel as arrays and `unnest` turns them
+    /// back into rows, so a group costs one round trip and one commit whatever its size.
     pub(super) async fn finish_many(
         &self,
         owner: &str,
         items: &[Finish],
     ) -> StoreResult<Vec<bool>> {
-        let mut tx = self.pool.begin().await?;
-        let mut done = Vec::with_capacity(items.len());
-        for item in items {
-            let (id, now, attempt_began) = (item.id, item.now, item.attempt_began);
-            let c = &item.outcome.columns(now);
-            let updated = sqlx::query(
-                "UPDATE outbox SET status = $1, msgid = COALESCE($2, msgid),
-                    sent_at = CASE WHEN $3 THEN $9 ELSE sent_at END,
-                    next_attempt_at = COALESCE($4, next_attempt_at), last_errcode = $5,
-                    last_error = $6, in_doubt = $7, attempts = attempts - $8,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = $9, held_for = $12,
-                    in_doubt_since = CASE WHEN $7 THEN COALESCE(in_doubt_since, $13) END
-             WHERE id = $10 AND status = 'sending' AND lease_owner = $11",
-            )
-            .bind(c.status.as_str())
-            .bind(c.msgid)
-            .bind(c.sent)
-            .bind(c.next_attempt_at)
-            .bind(c.errcode.map(errcode_column))
-            .bind(c.error.as_deref())
-            .bind(c.in_doubt)
-            .bind(c.refund_attempt)
-            .bind(now)
-            .bind(id)
-            .bind(owner)
-            .bind(c.held_for.map(|h| h.as_str()))
-            .bind(attempt_began)
-            .execute(&mut *tx)
-            .await?;
-            done.push(updated.rows_affected() == 1);
-        }
-        tx.commit().await?;
-        Ok(done)
+        let columns: Vec<_> = items.iter().map(|i| i.outcome.columns(i.now)).collect();
+        let updated: Vec<i64> = sqlx::query_scalar(
+            "UPDATE outbox AS o SET status = v.status, msgid = COALESCE(v.msgid, o.msgid),
+                    sent_at = CASE WHEN v.sent THEN v.now ELSE o.sent_at END,
+                    next_attempt_at = COALESCE(v.next_attempt_at, o.next_attempt_at),
+                    last_errcode = v.errcode, last_error = v.error, in_doubt = v.in_doubt,
+                    attempts = o.attempts - v.refund, lease_owner = NULL, lease_expires_at = NULL,
+                    updated_at = v.now, held_for = v.held_for,
+                    in_doubt_since = CASE WHEN v.in_doubt
+                                          THEN COALESCE(o.in_doubt_since, v.began) END
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::boolean[],
+                         $5::timestamptz[], $6::integer[], $7::text[], $8::boolean[],
+                         $9::integer[], $10::timestamptz[], $11::text[], $12::timestamptz[])
+                  AS v(id, status, msgid, sent, next_attempt_at, errcode, error, in_doubt,
+                       refund, now, held_for, began)
+             WHERE o.id = v.id AND o.status = 'sending' AND o.lease_owner = $13
+             RETURNING o.id",
+        )
+        .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+        .bind(
+            columns
+                .iter()
+                .map(|c| c.status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(columns.iter().map(|c| c.msgid).collect::<Vec<_>>())
+        .bind(columns.iter().map(|c| c.sent).collect::<Vec<_>>())
+        .bind(
+            columns
+                .iter()
+                .map(|c| c.next_attempt_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            columns
+                .iter()
+                .map(|c| c.errcode.map(errcode_column))
+                .collect::<Vec<_>>(),
+        )
+        .bind(columns.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
+        .bind(columns.iter().map(|c| c.in_doubt).collect::<Vec<_>>())
+        .bind(columns.iter().map(|c| c.refund_attempt).collect::<Vec<_>>())
+        .bind(items.iter().map(|i| i.now).collect::<Vec<_>>())
+        .bind(
+            columns
+                .iter()
+                .map(|c| c.held_for.map(|h| h.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(items.iter().map(|i| i.attempt_began).collect::<Vec<_>>())
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(items.iter().map(|i| updated.contains(&i.id)).collect())
     }
 
     pub(super) async fn extend_lease(
