@@ -5,6 +5,7 @@
 //! which the integration tests run against each.
 
 pub mod postgres;
+mod reserve;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! daemons never wait on each other's rows; the tables live in a configurable schema (set as
 //! the connection's `search_path`) inside the app's own database.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::reserve;
 use super::{
     AccountLimitsRow, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED,
     MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
@@ -407,93 +409,118 @@ impl PostgresStore {
         Ok(joined)
     }
 
-    /// Reserves quota for several rows in one transaction (one commit for the group). Per row:
-    /// mark the row (proving the lease), count the template's month, count the account's day;
-    /// a count refused at its limit undoes that row's earlier steps, so each row's reservation
-    /// stays all or nothing while the group shares the commit.
+    /// Reserves quota for a group of rows in one transaction with a few statements per
+    /// counter rather than per row: mark the rows still ours, lock each counter once (in the
+    /// order of `reserve::counter_pairs`, so daemons cannot deadlock), grant rows in order while
+    /// both counters have room, add what was granted, and unmark the rows that must wait.
     pub(super) async fn reserve_quota_many(
         &self,
         items: &[QuotaReservation<'_>],
     ) -> StoreResult<Vec<Reserved>> {
+        let mut results = vec![Reserved::LeaseLost; items.len()];
+        let Some(first) = items.first() else {
+            return Ok(results);
+        };
+        let now = first.now;
         let mut tx = self.pool.begin().await?;
-        let mut results = Vec::with_capacity(items.len());
-        for r in items {
-            if r.monthly_limit == 0 {
-                results.push(Reserved::MonthFull);
-                continue;
+        // Every row still ours gets its periods; the others lost their lease.
+        let marked_ids: Vec<i64> = sqlx::query_scalar(
+            "UPDATE outbox AS o SET quota_month = v.month, quota_day = v.day
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+                  AS v(id, month, day, owner)
+             WHERE o.id = v.id AND o.status = 'sending' AND o.lease_owner = v.owner
+             RETURNING o.id",
+        )
+        .bind(items.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(items.iter().map(|r| r.month).collect::<Vec<_>>())
+        .bind(items.iter().map(|r| r.day).collect::<Vec<_>>())
+        .bind(items.iter().map(|r| r.owner).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        let marked: Vec<bool> = items.iter().map(|r| marked_ids.contains(&r.id)).collect();
+        for (account, pairs) in reserve::counter_pairs(items, &marked) {
+            let mut days: Vec<&str> = pairs.iter().map(|p| p.day).collect();
+            days.sort_unstable();
+            days.dedup();
+            let mut day_used = HashMap::new();
+            for day in days {
+                let used = Self::lock_counter(&mut tx, account, ACCOUNT_SCOPE, day, now).await?;
+                day_used.insert(day, used);
             }
-            if r.daily_limit == 0 {
-                results.push(Reserved::DayFull);
-                continue;
+            for pair in &pairs {
+                let scope = template_scope(pair.template_id);
+                let month_used =
+                    Self::lock_counter(&mut tx, account, &scope, pair.month, now).await?;
+                let today = day_used[pair.day];
+                let decisions = reserve::decide(
+                    pair.rows.len(),
+                    i64::from(pair.monthly_limit) - month_used,
+                    i64::from(pair.daily_limit) - today,
+                );
+                let granted = decisions
+                    .iter()
+                    .filter(|d| **d == Reserved::Granted)
+                    .count() as i64;
+                if granted > 0 {
+                    for (scope, period) in [(scope.as_str(), pair.month), (ACCOUNT_SCOPE, pair.day)]
+                    {
+                        sqlx::query(
+                            "UPDATE quota_usage SET used = used + $4, updated_at = $5
+                             WHERE account = $1 AND scope = $2 AND period = $3",
+                        )
+                        .bind(account)
+                        .bind(scope)
+                        .bind(period)
+                        .bind(granted)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    day_used.insert(pair.day, today + granted);
+                }
+                for (&i, decision) in pair.rows.iter().zip(decisions) {
+                    results[i] = decision;
+                }
             }
-            let marked = sqlx::query(
-                "UPDATE outbox SET quota_month = $1, quota_day = $2
-                 WHERE id = $3 AND status = 'sending' AND lease_owner = $4",
+        }
+        let waiting: Vec<i64> = items
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| matches!(result, Reserved::MonthFull | Reserved::DayFull))
+            .map(|(r, _)| r.id)
+            .collect();
+        if !waiting.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)",
             )
-            .bind(r.month)
-            .bind(r.day)
-            .bind(r.id)
-            .bind(r.owner)
+            .bind(waiting)
             .execute(&mut *tx)
             .await?;
-            if marked.rows_affected() == 0 {
-                results.push(Reserved::LeaseLost);
-                continue;
-            }
-            // The upsert locks the counter row, and its WHERE sees the latest count: concurrent
-            // reservations from any number of daemons cannot pass the limit.
-            let count = "INSERT INTO quota_usage (account, scope, period, used, updated_at)
-                         VALUES ($1, $2, $3, 1, $4)
-                         ON CONFLICT (account, scope, period) DO UPDATE
-                            SET used = quota_usage.used + 1, updated_at = excluded.updated_at
-                            WHERE quota_usage.used < $5";
-            let template_scope = template_scope(r.template_id);
-            let mut result = Reserved::Granted;
-            let mut counted: Vec<(&str, &str)> = Vec::with_capacity(2);
-            for (scope, period, limit, full) in [
-                (
-                    template_scope.as_str(),
-                    r.month,
-                    r.monthly_limit,
-                    Reserved::MonthFull,
-                ),
-                (ACCOUNT_SCOPE, r.day, r.daily_limit, Reserved::DayFull),
-            ] {
-                let done = sqlx::query(count)
-                    .bind(r.account)
-                    .bind(scope)
-                    .bind(period)
-                    .bind(r.now)
-                    .bind(i64::from(limit))
-                    .execute(&mut *tx)
-                    .await?;
-                if done.rows_affected() == 0 {
-                    result = full;
-                    break;
-                }
-                counted.push((scope, period));
-            }
-            if result != Reserved::Granted {
-                for (scope, period) in counted {
-                    sqlx::query(
-                        "UPDATE quota_usage SET used = used - 1
-                         WHERE account = $1 AND scope = $2 AND period = $3",
-                    )
-                    .bind(r.account)
-                    .bind(scope)
-                    .bind(period)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = $1")
-                    .bind(r.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            results.push(result);
         }
         tx.commit().await?;
         Ok(results)
+    }
+
+    /// Locks a counter row (creating it at 0) for the rest of the transaction; returns its count.
+    async fn lock_counter(
+        tx: &mut Transaction<'_, Postgres>,
+        account: &str,
+        scope: &str,
+        period: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "INSERT INTO quota_usage (account, scope, period, used, updated_at)
+             VALUES ($1, $2, $3, 0, $4)
+             ON CONFLICT (account, scope, period) DO UPDATE SET used = quota_usage.used
+             RETURNING CAST(used AS BIGINT)",
+        )
+        .bind(account)
+        .bind(scope)
+        .bind(period)
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await
     }
 
     pub(super) async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {
