@@ -59,7 +59,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // Served from before the migrations, so that `/readyz` answers "not ready" while they run.
     let monitor = if config.monitor.enabled {
         let router = monitor::router(store.clone(), metrics.clone(), health.clone());
-        let (addr, task) = monitor::spawn(&config.monitor.listen, router, shutdown.clone()).await?;
+        let (addr, task) = crate::http_server::spawn(
+            "monitor.listen",
+            &config.monitor.listen,
+            router,
+            shutdown.clone(),
+        )
+        .await?;
         tracing::info!(%addr, "monitor endpoint listening on /metrics, /healthz, /readyz");
         Some((addr, task))
     } else {

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod http_server;
 pub mod metrics;
 pub mod monitor;
 pub mod report;

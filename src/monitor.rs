@@ -1,7 +1,6 @@
 //! `/metrics`, `/healthz` and `/readyz` on their own address (`[monitor] listen`), apart from
 //! the callback endpoint, which faces WeChat and the internet. docs/operations.md.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,8 +10,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -97,27 +94,6 @@ pub fn router(store: Store, metrics: Arc<Metrics>, health: Arc<Health>) -> Route
             metrics,
             health,
         })
-}
-
-/// Binds `listen` and serves until `shutdown`; returns the bound address.
-pub async fn spawn(
-    listen: &str,
-    router: Router,
-    shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("monitor.listen {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "monitor endpoint stopped");
-        }
-    });
-    Ok((addr, task))
 }
 
 async fn metrics_text(State(s): State<MonitorState>) -> impl IntoResponse {

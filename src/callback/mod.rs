@@ -20,7 +20,6 @@ use axum::routing::get;
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -125,20 +124,13 @@ pub async fn spawn(
     max_body_bytes: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("callback.listen {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
-    let app = router(state, max_body_bytes);
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "callback endpoint stopped");
-        }
-    });
-    Ok((addr, task))
+    crate::http_server::spawn(
+        "callback.listen",
+        listen,
+        router(state, max_body_bytes),
+        shutdown,
+    )
+    .await
 }
 
 #[derive(Deserialize)]

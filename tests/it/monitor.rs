@@ -272,23 +272,12 @@ async fn metrics_match_the_rows(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Two refused callback requests: one for a configured account, one for a made-up name.
-    let client = reqwest::Client::new();
-    let refused_known = client
-        .post(daemon.callback_url("default"))
-        .body("<xml/>")
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
-    let refused_unknown = client
-        .post(daemon.callback_url("nosuch"))
-        .body("<xml/>")
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
+    let post_xml = |url: String| async move {
+        let response = reqwest::Client::new().post(url).body("<xml/>").send();
+        response.await.unwrap().status().as_u16()
+    };
+    let refused_known = post_xml(daemon.callback_url("default")).await;
+    let refused_unknown = post_xml(daemon.callback_url("nosuch")).await;
 
     let m = scrape(&daemon).await;
     let rows = db.app.rows().await;
