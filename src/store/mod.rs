@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 
 pub type StoreResult<T> = Result<T, sqlx::Error>;
 
-/// How an attempt ended, as written to the row by `Store::finish`.
+/// How an attempt ended, as written to the row by `Store::finish_many`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// WeChat accepted the message.
@@ -335,33 +335,11 @@ impl Store {
         on_backend!(self, s => s.claim(owner, limit as i64, lease_until, now).await)
     }
 
-    /// Writes an attempt's outcome if `owner` still holds the row's lease; false if it does not.
-    /// `attempt_began` is when this attempt was claimed: if the outcome leaves the row in doubt
-    /// for the first time, its de-duplication window started then.
-    pub async fn finish(
-        &self,
-        owner: &str,
-        id: i64,
-        outcome: &Outcome,
-        now: DateTime<Utc>,
-        attempt_began: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let done = self
-            .finish_many(
-                owner,
-                &[Finish {
-                    id,
-                    outcome: outcome.clone(),
-                    now,
-                    attempt_began,
-                }],
-            )
-            .await?;
-        Ok(done[0])
-    }
-
-    /// Writes several outcomes in one transaction (one commit, one fsync); for each, whether
-    /// the row was still ours. All or none: on an error nothing was written.
+    /// Writes attempts' outcomes, each only if `owner` still holds the row's lease, in one
+    /// transaction (one commit, one fsync); for each, whether the row was still ours. All or
+    /// none: on an error nothing was written. `attempt_began` is when an attempt was claimed: if
+    /// its outcome leaves the row in doubt for the first time, the de-duplication window
+    /// started then.
     pub async fn finish_many(&self, owner: &str, items: &[Finish]) -> StoreResult<Vec<bool>> {
         on_backend!(self, s => s.finish_many(owner, items).await)
     }
@@ -449,14 +427,10 @@ impl Store {
         on_backend!(self, s => s.join_delivery_events(now).await)
     }
 
-    /// Counts a send in its template's month and its account's day, atomically, unless either
-    /// is full; records the periods on the row (guarded by the lease).
-    pub async fn reserve_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<Reserved> {
-        Ok(self.reserve_quota_many(std::slice::from_ref(r)).await?[0])
-    }
-
-    /// Reserves quota for several rows in one transaction; a result per row, in order. All or
-    /// none on an error: nothing was reserved.
+    /// Counts each row's send in its template's month and its account's day, unless either is
+    /// full, and records the periods on the row (guarded by the lease); one transaction for the
+    /// group, a result per row in order, each row all or nothing. On an error nothing was
+    /// reserved.
     pub async fn reserve_quota_many(
         &self,
         items: &[QuotaReservation<'_>],

@@ -2,7 +2,7 @@
 //! daemons never wait on each other's rows; the tables live in a configurable schema (set as
 //! the connection's `search_path`) inside the app's own database.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,6 +159,7 @@ impl PostgresStore {
         .bind(owner)
         .fetch_all(&self.pool)
         .await?;
+        let updated: HashSet<i64> = updated.into_iter().collect();
         Ok(items.iter().map(|i| updated.contains(&i.id)).collect())
     }
 
@@ -437,6 +438,7 @@ impl PostgresStore {
         .bind(items.iter().map(|r| r.owner).collect::<Vec<_>>())
         .fetch_all(&mut *tx)
         .await?;
+        let marked_ids: HashSet<i64> = marked_ids.into_iter().collect();
         let marked: Vec<bool> = items.iter().map(|r| marked_ids.contains(&r.id)).collect();
         for (account, pairs) in reserve::counter_pairs(items, &marked) {
             let mut days: Vec<&str> = pairs.iter().map(|p| p.day).collect();
