@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::callback::{self, CallbackState};
@@ -131,6 +131,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         health: health.clone(),
         completions: Completions::spawn(store.clone(), owner.clone()),
         reservations: Reservations::spawn(store.clone()),
+        requests: Semaphore::new(config.workers.concurrency),
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {
@@ -190,8 +191,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tokio::spawn(async move { store.watch_for_rows(wake, shutdown).await })
     };
     let settings = PoolSettings {
-        concurrency: config.workers.concurrency,
-        batch_size: config.workers.batch_size.min(config.workers.concurrency),
+        held_rows: config.workers.concurrency + config.workers.claim_ahead,
+        batch_size: config.workers.batch_size,
         poll_interval: Duration::from_millis(config.workers.poll_interval_ms),
         shutdown_grace: Duration::from_secs(config.workers.shutdown_grace_secs),
         watchdog: sd_notify::watchdog_enabled(),
@@ -199,7 +200,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     tracing::info!(
         backend = store.backend_name(),
         %owner,
-        concurrency = settings.concurrency,
+        concurrency = config.workers.concurrency,
+        held_rows = settings.held_rows,
         accounts = dispatcher.accounts.len(),
         "wechat-outbox started"
     );

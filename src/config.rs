@@ -97,8 +97,11 @@ impl Default for ApiSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
-    /// Messages in flight at once.
+    /// Requests to WeChat in flight at once.
     pub concurrency: usize,
+    /// Rows claimed beyond `concurrency`, so that a free request slot never waits for the
+    /// database: they are counted in the quota or have their outcome written meanwhile.
+    pub claim_ahead: usize,
     /// Rows claimed per statement.
     pub batch_size: usize,
     /// Longest wait between looks at the table when no wake-up arrives.
@@ -113,6 +116,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
             concurrency: 64,
+            claim_ahead: 192,
             batch_size: 64,
             poll_interval_ms: 1000,
             lease_secs: 60,

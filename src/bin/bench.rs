@@ -38,6 +38,9 @@ struct Args {
     /// Rows in the slow-WeChat run.
     #[arg(long, default_value_t = 16000)]
     slow_rows: u64,
+    /// workers.claim_ahead of the daemon.
+    #[arg(long, default_value_t = 192)]
+    claim_ahead: usize,
     /// workers.concurrency of the daemon.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -145,8 +148,8 @@ fn print_settings(args: &Args) {
         commit.trim()
     );
     println!(
-        "daemon: concurrency {} batch_size {} RUST_LOG={}; simulator and inserting client in the bench process",
-        args.concurrency, args.batch_size, args.daemon_log
+        "daemon: concurrency {} claim_ahead {} batch_size {} RUST_LOG={}; simulator and inserting client in the bench process",
+        args.concurrency, args.claim_ahead, args.batch_size, args.daemon_log
     );
     println!(
         "drain: N rows inserted before the daemon starts, timed from its start to the last row `sent`"
@@ -205,6 +208,7 @@ impl<'a> Run<'a> {
             base_url = "http://{sim_addr}"
             [workers]
             concurrency = {concurrency}
+            claim_ahead = {claim_ahead}
             batch_size = {batch}
             [limits]
             rate_per_second = 1000000
@@ -222,6 +226,7 @@ impl<'a> Run<'a> {
             secret = "bench-secret"
             "#,
             concurrency = args.concurrency,
+            claim_ahead = args.claim_ahead,
             batch = args.batch_size,
         );
         let config = dir.join("config.toml");

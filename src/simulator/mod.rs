@@ -121,6 +121,8 @@ pub fn demo_templates() -> Vec<SimTemplate> {
 pub struct Stats {
     /// Template send requests received.
     pub send_requests: u64,
+    /// The most send requests being answered at one time.
+    pub peak_sends_in_flight: u64,
     /// Messages that reached a user (each counted once per delivery).
     pub delivered: u64,
     /// Deliveries of a message the same user had already received.
@@ -167,7 +169,27 @@ struct SimState {
     received: HashMap<(String, String, String), u64>,
     deliveries: Vec<Delivery>,
     next_msgid: i64,
+    sends_in_flight: u64,
     stats: Stats,
+}
+
+/// Counts a send request as in flight until it is answered (or its client went away).
+struct SendInFlight<'a>(&'a Simulator);
+
+impl<'a> SendInFlight<'a> {
+    fn begin(sim: &'a Simulator) -> SendInFlight<'a> {
+        let mut state = sim.state.lock().expect("sim state");
+        state.sends_in_flight += 1;
+        state.stats.peak_sends_in_flight =
+            state.stats.peak_sends_in_flight.max(state.sends_in_flight);
+        SendInFlight(sim)
+    }
+}
+
+impl Drop for SendInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("sim state").sends_in_flight -= 1;
+    }
 }
 
 pub struct Simulator {
@@ -488,6 +510,7 @@ async fn send_template(
     Query(q): Query<TokenQuery>,
     body: axum::body::Bytes,
 ) -> Response {
+    let _in_flight = SendInFlight::begin(&sim);
     let settings = sim.settings();
     if settings.faults.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(settings.faults.delay_ms)).await;

@@ -46,6 +46,8 @@ pub struct Dispatcher {
     pub completions: super::Completions,
     /// Reserves quota in groups.
     pub reservations: super::Reservations,
+    /// One permit per request to WeChat in flight (`workers.concurrency`).
+    pub requests: tokio::sync::Semaphore,
 }
 
 /// What a request came back with: the outcome, and whether WeChat definitely refused the
@@ -182,6 +184,7 @@ impl Dispatcher {
         started: &AtomicBool,
     ) -> Sent {
         let mut in_doubt = raw.in_doubt;
+        let _slot = self.requests.acquire().await.expect("never closed");
         for _ in 0..=TOKEN_RETRIES {
             let token = match self.tokens.get(&raw.account).await {
                 Ok(token) => token,

@@ -1,5 +1,7 @@
-//! The worker pool: claims due rows in batches, runs up to `concurrency` messages at once, and
-//! keeps the table healthy (rescues expired leases, expires overdue rows).
+//! The worker pool: claims due rows in batches, holds up to `concurrency + claim_ahead` of them
+//! (at most `concurrency` with a request to WeChat in flight; the others are having their quota
+//! counted or their outcome written, so a free request slot never waits for a commit), and keeps
+//! the table healthy (rescues expired leases, expires overdue rows).
 //!
 //! No transaction or lock is held across an HTTP call: a claim is one short statement that
 //! sets a lease, and each outcome is another.
@@ -33,7 +35,8 @@ pub const CLAIM_LOOP_MAX_WAIT: Duration = Duration::from_secs(5);
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct PoolSettings {
-    pub concurrency: usize,
+    /// Rows this daemon holds at once: those being sent and those claimed ahead.
+    pub held_rows: usize,
     pub batch_size: usize,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
@@ -105,7 +108,7 @@ impl Pool {
         hard_stop: &CancellationToken,
         shutdown: &CancellationToken,
     ) {
-        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        let permits = Arc::new(Semaphore::new(self.settings.held_rows));
         let d = &self.dispatcher;
         let mut db_backoff = Duration::from_millis(100);
         // The watchdog is fed from this loop, so a wedged loop stops feeding it; no wait below

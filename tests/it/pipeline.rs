@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use wechat_outbox::simulator::SimSettings;
 
-use crate::helpers::{AppDb, Backend, Daemon, Sim, TestDb, assert_each_sent_once};
+use crate::helpers::{AppDb, Backend, Daemon, Sim, TestDb, assert_each_sent_once, slow_sim};
 use crate::on_both_backends;
 
 async fn rows_inserted_while_running_are_sent(backend: Backend) {
@@ -88,8 +88,12 @@ async fn priority_send_after_cancelled_and_expired_are_honoured(backend: Backend
     app.exec(&format!("INSERT INTO outbox (touser, template_id, data, expires_at) VALUES ('oExpired01', 'T', '{{}}', {})", app.now_plus(-60))).await.unwrap();
     app.exec(&format!("INSERT INTO outbox (touser, template_id, data, send_after, expires_at) VALUES ('oExpires02', 'T', '{{}}', {}, {})", app.now_plus(3), app.now_plus(1))).await.unwrap();
 
-    let daemon =
-        Daemon::start(db.config(&sim.url(), "[workers]\nconcurrency = 1\nbatch_size = 1")).await;
+    // Strict order needs one message at a time, none claimed ahead.
+    let daemon = Daemon::start(db.config(
+        &sim.url(),
+        "[workers]\nconcurrency = 1\nclaim_ahead = 0\nbatch_size = 1",
+    ))
+    .await;
     let rows = app.wait_settled(Duration::from_secs(20)).await;
     daemon.stop().await;
 
@@ -131,6 +135,35 @@ async fn priority_send_after_cancelled_and_expired_are_honoured(backend: Backend
     assert_eq!(sim.sim.stats().delivered, 5);
 }
 on_both_backends!(priority_send_after_cancelled_and_expired_are_honoured);
+
+/// `concurrency` caps the requests in flight; `claim_ahead` more rows are held meanwhile, so a
+/// free request slot finds a row ready.
+async fn requests_in_flight_stay_within_concurrency_while_rows_are_claimed_ahead(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(slow_sim(100)).await;
+    db.app.insert_good(48, "ahead").await;
+    let daemon = Daemon::start(db.config(
+        &sim.url(),
+        "[workers]\nconcurrency = 4\nclaim_ahead = 12\nbatch_size = 8",
+    ))
+    .await;
+    let mut most_held = 0;
+    while db.app.count("status IN ('pending', 'sending')").await > 0 {
+        most_held = most_held.max(db.app.count("status = 'sending'").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    daemon.stop().await;
+
+    assert_each_sent_once(&sim.sim, &rows);
+    let stats = sim.sim.stats();
+    assert_eq!(stats.peak_sends_in_flight, 4, "{stats:?}");
+    assert!(
+        (5..=16).contains(&most_held),
+        "held {most_held} rows at most; expected more than concurrency, at most concurrency + claim_ahead"
+    );
+}
+on_both_backends!(requests_in_flight_stay_within_concurrency_while_rows_are_claimed_ahead);
 
 async fn an_invalidated_token_is_refreshed_once(backend: Backend) {
     let db = TestDb::new(backend).await;
