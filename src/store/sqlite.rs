@@ -2,7 +2,7 @@
 //! write transaction is `BEGIN IMMEDIATE`, so a busy database waits (`busy_timeout`) instead of
 //! failing a lock upgrade. Times are UTC text `YYYY-MM-DD HH:MM:SS.SSS` (see the migration).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,44 +123,41 @@ impl SqliteStore {
         rows.into_iter().map(raw_message).collect()
     }
 
+    /// A group of outcomes in one statement: the rows travel as one JSON array, read back with
+    /// `json_each`, so the group costs one call into SQLite (and one hand-off to its thread)
+    /// rather than one per row.
     pub(super) async fn finish_many(
         &self,
         owner: &str,
         items: &[Finish],
     ) -> StoreResult<Vec<bool>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut done = Vec::with_capacity(items.len());
-        for item in items {
-            let (id, now, attempt_began) = (item.id, item.now, item.attempt_began);
-            let c = &item.outcome.columns(now);
-            let updated = sqlx::query(
-                "UPDATE outbox SET status = ?1, msgid = COALESCE(?2, msgid),
-                    sent_at = CASE WHEN ?3 THEN ?9 ELSE sent_at END,
-                    next_attempt_at = COALESCE(?4, next_attempt_at), last_errcode = ?5,
-                    last_error = ?6, in_doubt = ?7, attempts = attempts - ?8,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?9, held_for = ?12,
-                    in_doubt_since = CASE WHEN ?7 THEN COALESCE(in_doubt_since, ?13) END
-             WHERE id = ?10 AND status = 'sending' AND lease_owner = ?11",
-            )
-            .bind(c.status.as_str())
-            .bind(c.msgid)
-            .bind(c.sent)
-            .bind(c.next_attempt_at.map(ts))
-            .bind(c.errcode)
-            .bind(c.error.as_deref())
-            .bind(c.in_doubt)
-            .bind(c.refund_attempt)
-            .bind(ts(now))
-            .bind(id)
-            .bind(owner)
-            .bind(c.held_for.map(|h| h.as_str()))
-            .bind(ts(attempt_began))
-            .execute(&mut *tx)
-            .await?;
-            done.push(updated.rows_affected() == 1);
-        }
-        tx.commit().await?;
-        Ok(done)
+        let rows: Vec<FinishRow> = items.iter().map(FinishRow::new).collect();
+        let updated: Vec<i64> = sqlx::query_scalar(
+            "UPDATE outbox SET status = v.status, msgid = COALESCE(v.msgid, outbox.msgid),
+                    sent_at = CASE WHEN v.sent THEN v.now ELSE outbox.sent_at END,
+                    next_attempt_at = COALESCE(v.next_attempt_at, outbox.next_attempt_at),
+                    last_errcode = v.errcode, last_error = v.error, in_doubt = v.in_doubt,
+                    attempts = outbox.attempts - v.refund, lease_owner = NULL,
+                    lease_expires_at = NULL, updated_at = v.now, held_for = v.held_for,
+                    in_doubt_since = CASE WHEN v.in_doubt
+                                          THEN COALESCE(outbox.in_doubt_since, v.began) END
+             FROM (SELECT value ->> 'id' AS id, value ->> 'status' AS status,
+                          value ->> 'msgid' AS msgid, value ->> 'sent' AS sent,
+                          value ->> 'next_attempt_at' AS next_attempt_at,
+                          value ->> 'errcode' AS errcode, value ->> 'error' AS error,
+                          value ->> 'in_doubt' AS in_doubt, value ->> 'refund' AS refund,
+                          value ->> 'now' AS now, value ->> 'held_for' AS held_for,
+                          value ->> 'began' AS began
+                   FROM json_each(?1)) AS v
+             WHERE outbox.id = v.id AND outbox.status = 'sending' AND outbox.lease_owner = ?2
+             RETURNING id",
+        )
+        .bind(json_array(&rows))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        let updated: HashSet<i64> = updated.into_iter().collect();
+        Ok(items.iter().map(|i| updated.contains(&i.id)).collect())
     }
 
     pub(super) async fn extend_lease(
@@ -432,20 +429,21 @@ impl SqliteStore {
         let now = first.now;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // Every row still ours gets its periods; the others lost their lease.
-        let mut marked = Vec::with_capacity(items.len());
-        for r in items {
-            let done = sqlx::query(
-                "UPDATE outbox SET quota_month = ?1, quota_day = ?2
-                 WHERE id = ?3 AND status = 'sending' AND lease_owner = ?4",
-            )
-            .bind(r.month)
-            .bind(r.day)
-            .bind(r.id)
-            .bind(r.owner)
-            .execute(&mut *tx)
-            .await?;
-            marked.push(done.rows_affected() == 1);
-        }
+        let rows: Vec<MarkRow> = items.iter().map(MarkRow::new).collect();
+        let marked: HashSet<i64> = sqlx::query_scalar(
+            "UPDATE outbox SET quota_month = v.month, quota_day = v.day
+             FROM (SELECT value ->> 'id' AS id, value ->> 'owner' AS owner,
+                          value ->> 'month' AS month, value ->> 'day' AS day
+                   FROM json_each(?1)) AS v
+             WHERE outbox.id = v.id AND outbox.status = 'sending' AND outbox.lease_owner = v.owner
+             RETURNING id",
+        )
+        .bind(json_array(&rows))
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let marked: Vec<bool> = items.iter().map(|r| marked.contains(&r.id)).collect();
         for (account, pairs) in reserve::counter_pairs(items, &marked) {
             let mut days: Vec<&str> = pairs.iter().map(|p| p.day).collect();
             days.sort_unstable();
@@ -491,13 +489,20 @@ impl SqliteStore {
                 }
             }
         }
-        for (r, result) in items.iter().zip(&results) {
-            if matches!(result, Reserved::MonthFull | Reserved::DayFull) {
-                sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ?1")
-                    .bind(r.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        let waiting: Vec<i64> = items
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| matches!(result, Reserved::MonthFull | Reserved::DayFull))
+            .map(|(r, _)| r.id)
+            .collect();
+        if !waiting.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET quota_month = NULL, quota_day = NULL
+                 WHERE id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(json_array(&waiting))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(results)
@@ -856,6 +861,68 @@ impl SqliteStore {
 
     pub(super) async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Rows for a set-based statement, as the JSON array its `json_each` reads.
+fn json_array<T: serde::Serialize>(rows: &[T]) -> String {
+    serde_json::to_string(rows).expect("plain values always serialise")
+}
+
+/// One outcome as `finish_many` reads it from JSON.
+#[derive(serde::Serialize)]
+struct FinishRow {
+    id: i64,
+    status: &'static str,
+    msgid: Option<i64>,
+    sent: bool,
+    next_attempt_at: Option<String>,
+    errcode: Option<i64>,
+    error: Option<String>,
+    in_doubt: bool,
+    refund: i32,
+    now: String,
+    held_for: Option<&'static str>,
+    began: String,
+}
+
+impl FinishRow {
+    fn new(item: &Finish) -> FinishRow {
+        let c = item.outcome.columns(item.now);
+        FinishRow {
+            id: item.id,
+            status: c.status.as_str(),
+            msgid: c.msgid,
+            sent: c.sent,
+            next_attempt_at: c.next_attempt_at.map(ts),
+            errcode: c.errcode,
+            error: c.error,
+            in_doubt: c.in_doubt,
+            refund: c.refund_attempt,
+            now: ts(item.now),
+            held_for: c.held_for.map(|h| h.as_str()),
+            began: ts(item.attempt_began),
+        }
+    }
+}
+
+/// A row marked with the periods its quota is counted in, as `reserve_quota_many` reads it.
+#[derive(serde::Serialize)]
+struct MarkRow<'a> {
+    id: i64,
+    owner: &'a str,
+    month: &'a str,
+    day: &'a str,
+}
+
+impl<'a> MarkRow<'a> {
+    fn new(r: &QuotaReservation<'a>) -> MarkRow<'a> {
+        MarkRow {
+            id: r.id,
+            owner: r.owner,
+            month: r.month,
+            day: r.day,
+        }
     }
 }
 
