@@ -191,7 +191,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         tokio::spawn(async move { store.watch_for_rows(wake, shutdown).await })
     };
     let settings = PoolSettings {
-        held_rows: config.workers.concurrency + config.workers.claim_ahead,
+        concurrency: config.workers.concurrency,
+        claim_ahead: config.workers.claim_ahead,
         batch_size: config.workers.batch_size,
         poll_interval: Duration::from_millis(config.workers.poll_interval_ms),
         shutdown_grace: Duration::from_secs(config.workers.shutdown_grace_secs),
@@ -201,7 +202,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         backend = store.backend_name(),
         %owner,
         concurrency = config.workers.concurrency,
-        held_rows = settings.held_rows,
+        claim_ahead = settings.claim_ahead,
         accounts = dispatcher.accounts.len(),
         "wechat-outbox started"
     );

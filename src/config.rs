@@ -100,7 +100,9 @@ pub struct WorkerSettings {
     /// Requests to WeChat in flight at once.
     pub concurrency: usize,
     /// Rows claimed beyond `concurrency`, so that a free request slot never waits for the
-    /// database: they are counted in the quota or have their outcome written meanwhile.
+    /// database: they are counted in the quota or have their outcome written meanwhile. Never
+    /// more than this daemon's share of the accounts' send rates per second, so that rows do
+    /// not wait here for the rate while another daemon could send them.
     pub claim_ahead: usize,
     /// Rows claimed per statement.
     pub batch_size: usize,

@@ -58,6 +58,14 @@ struct Sent {
 }
 
 impl Dispatcher {
+    /// Sends per second this daemon may make now, all accounts together.
+    pub fn rate_allowance(&self) -> usize {
+        self.accounts
+            .values()
+            .map(|a| a.share_per_second() as usize)
+            .sum()
+    }
+
     /// Handles one claimed row to its outcome and records it. `started` turns true just before
     /// the request leaves, so that a row released at shutdown knows whether it may have arrived.
     #[tracing::instrument(skip_all, fields(id = raw.id, account = %raw.account, attempt = raw.attempts))]

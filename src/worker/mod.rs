@@ -35,8 +35,10 @@ pub const CLAIM_LOOP_MAX_WAIT: Duration = Duration::from_secs(5);
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct PoolSettings {
-    /// Rows this daemon holds at once: those being sent and those claimed ahead.
-    pub held_rows: usize,
+    /// Requests to WeChat in flight at once.
+    pub concurrency: usize,
+    /// Rows held beyond those, at most; fewer when the send rate would keep them waiting.
+    pub claim_ahead: usize,
     pub batch_size: usize,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
@@ -108,7 +110,10 @@ impl Pool {
         hard_stop: &CancellationToken,
         shutdown: &CancellationToken,
     ) {
-        let permits = Arc::new(Semaphore::new(self.settings.held_rows));
+        let most_held = self.settings.concurrency + self.settings.claim_ahead;
+        let permits = Arc::new(Semaphore::new(most_held));
+        // A task that ends frees its row's place; the loop waits for one when it holds enough.
+        let row_done = Arc::new(Notify::new());
         let d = &self.dispatcher;
         let mut db_backoff = Duration::from_millis(100);
         // The watchdog is fed from this loop, so a wedged loop stops feeding it; no wait below
@@ -131,8 +136,23 @@ impl Pool {
                 _ = tokio::time::sleep(beat) => continue,
                 permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
             };
+            // Rows claimed ahead wait for the send rate, and another daemon could send them
+            // sooner: hold no more ahead than this daemon's share lets out in about a second.
+            let limit =
+                self.settings.concurrency + self.settings.claim_ahead.min(d.rate_allowance());
+            let held_now = most_held - permits.available_permits();
+            if held_now > limit {
+                drop(first);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(beat) => {}
+                    _ = row_done.notified() => {}
+                }
+                continue;
+            }
+            let room = limit - held_now + 1;
             let mut held = vec![first];
-            while held.len() < self.settings.batch_size {
+            while held.len() < self.settings.batch_size.min(room) {
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => held.push(permit),
                     Err(_) => break,
@@ -162,8 +182,10 @@ impl Pool {
                 let permit = held.pop().expect("no more rows than permits");
                 let dispatcher = d.clone();
                 let hard_stop = hard_stop.clone();
+                let row_done = row_done.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
+                    let _done = NotifyOnDrop(row_done);
                     let (id, account) = (raw.id, raw.account.clone());
                     let started = Arc::new(AtomicBool::new(false));
                     tokio::select! {
@@ -186,6 +208,15 @@ impl Pool {
                 }
             }
         }
+    }
+}
+
+/// Wakes the claim loop when a message task ends, however it ends.
+struct NotifyOnDrop(Arc<Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 

@@ -2,6 +2,7 @@
 //! database) takes an equal share of `rate_per_second`, re-divided when one joins or dies.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -19,12 +20,24 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 pub struct AccountRuntime {
     pub account: Account,
     limiter: RwLock<Arc<DefaultDirectRateLimiter>>,
+    /// This daemon's share of the rate, whole sends per second rounded up.
+    share_per_second: AtomicU32,
 }
 
 impl AccountRuntime {
     pub fn new(account: Account) -> AccountRuntime {
         let limiter = RwLock::new(Arc::new(limiter_for(account.limits.rate_per_second, 1)));
-        AccountRuntime { account, limiter }
+        let share_per_second = AtomicU32::new(account.limits.rate_per_second.max(1));
+        AccountRuntime {
+            account,
+            limiter,
+            share_per_second,
+        }
+    }
+
+    /// How many sends per second this daemon may make for the account now.
+    pub fn share_per_second(&self) -> u32 {
+        self.share_per_second.load(Ordering::Relaxed)
     }
 
     /// Waits until this daemon's share of the account's rate allows one more send.
@@ -34,8 +47,11 @@ impl AccountRuntime {
     }
 
     fn share_with(&self, daemons: u32) {
-        let limiter = limiter_for(self.account.limits.rate_per_second, daemons);
+        let rate = self.account.limits.rate_per_second.max(1);
+        let limiter = limiter_for(rate, daemons);
         *self.limiter.write().expect("limiter lock") = Arc::new(limiter);
+        self.share_per_second
+            .store(rate.div_ceil(daemons.max(1)), Ordering::Relaxed);
     }
 }
 

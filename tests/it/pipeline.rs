@@ -165,6 +165,32 @@ async fn requests_in_flight_stay_within_concurrency_while_rows_are_claimed_ahead
 }
 on_both_backends!(requests_in_flight_stay_within_concurrency_while_rows_are_claimed_ahead);
 
+/// Rows claimed ahead would only wait for a slow send rate: a daemon holds no more ahead than
+/// its share sends in a second, leaving the rest to other daemons.
+async fn a_slow_rate_limits_the_rows_claimed_ahead(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    db.app.insert_good(30, "rate").await;
+    let daemon = Daemon::start(db.config(
+        &sim.url(),
+        "[workers]\nconcurrency = 2\nclaim_ahead = 100\n[limits]\nrate_per_second = 5",
+    ))
+    .await;
+    let mut most_held = 0;
+    let mut looks = 0;
+    while db.app.count("status IN ('pending', 'sending')").await > 0 && looks < 100 {
+        most_held = most_held.max(db.app.count("status = 'sending'").await);
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    daemon.stop().await;
+    assert!(
+        (3..=7).contains(&most_held),
+        "held {most_held} rows at most; expected concurrency 2 + a rate of 5 per second"
+    );
+}
+on_both_backends!(a_slow_rate_limits_the_rows_claimed_ahead);
+
 async fn an_invalidated_token_is_refreshed_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sim = Sim::start(SimSettings::default()).await;
