@@ -7,6 +7,7 @@
 pub mod postgres;
 mod reserve;
 pub mod sqlite;
+mod wal_index;
 
 use std::sync::Arc;
 

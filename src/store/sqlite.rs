@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::reserve;
+use super::wal_index::WalIndex;
 use super::{
     AccountLimitsRow, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED,
     MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
@@ -26,9 +27,10 @@ use crate::config::Config;
 use crate::domain::message::RawMessage;
 use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
-/// How often the watcher asks whether another connection committed. `PRAGMA data_version`
-/// reads shared memory, so this costs microseconds and no disk I/O.
-const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+/// How often the watcher looks at the WAL index header for a commit.
+const WATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// How often it asks the database instead when the WAL index cannot be read.
+const WATCH_FALLBACK_INTERVAL: Duration = Duration::from_millis(10);
 
 const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.3f";
 
@@ -825,36 +827,60 @@ impl SqliteStore {
             .await
     }
 
-    /// Other processes (the apps) write to the file, so no in-process signal can be trusted:
-    /// a dedicated connection watches `PRAGMA data_version`, which changes when any other
-    /// connection commits.
+    /// Other processes (the apps) write to the file, so no in-process signal can be trusted.
+    /// The watcher looks at the WAL index header every `WATCH_INTERVAL` (a read from the page
+    /// cache); after a commit it asks its own connection for the newest row id and wakes the
+    /// claim loop if an app inserted. The daemon's own commits change the header too; the id
+    /// check keeps them from waking it. Rows that become due otherwise (an operator setting
+    /// rows back to pending, a retry's time) are claimed within `poll_interval_ms`.
     pub(super) async fn watch_for_rows(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        let mut last = None;
-        let mut conn: Option<SqliteConnection> = None;
-        while !shutdown.is_cancelled() {
-            if conn.is_none() {
-                conn = SqliteConnection::connect_with(&self.options).await.ok();
+        let mut index = match WalIndex::open(self.options.get_filename()) {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the SQLite WAL index; asking the database every {WATCH_FALLBACK_INTERVAL:?}");
+                None
             }
-            if let Some(c) = conn.as_mut() {
-                match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
-                    .fetch_one(c)
-                    .await
-                {
-                    Ok(version) => {
-                        if last.is_some_and(|last| last != version) {
-                            wake.notify_one();
-                        }
-                        last = Some(version);
-                    }
+        };
+        let mut newest: Option<i64> = None;
+        let mut conn: Option<SqliteConnection> = None;
+        loop {
+            let interval = match (&index, &conn) {
+                (_, None) if newest.is_some() => Duration::from_secs(1),
+                (Some(_), _) => WATCH_INTERVAL,
+                (None, _) => WATCH_FALLBACK_INTERVAL,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if let Some(i) = index.as_mut() {
+                match i.changed() {
+                    Ok(false) => continue,
+                    Ok(true) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot watch the SQLite file; polling only");
-                        conn = None;
+                        tracing::warn!(error = %e, "cannot read the SQLite WAL index any more; asking the database instead");
+                        index = None;
                     }
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(if conn.is_some() { WATCH_INTERVAL } else { Duration::from_secs(1) }) => {}
+            if conn.is_none() {
+                conn = SqliteConnection::connect_with(&self.options).await.ok();
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(id), 0) FROM outbox")
+                .fetch_one(c)
+                .await
+            {
+                Ok(id) => {
+                    if newest.is_some_and(|newest| id > newest) {
+                        wake.notify_one();
+                    }
+                    newest = Some(id);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the SQLite file; polling only");
+                    conn = None;
+                }
             }
         }
     }
