@@ -50,9 +50,15 @@ on_both_backends!(kill_9_mid_run_then_restart_sends_each_row_once);
 async fn two_daemons_never_send_a_row_twice(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sim = Sim::start(slow_sim(2)).await;
-    let config = db.config_toml(&sim.url(), "[workers]\nconcurrency = 16\nbatch_size = 8");
+    // Few rows claimed ahead, so that the two daemons' claims interleave many times.
+    let config = db.config_toml(
+        &sim.url(),
+        "[workers]\nconcurrency = 16\nclaim_ahead = 8\nbatch_size = 8",
+    );
     let first = Process::start(&config, &["run"]);
     let second = Process::start(&config, &["run"]);
+    first.wait_started().await;
+    second.wait_started().await;
     db.app.insert_good(400, "pair").await;
     let rows = db.app.wait_settled(Duration::from_secs(60)).await;
     let logs = format!("{}{}", first.stderr(), second.stderr());
