@@ -184,8 +184,9 @@ impl Pool {
                 let hard_stop = hard_stop.clone();
                 let row_done = row_done.clone();
                 tracker.spawn(async move {
-                    let _permit = permit;
+                    // Declared first, dropped last: the row's place is free when the loop looks.
                     let _done = NotifyOnDrop(row_done);
+                    let _permit = permit;
                     let (id, account) = (raw.id, raw.account.clone());
                     let started = Arc::new(AtomicBool::new(false));
                     tokio::select! {
