@@ -566,6 +566,7 @@ mod tests {
     fn defaults_fill_everything_but_the_database_and_accounts() {
         let config = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(config.workers.concurrency, 64);
+        assert_eq!(config.workers.claim_ahead, 192);
         assert_eq!(config.api.base_url, "https://api.weixin.qq.com");
         assert_eq!(config.api.token_endpoint, TokenEndpoint::Stable);
         assert_eq!(config.accounts().unwrap()[0].limits.rate_per_second, 50);
