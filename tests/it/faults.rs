@@ -342,9 +342,25 @@ async fn postgres_read_only_for_a_moment() {
             .unwrap();
         }
     };
+    // Apps' existing sessions keep writing, so rows still arrive meanwhile: this one is opened
+    // before the switch (a pooled connection opened after it would be read-only).
+    let mut session = pool.acquire().await.unwrap();
     set_read_only(true).await;
-    // Apps' existing sessions keep writing, so rows still arrive meanwhile.
-    db.app.insert_good(100, "during").await;
+    let during: Vec<String> = (0..100)
+        .map(|i| {
+            format!(
+                "('oduring{i:05}', 'TEMPLATE_ID', '{{\"first\":{{\"value\":\"during {i}\"}}}}')"
+            )
+        })
+        .collect();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbox (touser, template_id, data) VALUES {}",
+        during.join(",")
+    )))
+    .execute(&mut *session)
+    .await
+    .expect("an existing session still writes");
+    drop(session);
     tokio::time::sleep(Duration::from_secs(3)).await;
     set_read_only(false).await;
     let settled = "status NOT IN ('pending', 'sending')";
