@@ -325,6 +325,12 @@ impl Store {
         on_backend!(self, s => s.migrate().await).context("database migration failed")
     }
 
+    /// How the database would run the claim now (its `EXPLAIN`), to check that it reads the
+    /// claim index rather than the table, however many rows wait.
+    pub async fn claim_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
+        on_backend!(self, s => s.claim_plan(now).await)
+    }
+
     /// Claims up to `limit` due rows for `owner` until `lease_until`, counting an attempt each.
     pub async fn claim(
         &self,

@@ -2,7 +2,7 @@
 //! daemons never wait on each other's rows; the tables live in a configurable schema (set as
 //! the connection's `search_path`) inside the app's own database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,31 @@ use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
 /// The channel the insert trigger notifies; the payload is the schema.
 const CHANNEL: &str = "wechat_outbox";
+
+/// The claim: due rows in priority order, through the partial index `outbox_claim`.
+const CLAIM: &str =
+    "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
+                    attempts = o.attempts + 1,
+                    updated_at = $3
+             FROM (
+                SELECT id FROM outbox
+                WHERE status = 'pending' AND next_attempt_at <= $3
+                  AND (send_after IS NULL OR send_after <= $3)
+                  AND NOT EXISTS (SELECT 1 FROM account_pauses p
+                                  WHERE p.account = outbox.account AND p.paused_until > $3)
+                ORDER BY priority DESC, next_attempt_at, id
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED) AS due
+             WHERE o.id = due.id
+             RETURNING o.id, o.account, o.touser, o.template_id, o.data, o.url, o.miniprogram,
+                o.client_msg_id, o.expires_at, o.attempts, o.in_doubt_since, o.in_doubt,
+                EXISTS (SELECT 1 FROM suppressed_openids s
+                        WHERE s.account = o.account AND s.openid = o.touser) AS suppressed,
+                o.quota_month, o.quota_day,
+                (SELECT t.in_use FROM templates t WHERE t.account = o.account
+                    AND t.template_id = o.template_id) AS template_in_use,
+                (SELECT t.content FROM templates t WHERE t.account = o.account
+                    AND t.template_id = o.template_id) AS template_content";
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -59,6 +84,17 @@ impl PostgresStore {
         sqlx::migrate!("migrations/postgres").run(&self.pool).await
     }
 
+    pub(super) async fn claim_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
+        let steps: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {CLAIM}")))
+            .bind("plan")
+            .bind(now)
+            .bind(now)
+            .bind(64_i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(steps.join("\n"))
+    }
+
     pub async fn claim(
         &self,
         owner: &str,
@@ -66,36 +102,13 @@ impl PostgresStore {
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<RawMessage>> {
-        let rows = sqlx::query(
-            "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
-                    attempts = o.attempts + 1,
-                    updated_at = $3
-             FROM (
-                SELECT id FROM outbox
-                WHERE status = 'pending' AND next_attempt_at <= $3
-                  AND (send_after IS NULL OR send_after <= $3)
-                  AND NOT EXISTS (SELECT 1 FROM account_pauses p
-                                  WHERE p.account = outbox.account AND p.paused_until > $3)
-                ORDER BY priority DESC, next_attempt_at, id
-                LIMIT $4
-                FOR UPDATE SKIP LOCKED) AS due
-             WHERE o.id = due.id
-             RETURNING o.id, o.account, o.touser, o.template_id, o.data, o.url, o.miniprogram,
-                o.client_msg_id, o.expires_at, o.attempts, o.in_doubt_since, o.in_doubt,
-                EXISTS (SELECT 1 FROM suppressed_openids s
-                        WHERE s.account = o.account AND s.openid = o.touser) AS suppressed,
-                o.quota_month, o.quota_day,
-                (SELECT t.in_use FROM templates t WHERE t.account = o.account
-                    AND t.template_id = o.template_id) AS template_in_use,
-                (SELECT t.content FROM templates t WHERE t.account = o.account
-                    AND t.template_id = o.template_id) AS template_content",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(CLAIM)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(raw_message).collect()
     }
 
@@ -418,9 +431,8 @@ impl PostgresStore {
         &self,
         items: &[QuotaReservation<'_>],
     ) -> StoreResult<Vec<Reserved>> {
-        let mut results = vec![Reserved::LeaseLost; items.len()];
         let Some(first) = items.first() else {
-            return Ok(results);
+            return Ok(Vec::new());
         };
         let now = first.now;
         let mut tx = self.pool.begin().await?;
@@ -440,57 +452,8 @@ impl PostgresStore {
         .await?;
         let marked_ids: HashSet<i64> = marked_ids.into_iter().collect();
         let marked: Vec<bool> = items.iter().map(|r| marked_ids.contains(&r.id)).collect();
-        for (account, pairs) in reserve::counter_pairs(items, &marked) {
-            let mut days: Vec<&str> = pairs.iter().map(|p| p.day).collect();
-            days.sort_unstable();
-            days.dedup();
-            let mut day_used = HashMap::new();
-            for day in days {
-                let used = Self::lock_counter(&mut tx, account, ACCOUNT_SCOPE, day, now).await?;
-                day_used.insert(day, used);
-            }
-            for pair in &pairs {
-                let scope = template_scope(pair.template_id);
-                let month_used =
-                    Self::lock_counter(&mut tx, account, &scope, pair.month, now).await?;
-                let today = day_used[pair.day];
-                let decisions = reserve::decide(
-                    pair.rows.len(),
-                    i64::from(pair.monthly_limit) - month_used,
-                    i64::from(pair.daily_limit) - today,
-                );
-                let granted = decisions
-                    .iter()
-                    .filter(|d| **d == Reserved::Granted)
-                    .count() as i64;
-                if granted > 0 {
-                    for (scope, period) in [(scope.as_str(), pair.month), (ACCOUNT_SCOPE, pair.day)]
-                    {
-                        sqlx::query(
-                            "UPDATE quota_usage SET used = used + $4, updated_at = $5
-                             WHERE account = $1 AND scope = $2 AND period = $3",
-                        )
-                        .bind(account)
-                        .bind(scope)
-                        .bind(period)
-                        .bind(granted)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    day_used.insert(pair.day, today + granted);
-                }
-                for (&i, decision) in pair.rows.iter().zip(decisions) {
-                    results[i] = decision;
-                }
-            }
-        }
-        let waiting: Vec<i64> = items
-            .iter()
-            .zip(&results)
-            .filter(|(_, result)| matches!(result, Reserved::MonthFull | Reserved::DayFull))
-            .map(|(r, _)| r.id)
-            .collect();
+        let results = reserve::count(&mut PgCounters { tx: &mut tx, now }, items, &marked).await?;
+        let waiting = reserve::waiting(items, &results);
         if !waiting.is_empty() {
             sqlx::query(
                 "UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)",
@@ -501,28 +464,6 @@ impl PostgresStore {
         }
         tx.commit().await?;
         Ok(results)
-    }
-
-    /// Locks a counter row (creating it at 0) for the rest of the transaction; returns its count.
-    async fn lock_counter(
-        tx: &mut Transaction<'_, Postgres>,
-        account: &str,
-        scope: &str,
-        period: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "INSERT INTO quota_usage (account, scope, period, used, updated_at)
-             VALUES ($1, $2, $3, 0, $4)
-             ON CONFLICT (account, scope, period) DO UPDATE SET used = quota_usage.used
-             RETURNING CAST(used AS BIGINT)",
-        )
-        .bind(account)
-        .bind(scope)
-        .bind(period)
-        .bind(now)
-        .fetch_one(&mut **tx)
-        .await
     }
 
     pub(super) async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {
@@ -860,6 +801,44 @@ impl PostgresStore {
 /// errcodes are small integers; the column is INTEGER.
 fn errcode_column(errcode: i64) -> i32 {
     i32::try_from(errcode).unwrap_or(i32::MAX)
+}
+
+/// The counter statements of a reservation, inside its transaction.
+struct PgCounters<'t, 'c> {
+    tx: &'t mut Transaction<'c, Postgres>,
+    now: DateTime<Utc>,
+}
+
+impl reserve::Counters for PgCounters<'_, '_> {
+    async fn lock(&mut self, account: &str, scope: &str, period: &str) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "INSERT INTO quota_usage (account, scope, period, used, updated_at)
+             VALUES ($1, $2, $3, 0, $4)
+             ON CONFLICT (account, scope, period) DO UPDATE SET used = quota_usage.used
+             RETURNING CAST(used AS BIGINT)",
+        )
+        .bind(account)
+        .bind(scope)
+        .bind(period)
+        .bind(self.now)
+        .fetch_one(&mut **self.tx)
+        .await
+    }
+
+    async fn add(&mut self, account: &str, scope: &str, period: &str, n: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE quota_usage SET used = used + $4, updated_at = $5
+             WHERE account = $1 AND scope = $2 AND period = $3",
+        )
+        .bind(account)
+        .bind(scope)
+        .bind(period)
+        .bind(n)
+        .bind(self.now)
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(())
+    }
 }
 
 fn raw_message(row: PgRow) -> StoreResult<RawMessage> {

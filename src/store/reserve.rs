@@ -1,50 +1,107 @@
-//! Deciding a group of quota reservations at once (both backends): which rows get room, in
+//! Counting a group of quota reservations at once (both backends; each gives its two SQL
+//! statements through `Counters`): which rows get room, in
 //! order, and in what order the counter rows are locked so that two daemons reserving at the
 //! same time cannot deadlock (each account's day counter first, then its templates' months,
 //! accounts and templates sorted).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use super::{QuotaReservation, Reserved};
+use super::{QuotaReservation, Reserved, StoreResult};
+use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
 /// The rows of one group that count against the same pair of counters.
-pub(crate) struct CounterPair<'a> {
-    pub template_id: &'a str,
-    pub month: &'a str,
-    pub day: &'a str,
-    pub monthly_limit: u32,
-    pub daily_limit: u32,
+pub(crate) struct CounterPair<'g, 'a> {
+    /// The first of them; the others share its account, template, periods and limits.
+    pub first: &'g QuotaReservation<'a>,
     /// Indexes into the group, in the group's order.
     pub rows: Vec<usize>,
 }
 
 /// The rows still ours (`marked`), by account (sorted) and then by counter pair (sorted):
 /// the order in which their counters are locked.
-pub(crate) fn counter_pairs<'a>(
-    items: &[QuotaReservation<'a>],
+pub(crate) fn counter_pairs<'g, 'a>(
+    items: &'g [QuotaReservation<'a>],
     marked: &[bool],
-) -> BTreeMap<&'a str, Vec<CounterPair<'a>>> {
-    let mut pairs: BTreeMap<(&'a str, &'a str, &'a str, &'a str), CounterPair<'a>> =
+) -> BTreeMap<&'a str, Vec<CounterPair<'g, 'a>>> {
+    let mut pairs: BTreeMap<(&'a str, &'a str, &'a str, &'a str), CounterPair<'g, 'a>> =
         BTreeMap::new();
     for (i, r) in items.iter().enumerate().filter(|(i, _)| marked[*i]) {
         pairs
             .entry((r.account, r.template_id, r.month, r.day))
             .or_insert_with(|| CounterPair {
-                template_id: r.template_id,
-                month: r.month,
-                day: r.day,
-                monthly_limit: r.monthly_limit,
-                daily_limit: r.daily_limit,
+                first: r,
                 rows: Vec::new(),
             })
             .rows
             .push(i);
     }
-    let mut by_account: BTreeMap<&'a str, Vec<CounterPair<'a>>> = BTreeMap::new();
+    let mut by_account: BTreeMap<&'a str, Vec<CounterPair<'g, 'a>>> = BTreeMap::new();
     for ((account, ..), pair) in pairs {
         by_account.entry(account).or_default().push(pair);
     }
     by_account
+}
+
+/// The two statements a backend runs inside its reservation transaction.
+pub(crate) trait Counters {
+    /// Locks a counter row (creating it at 0) for the rest of the transaction; its count.
+    async fn lock(&mut self, account: &str, scope: &str, period: &str) -> StoreResult<i64>;
+    /// Adds `n` to a counter this transaction has locked.
+    async fn add(&mut self, account: &str, scope: &str, period: &str, n: i64) -> StoreResult<()>;
+}
+
+/// Counts the rows still ours (`marked`) against their counters: locks each counter once, in
+/// the order of `counter_pairs`, grants rows in order while both have room and adds what was
+/// granted. Rows not marked stay `LeaseLost`.
+pub(crate) async fn count<C: Counters>(
+    counters: &mut C,
+    items: &[QuotaReservation<'_>],
+    marked: &[bool],
+) -> StoreResult<Vec<Reserved>> {
+    let mut results = vec![Reserved::LeaseLost; items.len()];
+    for (account, pairs) in counter_pairs(items, marked) {
+        let mut days: Vec<&str> = pairs.iter().map(|p| p.first.day).collect();
+        days.sort_unstable();
+        days.dedup();
+        let mut day_used = HashMap::new();
+        for day in days {
+            day_used.insert(day, counters.lock(account, ACCOUNT_SCOPE, day).await?);
+        }
+        for pair in &pairs {
+            let r = pair.first;
+            let scope = template_scope(r.template_id);
+            let month_used = counters.lock(account, &scope, r.month).await?;
+            let today = day_used[r.day];
+            let decisions = decide(
+                pair.rows.len(),
+                i64::from(r.monthly_limit) - month_used,
+                i64::from(r.daily_limit) - today,
+            );
+            let granted = decisions
+                .iter()
+                .filter(|d| **d == Reserved::Granted)
+                .count() as i64;
+            if granted > 0 {
+                counters.add(account, &scope, r.month, granted).await?;
+                counters.add(account, ACCOUNT_SCOPE, r.day, granted).await?;
+                day_used.insert(r.day, today + granted);
+            }
+            for (&i, decision) in pair.rows.iter().zip(decisions) {
+                results[i] = decision;
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// The rows that must wait for a full counter: their periods are taken off again.
+pub(crate) fn waiting(items: &[QuotaReservation<'_>], results: &[Reserved]) -> Vec<i64> {
+    items
+        .iter()
+        .zip(results)
+        .filter(|(_, result)| matches!(result, Reserved::MonthFull | Reserved::DayFull))
+        .map(|(r, _)| r.id)
+        .collect()
 }
 
 /// Given the room left in the month and the day, decides `n` rows in order: the first ones

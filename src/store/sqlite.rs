@@ -2,7 +2,7 @@
 //! write transaction is `BEGIN IMMEDIATE`, so a busy database waits (`busy_timeout`) instead of
 //! failing a lock upgrade. Times are UTC text `YYYY-MM-DD HH:MM:SS.SSS` (see the migration).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +46,31 @@ pub fn parse_ts(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.and_utc())
 }
 
+/// The claim: due rows in priority order, through the partial index `outbox_claim`.
+const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = ?1, lease_expires_at = ?2,
+                    attempts = attempts + 1,
+                    updated_at = ?3
+             WHERE id IN (
+                SELECT id FROM outbox
+                WHERE status = 'pending' AND next_attempt_at <= ?3
+                  AND (send_after IS NULL OR send_after <= ?3)
+                  AND NOT EXISTS (SELECT 1 FROM account_pauses p
+                                  WHERE p.account = outbox.account AND p.paused_until > ?3)
+                ORDER BY priority DESC, next_attempt_at, id
+                LIMIT ?4)
+             RETURNING id, CAST(account AS BLOB) AS account, CAST(touser AS BLOB) AS touser,
+                CAST(template_id AS BLOB) AS template_id, CAST(data AS BLOB) AS data,
+                CAST(url AS BLOB) AS url, CAST(miniprogram AS BLOB) AS miniprogram,
+                CAST(client_msg_id AS BLOB) AS client_msg_id, expires_at, attempts,
+                in_doubt_since, in_doubt,
+                EXISTS (SELECT 1 FROM suppressed_openids s
+                        WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed,
+                quota_month, quota_day,
+                (SELECT t.in_use FROM templates t WHERE t.account = outbox.account
+                    AND t.template_id = outbox.template_id) AS template_in_use,
+                (SELECT t.content FROM templates t WHERE t.account = outbox.account
+                    AND t.template_id = outbox.template_id) AS template_content";
+
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -80,6 +105,21 @@ impl SqliteStore {
         sqlx::migrate!("migrations/sqlite").run(&self.pool).await
     }
 
+    pub(super) async fn claim_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
+        let steps = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {CLAIM}")))
+            .bind("plan")
+            .bind(ts(now))
+            .bind(ts(now))
+            .bind(64_i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let steps: Vec<String> = steps
+            .iter()
+            .map(|row| row.try_get::<String, _>("detail"))
+            .collect::<Result<_, _>>()?;
+        Ok(steps.join("\n"))
+    }
+
     pub async fn claim(
         &self,
         owner: &str,
@@ -90,37 +130,13 @@ impl SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // App-written text comes back as bytes so that one row with invalid UTF-8 cannot break
         // the claim of the others: it is failed with a reason instead.
-        let rows = sqlx::query(
-            "UPDATE outbox SET status = 'sending', lease_owner = ?1, lease_expires_at = ?2,
-                    attempts = attempts + 1,
-                    updated_at = ?3
-             WHERE id IN (
-                SELECT id FROM outbox
-                WHERE status = 'pending' AND next_attempt_at <= ?3
-                  AND (send_after IS NULL OR send_after <= ?3)
-                  AND NOT EXISTS (SELECT 1 FROM account_pauses p
-                                  WHERE p.account = outbox.account AND p.paused_until > ?3)
-                ORDER BY priority DESC, next_attempt_at, id
-                LIMIT ?4)
-             RETURNING id, CAST(account AS BLOB) AS account, CAST(touser AS BLOB) AS touser,
-                CAST(template_id AS BLOB) AS template_id, CAST(data AS BLOB) AS data,
-                CAST(url AS BLOB) AS url, CAST(miniprogram AS BLOB) AS miniprogram,
-                CAST(client_msg_id AS BLOB) AS client_msg_id, expires_at, attempts,
-                in_doubt_since, in_doubt,
-                EXISTS (SELECT 1 FROM suppressed_openids s
-                        WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed,
-                quota_month, quota_day,
-                (SELECT t.in_use FROM templates t WHERE t.account = outbox.account
-                    AND t.template_id = outbox.template_id) AS template_in_use,
-                (SELECT t.content FROM templates t WHERE t.account = outbox.account
-                    AND t.template_id = outbox.template_id) AS template_content",
-        )
-        .bind(owner)
-        .bind(ts(lease_until))
-        .bind(ts(now))
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(CLAIM)
+            .bind(owner)
+            .bind(ts(lease_until))
+            .bind(ts(now))
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         rows.into_iter().map(raw_message).collect()
     }
@@ -424,9 +440,8 @@ impl SqliteStore {
         &self,
         items: &[QuotaReservation<'_>],
     ) -> StoreResult<Vec<Reserved>> {
-        let mut results = vec![Reserved::LeaseLost; items.len()];
         let Some(first) = items.first() else {
-            return Ok(results);
+            return Ok(Vec::new());
         };
         let now = first.now;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -446,57 +461,9 @@ impl SqliteStore {
         .into_iter()
         .collect();
         let marked: Vec<bool> = items.iter().map(|r| marked.contains(&r.id)).collect();
-        for (account, pairs) in reserve::counter_pairs(items, &marked) {
-            let mut days: Vec<&str> = pairs.iter().map(|p| p.day).collect();
-            days.sort_unstable();
-            days.dedup();
-            let mut day_used = HashMap::new();
-            for day in days {
-                let used = Self::lock_counter(&mut tx, account, ACCOUNT_SCOPE, day, now).await?;
-                day_used.insert(day, used);
-            }
-            for pair in &pairs {
-                let scope = template_scope(pair.template_id);
-                let month_used =
-                    Self::lock_counter(&mut tx, account, &scope, pair.month, now).await?;
-                let today = day_used[pair.day];
-                let decisions = reserve::decide(
-                    pair.rows.len(),
-                    i64::from(pair.monthly_limit) - month_used,
-                    i64::from(pair.daily_limit) - today,
-                );
-                let granted = decisions
-                    .iter()
-                    .filter(|d| **d == Reserved::Granted)
-                    .count() as i64;
-                if granted > 0 {
-                    for (scope, period) in [(scope.as_str(), pair.month), (ACCOUNT_SCOPE, pair.day)]
-                    {
-                        sqlx::query(
-                            "UPDATE quota_usage SET used = used + ?4, updated_at = ?5
-                             WHERE account = ?1 AND scope = ?2 AND period = ?3",
-                        )
-                        .bind(account)
-                        .bind(scope)
-                        .bind(period)
-                        .bind(granted)
-                        .bind(ts(now))
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    day_used.insert(pair.day, today + granted);
-                }
-                for (&i, decision) in pair.rows.iter().zip(decisions) {
-                    results[i] = decision;
-                }
-            }
-        }
-        let waiting: Vec<i64> = items
-            .iter()
-            .zip(&results)
-            .filter(|(_, result)| matches!(result, Reserved::MonthFull | Reserved::DayFull))
-            .map(|(r, _)| r.id)
-            .collect();
+        let results =
+            reserve::count(&mut SqliteCounters { tx: &mut tx, now }, items, &marked).await?;
+        let waiting = reserve::waiting(items, &results);
         if !waiting.is_empty() {
             sqlx::query(
                 "UPDATE outbox SET quota_month = NULL, quota_day = NULL
@@ -508,28 +475,6 @@ impl SqliteStore {
         }
         tx.commit().await?;
         Ok(results)
-    }
-
-    /// Locks a counter row (creating it at 0) for the rest of the transaction; returns its count.
-    async fn lock_counter(
-        tx: &mut Transaction<'_, Sqlite>,
-        account: &str,
-        scope: &str,
-        period: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "INSERT INTO quota_usage (account, scope, period, used, updated_at)
-             VALUES (?1, ?2, ?3, 0, ?4)
-             ON CONFLICT (account, scope, period) DO UPDATE SET used = quota_usage.used
-             RETURNING CAST(used AS BIGINT)",
-        )
-        .bind(account)
-        .bind(scope)
-        .bind(period)
-        .bind(ts(now))
-        .fetch_one(&mut **tx)
-        .await
     }
 
     pub(super) async fn release_quota(&self, r: &QuotaReservation<'_>) -> StoreResult<()> {
@@ -887,6 +832,44 @@ impl SqliteStore {
 
     pub(super) async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The counter statements of a reservation, inside its transaction.
+struct SqliteCounters<'t, 'c> {
+    tx: &'t mut Transaction<'c, Sqlite>,
+    now: DateTime<Utc>,
+}
+
+impl reserve::Counters for SqliteCounters<'_, '_> {
+    async fn lock(&mut self, account: &str, scope: &str, period: &str) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "INSERT INTO quota_usage (account, scope, period, used, updated_at)
+             VALUES (?1, ?2, ?3, 0, ?4)
+             ON CONFLICT (account, scope, period) DO UPDATE SET used = quota_usage.used
+             RETURNING CAST(used AS BIGINT)",
+        )
+        .bind(account)
+        .bind(scope)
+        .bind(period)
+        .bind(ts(self.now))
+        .fetch_one(&mut **self.tx)
+        .await
+    }
+
+    async fn add(&mut self, account: &str, scope: &str, period: &str, n: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE quota_usage SET used = used + ?4, updated_at = ?5
+             WHERE account = ?1 AND scope = ?2 AND period = ?3",
+        )
+        .bind(account)
+        .bind(scope)
+        .bind(period)
+        .bind(n)
+        .bind(ts(self.now))
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(())
     }
 }
 
