@@ -297,7 +297,8 @@ impl<'a> Run<'a> {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if checked.elapsed() > Duration::from_secs(5) {
                 checked = Instant::now();
-                if db.open_rows().await? == 0 {
+                // Read the count after the rows: the last rows may have ended since the loop looked.
+                if db.open_rows().await? == 0 && self.sim.stats().delivered < n {
                     stop(&mut child)?;
                     bail!("rows ended without being delivered: {:?}", self.sim.stats());
                 }
