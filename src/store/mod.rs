@@ -212,6 +212,24 @@ impl InboundEvent {
     }
 }
 
+/// What a claimed row is counted against when the claim may count it at once.
+pub struct CountTerms {
+    pub template_id: String,
+    pub month: String,
+    pub day: String,
+    pub monthly_limit: u32,
+    pub daily_limit: u32,
+}
+
+/// Decides, for each claimed row, whether the claim counts it (see `Store::claim`).
+pub type Countable<'f> = &'f (dyn Fn(&RawMessage) -> Option<CountTerms> + Sync);
+
+/// A claimed row, and its reservation when the claim counted it.
+pub struct Claimed {
+    pub raw: RawMessage,
+    pub reserved: Option<Reserved>,
+}
+
 /// A quota reservation for one row: its month and day counters, taken together or not at all.
 pub struct QuotaReservation<'a> {
     pub owner: &'a str,
@@ -331,15 +349,20 @@ impl Store {
         on_backend!(self, s => s.claim_plan(now).await)
     }
 
-    /// Claims up to `limit` due rows for `owner` until `lease_until`, counting an attempt each.
+    /// Claims up to `limit` due rows for `owner` until `lease_until`, counting an attempt each,
+    /// and in the same transaction reserves quota for each row `countable` gives terms for
+    /// (as `reserve_quota_many` would; all or nothing per row). One commit for both: a
+    /// message ready to go waits for one commit fewer, and a busy pool writes one transaction
+    /// fewer per group. Rows without terms come back with `None` and are counted later.
     pub async fn claim(
         &self,
         owner: &str,
         limit: usize,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> StoreResult<Vec<RawMessage>> {
-        on_backend!(self, s => s.claim(owner, limit as i64, lease_until, now).await)
+        countable: Countable<'_>,
+    ) -> StoreResult<Vec<Claimed>> {
+        on_backend!(self, s => s.claim(owner, limit as i64, lease_until, now, countable).await)
     }
 
     /// Writes attempts' outcomes, each only if `owner` still holds the row's lease, in one

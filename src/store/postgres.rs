@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::reserve;
 use super::{
-    AccountLimitsRow, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED,
-    MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
-    StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease, text_column,
+    AccountLimitsRow, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent,
+    LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved,
+    RowCount, StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease,
+    text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -101,15 +102,25 @@ impl PostgresStore {
         limit: i64,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> StoreResult<Vec<RawMessage>> {
+        countable: Countable<'_>,
+    ) -> StoreResult<Vec<Claimed>> {
+        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(CLAIM)
             .bind(owner)
             .bind(lease_until)
             .bind(now)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
-        rows.into_iter().map(raw_message).collect()
+        let rows: Vec<RawMessage> = rows
+            .into_iter()
+            .map(raw_message)
+            .collect::<StoreResult<_>>()?;
+        let terms = reserve::terms(&rows, countable);
+        let items = reserve::claim_reservations(owner, &rows, &terms, now);
+        let results = reserve_in(&mut tx, &items).await?;
+        tx.commit().await?;
+        Ok(reserve::claimed(rows, &terms, results))
     }
 
     /// One statement for the whole group: the outcomes travel as arrays and `unnest` turns them
@@ -438,37 +449,8 @@ impl PostgresStore {
         &self,
         items: &[QuotaReservation<'_>],
     ) -> StoreResult<Vec<Reserved>> {
-        let Some(first) = items.first() else {
-            return Ok(Vec::new());
-        };
-        let now = first.now;
         let mut tx = self.pool.begin().await?;
-        // Every row still ours gets its periods; the others lost their lease.
-        let marked_ids: Vec<i64> = sqlx::query_scalar(
-            "UPDATE outbox AS o SET quota_month = v.month, quota_day = v.day
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-                  AS v(id, month, day, owner)
-             WHERE o.id = v.id AND (o.status = 'sending') IS TRUE AND o.lease_owner = v.owner
-             RETURNING o.id",
-        )
-        .bind(items.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(items.iter().map(|r| r.month).collect::<Vec<_>>())
-        .bind(items.iter().map(|r| r.day).collect::<Vec<_>>())
-        .bind(items.iter().map(|r| r.owner).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?;
-        let marked_ids: HashSet<i64> = marked_ids.into_iter().collect();
-        let marked: Vec<bool> = items.iter().map(|r| marked_ids.contains(&r.id)).collect();
-        let results = reserve::count(&mut PgCounters { tx: &mut tx, now }, items, &marked).await?;
-        let waiting = reserve::waiting(items, &results);
-        if !waiting.is_empty() {
-            sqlx::query(
-                "UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)",
-            )
-            .bind(waiting)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let results = reserve_in(&mut tx, items).await?;
         tx.commit().await?;
         Ok(results)
     }
@@ -811,6 +793,42 @@ fn errcode_column(errcode: i64) -> i32 {
 }
 
 /// The counter statements of a reservation, inside its transaction.
+/// Reserves quota for `items` inside `tx` (see `reserve_quota_many`).
+async fn reserve_in(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[QuotaReservation<'_>],
+) -> StoreResult<Vec<Reserved>> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let now = first.now;
+    // Every row still ours gets its periods; the others lost their lease.
+    let marked_ids: Vec<i64> = sqlx::query_scalar(
+        "UPDATE outbox AS o SET quota_month = v.month, quota_day = v.day
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+              AS v(id, month, day, owner)
+         WHERE o.id = v.id AND (o.status = 'sending') IS TRUE AND o.lease_owner = v.owner
+         RETURNING o.id",
+    )
+    .bind(items.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|r| r.month).collect::<Vec<_>>())
+    .bind(items.iter().map(|r| r.day).collect::<Vec<_>>())
+    .bind(items.iter().map(|r| r.owner).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let marked_ids: HashSet<i64> = marked_ids.into_iter().collect();
+    let marked: Vec<bool> = items.iter().map(|r| marked_ids.contains(&r.id)).collect();
+    let results = reserve::count(&mut PgCounters { tx, now }, items, &marked).await?;
+    let waiting = reserve::waiting(items, &results);
+    if !waiting.is_empty() {
+        sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)")
+            .bind(waiting)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(results)
+}
+
 struct PgCounters<'t, 'c> {
     tx: &'t mut Transaction<'c, Postgres>,
     now: DateTime<Utc>,

@@ -6,7 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{QuotaReservation, Reserved, StoreResult};
+use chrono::{DateTime, Utc};
+
+use super::{Claimed, CountTerms, Countable, QuotaReservation, Reserved, StoreResult};
+use crate::domain::message::RawMessage;
 use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
 /// The rows of one group that count against the same pair of counters.
@@ -92,6 +95,55 @@ pub(crate) async fn count<C: Counters>(
         }
     }
     Ok(results)
+}
+
+/// The claimed rows `countable` gives terms for, as reservations (in claim order), and each
+/// row's terms.
+pub(crate) fn claim_reservations<'a>(
+    owner: &'a str,
+    rows: &'a [RawMessage],
+    terms: &'a [Option<CountTerms>],
+    now: DateTime<Utc>,
+) -> Vec<QuotaReservation<'a>> {
+    rows.iter()
+        .zip(terms)
+        .filter_map(|(raw, terms)| {
+            let t = terms.as_ref()?;
+            Some(QuotaReservation {
+                owner,
+                id: raw.id,
+                account: &raw.account,
+                template_id: &t.template_id,
+                month: &t.month,
+                day: &t.day,
+                monthly_limit: t.monthly_limit,
+                daily_limit: t.daily_limit,
+                now,
+            })
+        })
+        .collect()
+}
+
+/// Each row's terms under `countable`.
+pub(crate) fn terms(rows: &[RawMessage], countable: Countable<'_>) -> Vec<Option<CountTerms>> {
+    rows.iter().map(countable).collect()
+}
+
+/// The claimed rows with the results of those counted (`results` in the order of
+/// `claim_reservations`).
+pub(crate) fn claimed(
+    rows: Vec<RawMessage>,
+    terms: &[Option<CountTerms>],
+    results: Vec<Reserved>,
+) -> Vec<Claimed> {
+    let mut results = results.into_iter();
+    rows.into_iter()
+        .zip(terms)
+        .map(|(raw, terms)| Claimed {
+            raw,
+            reserved: terms.as_ref().and_then(|_| results.next()),
+        })
+        .collect()
 }
 
 /// The rows that must wait for a full counter: their periods are taken off again.

@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use super::reserve;
 use super::wal_index::WalIndex;
 use super::{
-    AccountLimitsRow, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent, LEASE_EXPIRED,
-    MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
-    StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease, text_column,
+    AccountLimitsRow, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent,
+    LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved,
+    RowCount, StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease,
+    text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -126,7 +127,8 @@ impl SqliteStore {
         limit: i64,
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> StoreResult<Vec<RawMessage>> {
+        countable: Countable<'_>,
+    ) -> StoreResult<Vec<Claimed>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // App-written text comes back as bytes so that one row with invalid UTF-8 cannot break
         // the claim of the others: it is failed with a reason instead.
@@ -137,8 +139,15 @@ impl SqliteStore {
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
+        let rows: Vec<RawMessage> = rows
+            .into_iter()
+            .map(raw_message)
+            .collect::<StoreResult<_>>()?;
+        let terms = reserve::terms(&rows, countable);
+        let items = reserve::claim_reservations(owner, &rows, &terms, now);
+        let results = reserve_in(&mut tx, &items).await?;
         tx.commit().await?;
-        rows.into_iter().map(raw_message).collect()
+        Ok(reserve::claimed(rows, &terms, results))
     }
 
     /// A group of outcomes in one statement: the rows travel as one JSON array, read back with
@@ -440,39 +449,8 @@ impl SqliteStore {
         &self,
         items: &[QuotaReservation<'_>],
     ) -> StoreResult<Vec<Reserved>> {
-        let Some(first) = items.first() else {
-            return Ok(Vec::new());
-        };
-        let now = first.now;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        // Every row still ours gets its periods; the others lost their lease.
-        let rows: Vec<MarkRow> = items.iter().map(MarkRow::new).collect();
-        let marked: HashSet<i64> = sqlx::query_scalar(
-            "UPDATE outbox SET quota_month = v.month, quota_day = v.day
-             FROM (SELECT value ->> 'id' AS id, value ->> 'owner' AS owner,
-                          value ->> 'month' AS month, value ->> 'day' AS day
-                   FROM json_each(?1)) AS v
-             WHERE outbox.id = v.id AND outbox.status = 'sending' AND outbox.lease_owner = v.owner
-             RETURNING id",
-        )
-        .bind(json_array(&rows))
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let marked: Vec<bool> = items.iter().map(|r| marked.contains(&r.id)).collect();
-        let results =
-            reserve::count(&mut SqliteCounters { tx: &mut tx, now }, items, &marked).await?;
-        let waiting = reserve::waiting(items, &results);
-        if !waiting.is_empty() {
-            sqlx::query(
-                "UPDATE outbox SET quota_month = NULL, quota_day = NULL
-                 WHERE id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(json_array(&waiting))
-            .execute(&mut *tx)
-            .await?;
-        }
+        let results = reserve_in(&mut tx, items).await?;
         tx.commit().await?;
         Ok(results)
     }
@@ -836,6 +814,45 @@ impl SqliteStore {
 }
 
 /// The counter statements of a reservation, inside its transaction.
+/// Reserves quota for `items` inside `tx` (see `reserve_quota_many`).
+async fn reserve_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    items: &[QuotaReservation<'_>],
+) -> StoreResult<Vec<Reserved>> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let now = first.now;
+    // Every row still ours gets its periods; the others lost their lease.
+    let rows: Vec<MarkRow> = items.iter().map(MarkRow::new).collect();
+    let marked: HashSet<i64> = sqlx::query_scalar(
+        "UPDATE outbox SET quota_month = v.month, quota_day = v.day
+         FROM (SELECT value ->> 'id' AS id, value ->> 'owner' AS owner,
+                      value ->> 'month' AS month, value ->> 'day' AS day
+               FROM json_each(?1)) AS v
+         WHERE outbox.id = v.id AND outbox.status = 'sending' AND outbox.lease_owner = v.owner
+         RETURNING id",
+    )
+    .bind(json_array(&rows))
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    let marked: Vec<bool> = items.iter().map(|r| marked.contains(&r.id)).collect();
+    let results = reserve::count(&mut SqliteCounters { tx, now }, items, &marked).await?;
+    let waiting = reserve::waiting(items, &results);
+    if !waiting.is_empty() {
+        sqlx::query(
+            "UPDATE outbox SET quota_month = NULL, quota_day = NULL
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_array(&waiting))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(results)
+}
+
 struct SqliteCounters<'t, 'c> {
     tx: &'t mut Transaction<'c, Sqlite>,
     now: DateTime<Utc>,

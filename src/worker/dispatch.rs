@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use secrecy::SecretString;
 
+use super::limits::Counted;
 use super::rate::AccountRuntime;
 use crate::domain::clock::Clock;
 use crate::domain::errcode::{ErrcodeClass, classify};
@@ -19,7 +20,7 @@ use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::monitor::Health;
-use crate::store::{Outcome, Store};
+use crate::store::{Outcome, Reserved, Store};
 use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
 
@@ -72,10 +73,11 @@ impl Dispatcher {
     pub async fn handle(
         &self,
         raw: RawMessage,
+        reserved: Option<Reserved>,
         claimed_at: DateTime<Utc>,
         started: Arc<AtomicBool>,
     ) {
-        let outcome = self.attempt(&raw, claimed_at, &started).await;
+        let outcome = self.attempt(&raw, reserved, claimed_at, &started).await;
         self.record(raw.id, &raw.account, outcome, claimed_at).await;
     }
 
@@ -123,51 +125,28 @@ impl Dispatcher {
     async fn attempt(
         &self,
         raw: &RawMessage,
+        reserved: Option<Reserved>,
         claimed_at: DateTime<Utc>,
         started: &AtomicBool,
     ) -> Outcome {
-        let Some(runtime) = self.accounts.get(&raw.account) else {
-            let mut names: Vec<_> = self.accounts.keys().map(String::as_str).collect();
-            names.sort();
-            return Outcome::Failed {
-                errcode: None,
-                reason: format!(
-                    "account {:?} is not configured in this daemon (configured: {})",
-                    raw.account,
-                    names.join(", ")
-                ),
-            };
-        };
-        let message = match TemplateMessage::from_raw(raw) {
-            Ok(message) => message,
-            Err(reason) => {
-                return Outcome::Failed {
-                    errcode: None,
-                    reason,
-                };
+        let (runtime, message, doubt_since) = match self.admit(raw, claimed_at) {
+            Ok(admitted) => admitted,
+            Err(outcome) => {
+                if reserved == Some(Reserved::Granted) {
+                    // Counted by the claim, then expired since: nothing is sent, so the count
+                    // goes back.
+                    let p = periods(claimed_at, self.timezone);
+                    let template_id = raw.template_id.as_deref().unwrap_or_default();
+                    let counted = Counted {
+                        month: p.month,
+                        day: p.day,
+                    };
+                    self.uncount(raw, template_id, &counted).await;
+                }
+                return outcome;
             }
         };
-        if raw.suppressed {
-            return Outcome::Failed {
-                errcode: None,
-                reason: crate::store::SUPPRESSED.into(),
-            };
-        }
-        let now = self.clock.now();
-        if raw.expires_at.is_some_and(|at| at <= now) {
-            return Outcome::Expired {
-                reason: crate::store::EXPIRED.into(),
-            };
-        }
-        // Doubt that arises in this attempt began when it was claimed.
-        let doubt_since = raw.in_doubt_since.unwrap_or(claimed_at);
-        if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, now) {
-            return Outcome::Unknown {
-                errcode: None,
-                reason: crate::store::GAVE_UP_IN_DOUBT.into(),
-            };
-        }
-        let counted = match self.check_limits(raw, &message, now).await {
+        let counted = match self.check_limits(raw, &message, claimed_at, reserved).await {
             Ok(counted) => counted,
             Err(outcome) => return outcome,
         };
@@ -181,6 +160,58 @@ impl Dispatcher {
             self.uncount(raw, &message.template_id, &counted).await;
         }
         sent.outcome
+    }
+
+    /// The checks that end a row before its limits are looked at: an account of this daemon,
+    /// a readable message, a recipient still subscribed, not expired, and (in doubt) still
+    /// within the de-duplication window. The account, the message and when doubt began.
+    fn admit(
+        &self,
+        raw: &RawMessage,
+        claimed_at: DateTime<Utc>,
+    ) -> Result<(&AccountRuntime, TemplateMessage, DateTime<Utc>), Outcome> {
+        let Some(runtime) = self.accounts.get(&raw.account) else {
+            let mut names: Vec<_> = self.accounts.keys().map(String::as_str).collect();
+            names.sort();
+            return Err(Outcome::Failed {
+                errcode: None,
+                reason: format!(
+                    "account {:?} is not configured in this daemon (configured: {})",
+                    raw.account,
+                    names.join(", ")
+                ),
+            });
+        };
+        let message = match TemplateMessage::from_raw(raw) {
+            Ok(message) => message,
+            Err(reason) => {
+                return Err(Outcome::Failed {
+                    errcode: None,
+                    reason,
+                });
+            }
+        };
+        if raw.suppressed {
+            return Err(Outcome::Failed {
+                errcode: None,
+                reason: crate::store::SUPPRESSED.into(),
+            });
+        }
+        let now = self.clock.now();
+        if raw.expires_at.is_some_and(|at| at <= now) {
+            return Err(Outcome::Expired {
+                reason: crate::store::EXPIRED.into(),
+            });
+        }
+        // Doubt that arises in this attempt began when it was claimed.
+        let doubt_since = raw.in_doubt_since.unwrap_or(claimed_at);
+        if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, now) {
+            return Err(Outcome::Unknown {
+                errcode: None,
+                reason: crate::store::GAVE_UP_IN_DOUBT.into(),
+            });
+        }
+        Ok((runtime, message, doubt_since))
     }
 
     /// Posts the message, refreshing a rejected token and resending at once (twice at most).

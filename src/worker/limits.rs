@@ -9,7 +9,7 @@ use super::grouped::ReservationRequest;
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::{Periods, periods};
 use crate::domain::template::check_data;
-use crate::store::{HeldFor, Outcome, QuotaReservation, Reserved, TemplateUse};
+use crate::store::{CountTerms, HeldFor, Outcome, QuotaReservation, Reserved, TemplateUse};
 
 /// How often a row held for template room looks again (an operator may have edited the
 /// templates table by SQL; `templates deactivate` wakes them at once).
@@ -22,14 +22,50 @@ pub struct Counted {
 }
 
 impl Dispatcher {
+    /// The terms on which the claim may count `raw` in its own transaction: only for a row
+    /// that `attempt` would count next without asking the database anything else (an account
+    /// of this daemon, readable, not suppressed, expired or in doubt, not counted before, its
+    /// template in use and its data fitting). The others are counted by their task.
+    pub fn countable(&self, raw: &RawMessage, claimed_at: DateTime<Utc>) -> Option<CountTerms> {
+        let limits = self.accounts.get(&raw.account)?.account.limits;
+        let ready = raw.quota_month.is_none()
+            && raw.quota_day.is_none()
+            && !raw.in_doubt
+            && !raw.suppressed
+            && raw.template_in_use == Some(true)
+            && raw.expires_at.is_none_or(|at| at > claimed_at);
+        if !ready {
+            return None;
+        }
+        let message = TemplateMessage::from_raw(raw).ok()?;
+        if let Some(content) = &raw.template_content {
+            check_data(&message.template_id, content, &message.body["data"]).ok()?;
+        }
+        let p = periods(claimed_at, self.timezone);
+        Some(CountTerms {
+            template_id: message.template_id,
+            month: p.month,
+            day: p.day,
+            monthly_limit: limits.monthly_per_template,
+            daily_limit: limits.daily_per_account,
+        })
+    }
+
     /// Everything a row must pass before quota or a request is spent on it; `Err` is the
-    /// outcome to record instead.
+    /// outcome to record instead. `reserved` is the claim's reservation, when it counted the
+    /// row (with the periods of `claimed_at`).
     pub(super) async fn check_limits(
         &self,
         raw: &RawMessage,
         message: &TemplateMessage,
-        now: DateTime<Utc>,
+        claimed_at: DateTime<Utc>,
+        reserved: Option<Reserved>,
     ) -> Result<Counted, Outcome> {
+        if let Some(reserved) = reserved {
+            let p = periods(claimed_at, self.timezone);
+            return self.reservation_result(raw, &message.template_id, p, Ok(reserved));
+        }
+        let now = self.clock.now();
         // Counted by an earlier attempt, which passed every check below before its request left
         // and may have reached WeChat: it goes out again as it is, never held (a hold would end
         // its doubt, and a resend outside the window could reach the user twice).
@@ -88,7 +124,20 @@ impl Dispatcher {
             daily_limit: limits.daily_per_account,
             now,
         };
-        match self.reservations.reserve(request).await {
+        let reserved = self.reservations.reserve(request).await;
+        self.reservation_result(raw, template_id, p, reserved)
+    }
+
+    /// What a reservation means for the row: counted in `p`, held, or given back.
+    fn reservation_result(
+        &self,
+        raw: &RawMessage,
+        template_id: &str,
+        p: Periods,
+        reserved: crate::store::StoreResult<Reserved>,
+    ) -> Result<Counted, Outcome> {
+        let limits = self.accounts[&raw.account].account.limits;
+        match reserved {
             Ok(Reserved::Granted) => Ok(Counted {
                 month: p.month,
                 day: p.day,

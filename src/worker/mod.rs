@@ -23,8 +23,9 @@ pub use dispatch::Dispatcher;
 pub use grouped::{Completions, Reservations};
 pub use rate::AccountRuntime;
 
+use crate::domain::message::RawMessage;
 use crate::domain::retry::InDoubtPolicy;
-use crate::store::Outcome;
+use crate::store::{Claimed, Outcome};
 
 /// How often expired leases are rescued and overdue rows expired.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
@@ -161,7 +162,11 @@ impl Pool {
             let wanted = held.len();
             let now = d.clock.now();
             let lease_until = now + chrono::Duration::from_std(d.lease).unwrap_or_default();
-            let rows = match d.store.claim(&d.owner, wanted, lease_until, now).await {
+            let countable = |raw: &RawMessage| d.countable(raw, now);
+            let claimed = d
+                .store
+                .claim(&d.owner, wanted, lease_until, now, &countable);
+            let rows = match claimed.await {
                 Ok(rows) => {
                     db_backoff = Duration::from_millis(100);
                     rows
@@ -178,7 +183,7 @@ impl Pool {
                 }
             };
             let drained = rows.len() < wanted;
-            for raw in rows {
+            for Claimed { raw, reserved } in rows {
                 let permit = held.pop().expect("no more rows than permits");
                 let dispatcher = d.clone();
                 let hard_stop = hard_stop.clone();
@@ -190,7 +195,7 @@ impl Pool {
                     let (id, account) = (raw.id, raw.account.clone());
                     let started = Arc::new(AtomicBool::new(false));
                     tokio::select! {
-                        _ = dispatcher.handle(raw, now, started.clone()) => {}
+                        _ = dispatcher.handle(raw, reserved, now, started.clone()) => {}
                         _ = hard_stop.cancelled() => {
                             let in_doubt = started.load(std::sync::atomic::Ordering::SeqCst);
                             let reason = if in_doubt { crate::store::RELEASED_AT_SHUTDOWN } else { "released at shutdown before it was sent" };

@@ -442,6 +442,82 @@ async fn the_cli_shows_quota_and_templates(backend: Backend) {
 }
 on_both_backends!(the_cli_shows_quota_and_templates);
 
+/// The claim counts the rows it is given terms for in its own transaction, in order, until a
+/// counter is full; the rest wait with no mark, and rows without terms are not counted.
+async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
+    use wechat_outbox::store::{CountTerms, Reserved, Store};
+    let db = TestDb::new(backend).await;
+    insert_for_template(&db, "TPL_CLAIM", 6, "claim").await;
+    let store = Store::connect(&db.config("http://127.0.0.1:9", ""))
+        .await
+        .unwrap();
+    // Even users are counted by the claim (two fit the month), odd ones are left to their task.
+    let countable = |raw: &wechat_outbox::domain::message::RawMessage| {
+        let user: u32 = raw
+            .touser
+            .as_deref()?
+            .trim_start_matches("oclaim")
+            .parse()
+            .ok()?;
+        let template_id = raw.template_id.clone()?;
+        user.is_multiple_of(2).then(|| CountTerms {
+            template_id,
+            month: "2026-11".into(),
+            day: "2026-11-28".into(),
+            monthly_limit: 2,
+            daily_limit: 100,
+        })
+    };
+    let now = Utc::now();
+    let claimed = store
+        .claim(
+            "me",
+            10,
+            now + chrono::Duration::seconds(60),
+            now,
+            &countable,
+        )
+        .await
+        .unwrap();
+    let mut by_user: Vec<(String, Option<Reserved>)> = claimed
+        .into_iter()
+        .map(|c| (c.raw.touser.unwrap(), c.reserved))
+        .collect();
+    by_user.sort_by(|a, b| a.0.cmp(&b.0));
+    let expected = [
+        Some(Reserved::Granted),
+        None,
+        Some(Reserved::Granted),
+        None,
+        Some(Reserved::MonthFull),
+        None,
+    ];
+    assert_eq!(
+        by_user.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        expected,
+        "{by_user:?}"
+    );
+    assert_eq!(db.app.count("status = 'sending'").await, 6);
+    assert_eq!(
+        db.app
+            .count("quota_month = '2026-11' AND quota_day = '2026-11-28'")
+            .await,
+        2
+    );
+    assert_eq!(db.app.count("quota_month IS NULL").await, 4);
+    for (scope, period) in [("template:TPL_CLAIM", "2026-11"), ("account", "2026-11-28")] {
+        let used = db
+            .app
+            .count_in(
+                "quota_usage",
+                &format!("scope = '{scope}' AND period = '{period}' AND used = 2"),
+            )
+            .await;
+        assert_eq!(used, 1, "{scope} {period}");
+    }
+}
+on_both_backends!(the_claim_counts_ready_rows_in_its_transaction);
+
 /// The account's daily quota, set per account: the rest wait for the next day in the
 /// configured timezone, then go.
 async fn the_daily_quota_holds_rows_until_the_next_day(backend: Backend) {
