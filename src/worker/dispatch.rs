@@ -11,7 +11,6 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use secrecy::SecretString;
 
-use super::limits::Counted;
 use super::rate::AccountRuntime;
 use crate::domain::clock::Clock;
 use crate::domain::errcode::{ErrcodeClass, classify};
@@ -131,20 +130,7 @@ impl Dispatcher {
     ) -> Outcome {
         let (runtime, message, doubt_since) = match self.admit(raw, claimed_at) {
             Ok(admitted) => admitted,
-            Err(outcome) => {
-                if reserved == Some(Reserved::Granted) {
-                    // Counted by the claim, then expired since: nothing is sent, so the count
-                    // goes back.
-                    let p = periods(claimed_at, self.timezone);
-                    let template_id = raw.template_id.as_deref().unwrap_or_default();
-                    let counted = Counted {
-                        month: p.month,
-                        day: p.day,
-                    };
-                    self.uncount(raw, template_id, &counted).await;
-                }
-                return outcome;
-            }
+            Err(outcome) => return outcome,
         };
         let counted = match self.check_limits(raw, &message, claimed_at, reserved).await {
             Ok(counted) => counted,
@@ -197,15 +183,16 @@ impl Dispatcher {
                 reason: crate::store::SUPPRESSED.into(),
             });
         }
-        let now = self.clock.now();
-        if raw.expires_at.is_some_and(|at| at <= now) {
+        // Judged at the claim, as `countable` judged it: a row the claim counted is never
+        // expired here.
+        if raw.expires_at.is_some_and(|at| at <= claimed_at) {
             return Err(Outcome::Expired {
                 reason: crate::store::EXPIRED.into(),
             });
         }
         // Doubt that arises in this attempt began when it was claimed.
         let doubt_since = raw.in_doubt_since.unwrap_or(claimed_at);
-        if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, now) {
+        if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, self.clock.now()) {
             return Err(Outcome::Unknown {
                 errcode: None,
                 reason: crate::store::GAVE_UP_IN_DOUBT.into(),

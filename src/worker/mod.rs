@@ -3,8 +3,9 @@
 //! counted or their outcome written, so a free request slot never waits for a commit), and keeps
 //! the table healthy (rescues expired leases, expires overdue rows).
 //!
-//! No transaction or lock is held across an HTTP call: a claim is one short statement that
-//! sets a lease, and each outcome is another.
+//! No transaction or lock is held across an HTTP call: a claim is one short transaction that
+//! sets a lease (and counts the quota of the rows it can tell are ready), and each outcome is
+//! another.
 
 pub mod dispatch;
 mod grouped;
