@@ -2,7 +2,7 @@
 //! daemons never wait on each other's rows; the tables live in a configurable schema (set as
 //! the connection's `search_path`) inside the app's own database.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::reserve;
+use super::reserve::{self, CounterKey};
 use super::{
     AccountLimitsRow, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent,
     LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved,
@@ -468,7 +468,9 @@ impl PostgresStore {
         // Only the holder of the lease may give the row's count back.
         if unmarked.rows_affected() == 1 {
             let scope = template_scope(r.template_id);
-            for (scope, period) in [(scope.as_str(), r.month), (ACCOUNT_SCOPE, r.day)] {
+            // In the reservations' lock order (the day, then the month), so the two cannot
+            // deadlock.
+            for (scope, period) in [(ACCOUNT_SCOPE, r.day), (scope.as_str(), r.month)] {
                 sqlx::query(
                     "UPDATE quota_usage SET used = used - 1, updated_at = $4
                      WHERE account = $1 AND scope = $2 AND period = $3 AND used > 0",
@@ -835,30 +837,61 @@ struct PgCounters<'t, 'c> {
 }
 
 impl reserve::Counters for PgCounters<'_, '_> {
-    async fn lock(&mut self, account: &str, scope: &str, period: &str) -> StoreResult<i64> {
-        sqlx::query_scalar(
+    async fn lock_all(&mut self, keys: &[CounterKey]) -> StoreResult<HashMap<CounterKey, i64>> {
+        // Rows are inserted (or found and locked) in the order of `ord`.
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
             "INSERT INTO quota_usage (account, scope, period, used, updated_at)
-             VALUES ($1, $2, $3, 0, $4)
+             SELECT k.account, k.scope, k.period, 0, $4
+             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+                  AS k(account, scope, period, ord)
+             ORDER BY k.ord
              ON CONFLICT (account, scope, period) DO UPDATE SET used = quota_usage.used
-             RETURNING CAST(used AS BIGINT)",
+             RETURNING account, scope, period, CAST(used AS BIGINT)",
         )
-        .bind(account)
-        .bind(scope)
-        .bind(period)
+        .bind(keys.iter().map(|k| k.account.as_str()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.period.as_str()).collect::<Vec<_>>())
         .bind(self.now)
-        .fetch_one(&mut **self.tx)
-        .await
+        .fetch_all(&mut **self.tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(account, scope, period, used)| {
+                (
+                    CounterKey {
+                        account,
+                        scope,
+                        period,
+                    },
+                    used,
+                )
+            })
+            .collect())
     }
 
-    async fn add(&mut self, account: &str, scope: &str, period: &str, n: i64) -> StoreResult<()> {
+    async fn add_all(&mut self, adds: &[(CounterKey, i64)]) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE quota_usage SET used = used + $4, updated_at = $5
-             WHERE account = $1 AND scope = $2 AND period = $3",
+            "UPDATE quota_usage AS q SET used = q.used + v.n, updated_at = $5
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+                  AS v(account, scope, period, n)
+             WHERE q.account = v.account AND q.scope = v.scope AND q.period = v.period",
         )
-        .bind(account)
-        .bind(scope)
-        .bind(period)
-        .bind(n)
+        .bind(
+            adds.iter()
+                .map(|(k, _)| k.account.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            adds.iter()
+                .map(|(k, _)| k.scope.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            adds.iter()
+                .map(|(k, _)| k.period.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(adds.iter().map(|(_, n)| *n).collect::<Vec<_>>())
         .bind(self.now)
         .execute(&mut **self.tx)
         .await?;

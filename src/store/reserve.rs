@@ -45,56 +45,109 @@ pub(crate) fn counter_pairs<'g, 'a>(
     by_account
 }
 
-/// The two statements a backend runs inside its reservation transaction.
-pub(crate) trait Counters {
-    /// Locks a counter row (creating it at 0) for the rest of the transaction; its count.
-    async fn lock(&mut self, account: &str, scope: &str, period: &str) -> StoreResult<i64>;
-    /// Adds `n` to a counter this transaction has locked.
-    async fn add(&mut self, account: &str, scope: &str, period: &str, n: i64) -> StoreResult<()>;
+/// One counter row of `quota_usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct CounterKey {
+    pub account: String,
+    pub scope: String,
+    pub period: String,
 }
 
-/// Counts the rows still ours (`marked`) against their counters: locks each counter once, in
-/// the order of `counter_pairs`, grants rows in order while both have room and adds what was
-/// granted. Rows not marked stay `LeaseLost`.
+impl CounterKey {
+    fn new(account: &str, scope: &str, period: &str) -> CounterKey {
+        CounterKey {
+            account: account.to_string(),
+            scope: scope.to_string(),
+            period: period.to_string(),
+        }
+    }
+}
+
+/// The two statements a backend runs inside its reservation transaction, each one round trip
+/// however many counters the group touches.
+pub(crate) trait Counters {
+    /// Locks counter rows (creating each at 0) in the order given, for the rest of the
+    /// transaction; each one's count.
+    async fn lock_all(&mut self, keys: &[CounterKey]) -> StoreResult<HashMap<CounterKey, i64>>;
+    /// Adds to counters this transaction has locked.
+    async fn add_all(&mut self, adds: &[(CounterKey, i64)]) -> StoreResult<()>;
+}
+
+/// Counts the rows still ours (`marked`) against their counters: locks every counter the
+/// group needs at once, in the order of `counter_pairs` (each account's days, then its
+/// templates' months), grants rows in order while both of a row's counters have room, and
+/// adds what was granted. Rows not marked stay `LeaseLost`.
 pub(crate) async fn count<C: Counters>(
     counters: &mut C,
     items: &[QuotaReservation<'_>],
     marked: &[bool],
 ) -> StoreResult<Vec<Reserved>> {
     let mut results = vec![Reserved::LeaseLost; items.len()];
-    for (account, pairs) in counter_pairs(items, marked) {
+    let by_account = counter_pairs(items, marked);
+    let keys = lock_order(&by_account);
+    if keys.is_empty() {
+        return Ok(results);
+    }
+    let mut used = counters.lock_all(&keys).await?;
+    let mut added: HashMap<CounterKey, i64> = HashMap::new();
+    for pair in by_account.values().flatten() {
+        let r = pair.first;
+        let month = CounterKey::new(r.account, &template_scope(r.template_id), r.month);
+        let day = CounterKey::new(r.account, ACCOUNT_SCOPE, r.day);
+        let (month_used, day_used) = (used[&month], used[&day]);
+        let decisions = decide(
+            pair.rows.len(),
+            i64::from(r.monthly_limit) - month_used,
+            i64::from(r.daily_limit) - day_used,
+        );
+        let granted = decisions
+            .iter()
+            .filter(|d| **d == Reserved::Granted)
+            .count() as i64;
+        for key in [month, day] {
+            *used.get_mut(&key).expect("locked above") += granted;
+            *added.entry(key).or_default() += granted;
+        }
+        for (&i, decision) in pair.rows.iter().zip(decisions) {
+            results[i] = decision;
+        }
+    }
+    let adds: Vec<(CounterKey, i64)> = keys
+        .into_iter()
+        .filter_map(|key| {
+            let n = added.get(&key).copied().unwrap_or(0);
+            (n > 0).then_some((key, n))
+        })
+        .collect();
+    if !adds.is_empty() {
+        counters.add_all(&adds).await?;
+    }
+    Ok(results)
+}
+
+/// Every counter the pairs need, once each, in the order they are locked.
+fn lock_order(by_account: &BTreeMap<&str, Vec<CounterPair<'_, '_>>>) -> Vec<CounterKey> {
+    let mut keys = Vec::new();
+    for (account, pairs) in by_account {
         let mut days: Vec<&str> = pairs.iter().map(|p| p.first.day).collect();
         days.sort_unstable();
         days.dedup();
-        let mut day_used = HashMap::new();
-        for day in days {
-            day_used.insert(day, counters.lock(account, ACCOUNT_SCOPE, day).await?);
-        }
-        for pair in &pairs {
-            let r = pair.first;
-            let scope = template_scope(r.template_id);
-            let month_used = counters.lock(account, &scope, r.month).await?;
-            let today = day_used[r.day];
-            let decisions = decide(
-                pair.rows.len(),
-                i64::from(r.monthly_limit) - month_used,
-                i64::from(r.daily_limit) - today,
+        keys.extend(
+            days.iter()
+                .map(|day| CounterKey::new(account, ACCOUNT_SCOPE, day)),
+        );
+        for pair in pairs {
+            let month = CounterKey::new(
+                account,
+                &template_scope(pair.first.template_id),
+                pair.first.month,
             );
-            let granted = decisions
-                .iter()
-                .filter(|d| **d == Reserved::Granted)
-                .count() as i64;
-            if granted > 0 {
-                counters.add(account, &scope, r.month, granted).await?;
-                counters.add(account, ACCOUNT_SCOPE, r.day, granted).await?;
-                day_used.insert(r.day, today + granted);
-            }
-            for (&i, decision) in pair.rows.iter().zip(decisions) {
-                results[i] = decision;
+            if !keys.contains(&month) {
+                keys.push(month);
             }
         }
     }
-    Ok(results)
+    keys
 }
 
 /// The claimed rows `countable` gives terms for, as reservations (in claim order), and each
@@ -175,6 +228,52 @@ pub(crate) fn decide(n: usize, month_room: i64, day_room: i64) -> Vec<Reserved> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row<'a>(
+        id: i64,
+        account: &'a str,
+        template_id: &'a str,
+        day: &'a str,
+    ) -> QuotaReservation<'a> {
+        QuotaReservation {
+            owner: "me",
+            id,
+            account,
+            template_id,
+            month: "2026-11",
+            day,
+            monthly_limit: 10,
+            daily_limit: 10,
+            now: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn counters_are_locked_once_each_accounts_sorted_days_before_months() {
+        let items = [
+            row(1, "b", "T2", "2026-11-30"),
+            row(2, "a", "T9", "2026-11-30"),
+            row(3, "a", "T1", "2026-11-30"),
+            row(4, "a", "T1", "2026-11-29"),
+            row(5, "b", "T2", "2026-11-30"),
+        ];
+        let keys = lock_order(&counter_pairs(&items, &[true; 5]));
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{} {} {}", k.account, k.scope, k.period))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "a account 2026-11-29",
+                "a account 2026-11-30",
+                "a template:T1 2026-11",
+                "a template:T9 2026-11",
+                "b account 2026-11-30",
+                "b template:T2 2026-11",
+            ]
+        );
+    }
 
     #[test]
     fn rows_are_granted_in_order_until_a_counter_is_full() {
