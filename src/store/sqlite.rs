@@ -90,6 +90,9 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.database.max_connections)
+            // Nothing to ping: the database is a local file, and a ping is one more hand-off
+            // to the connection's thread per use.
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         Ok(SqliteStore {
