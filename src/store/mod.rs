@@ -212,11 +212,20 @@ impl InboundEvent {
     }
 }
 
+/// One claim: whose, how many rows at most, until when, and the quota periods of `now` (the
+/// ones its counted rows are counted in).
+pub struct ClaimRequest<'a> {
+    pub owner: &'a str,
+    pub limit: usize,
+    pub lease_until: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+    pub month: &'a str,
+    pub day: &'a str,
+}
+
 /// What a claimed row is counted against when the claim may count it at once.
 pub struct CountTerms {
     pub template_id: String,
-    pub month: String,
-    pub day: String,
     pub monthly_limit: u32,
     pub daily_limit: u32,
 }
@@ -356,13 +365,10 @@ impl Store {
     /// fewer per group. Rows without terms come back with `None` and are counted later.
     pub async fn claim(
         &self,
-        owner: &str,
-        limit: usize,
-        lease_until: DateTime<Utc>,
-        now: DateTime<Utc>,
+        request: &ClaimRequest<'_>,
         countable: Countable<'_>,
     ) -> StoreResult<Vec<Claimed>> {
-        on_backend!(self, s => s.claim(owner, limit as i64, lease_until, now, countable).await)
+        on_backend!(self, s => s.claim(request, countable).await)
     }
 
     /// Writes attempts' outcomes, each only if `owner` still holds the row's lease, in one

@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::reserve::{self, CounterKey};
 use super::{
-    AccountLimitsRow, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent,
-    LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved,
-    RowCount, StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease,
-    text_column,
+    AccountLimitsRow, ClaimRequest, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT,
+    InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation,
+    RELEASED_AT_SHUTDOWN, Reserved, RowCount, StoreResult, StoredToken, SyncedTemplate,
+    TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -27,13 +27,19 @@ use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 /// The channel the insert trigger notifies; the payload is the schema.
 const CHANNEL: &str = "wechat_outbox";
 
-/// The claim: due rows in priority order, through the partial index `outbox_claim`.
+/// The claim: due rows in priority order, through the partial index `outbox_claim`. A row not
+/// counted before is marked with this claim's periods ($5, $6) at once, in the same row
+/// version: the claim's transaction then counts it, or takes the mark off again (see
+/// `PostgresStore::claim`). What comes back as `quota_month`/`quota_day` is what the row had
+/// before, so a task can tell a row counted by an earlier attempt.
 const CLAIM: &str =
     "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
                     attempts = o.attempts + 1,
-                    updated_at = $3
+                    updated_at = $3,
+                    quota_month = COALESCE(o.quota_month, $5),
+                    quota_day = CASE WHEN o.quota_month IS NULL THEN $6 ELSE o.quota_day END
              FROM (
-                SELECT id FROM outbox
+                SELECT id, quota_month AS counted_month, quota_day AS counted_day FROM outbox
                 WHERE status = 'pending' AND next_attempt_at <= $3
                   AND (send_after IS NULL OR send_after <= $3)
                   AND NOT EXISTS (SELECT 1 FROM account_pauses p
@@ -46,7 +52,7 @@ const CLAIM: &str =
                 o.client_msg_id, o.expires_at, o.attempts, o.in_doubt_since, o.in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
                         WHERE s.account = o.account AND s.openid = o.touser) AS suppressed,
-                o.quota_month, o.quota_day,
+                due.counted_month AS quota_month, due.counted_day AS quota_day,
                 (SELECT t.in_use FROM templates t WHERE t.account = o.account
                     AND t.template_id = o.template_id) AS template_in_use,
                 (SELECT t.content FROM templates t WHERE t.account = o.account
@@ -95,6 +101,8 @@ impl PostgresStore {
             .bind(now)
             .bind(now)
             .bind(64_i64)
+            .bind("2026-11")
+            .bind("2026-11-28")
             .fetch_all(&self.pool)
             .await?;
         Ok(steps.join("\n"))
@@ -102,18 +110,17 @@ impl PostgresStore {
 
     pub async fn claim(
         &self,
-        owner: &str,
-        limit: i64,
-        lease_until: DateTime<Utc>,
-        now: DateTime<Utc>,
+        request: &ClaimRequest<'_>,
         countable: Countable<'_>,
     ) -> StoreResult<Vec<Claimed>> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(CLAIM)
-            .bind(owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(limit)
+            .bind(request.owner)
+            .bind(request.lease_until)
+            .bind(request.now)
+            .bind(request.limit as i64)
+            .bind(request.month)
+            .bind(request.day)
             .fetch_all(&mut *tx)
             .await?;
         let rows: Vec<RawMessage> = rows
@@ -121,10 +128,28 @@ impl PostgresStore {
             .map(raw_message)
             .collect::<StoreResult<_>>()?;
         let terms = reserve::terms(&rows, countable);
-        let items = reserve::claim_reservations(owner, &rows, &terms, now);
-        let results = reserve_in(&mut tx, &items).await?;
+        let items = reserve::claim_reservations(request, &rows, &terms);
+        // Every row is ours and already marked by the claim: count them.
+        let marked = vec![true; items.len()];
+        let now = request.now;
+        let results = reserve::count(&mut PgCounters { tx: &mut tx, now }, &items, &marked).await?;
+        let claimed = reserve::claimed(rows, &terms, results);
+        // The claim's marks stay only on the rows it counted.
+        let unmark: Vec<i64> = claimed
+            .iter()
+            .filter(|c| c.raw.quota_month.is_none() && c.reserved != Some(Reserved::Granted))
+            .map(|c| c.raw.id)
+            .collect();
+        if !unmark.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)",
+            )
+            .bind(unmark)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
-        Ok(reserve::claimed(rows, &terms, results))
+        Ok(claimed)
     }
 
     /// One statement for the whole group: the outcomes travel as arrays and `unnest` turns them

@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Utc};
-
-use super::{Claimed, CountTerms, Countable, QuotaReservation, Reserved, StoreResult};
+use super::{
+    ClaimRequest, Claimed, CountTerms, Countable, QuotaReservation, Reserved, StoreResult,
+};
 use crate::domain::message::RawMessage;
 use crate::domain::quota::{ACCOUNT_SCOPE, template_scope};
 
@@ -153,25 +153,24 @@ fn lock_order(by_account: &BTreeMap<&str, Vec<CounterPair<'_, '_>>>) -> Vec<Coun
 /// The claimed rows `countable` gives terms for, as reservations (in claim order), and each
 /// row's terms.
 pub(crate) fn claim_reservations<'a>(
-    owner: &'a str,
+    request: &'a ClaimRequest<'a>,
     rows: &'a [RawMessage],
     terms: &'a [Option<CountTerms>],
-    now: DateTime<Utc>,
 ) -> Vec<QuotaReservation<'a>> {
     rows.iter()
         .zip(terms)
         .filter_map(|(raw, terms)| {
             let t = terms.as_ref()?;
             Some(QuotaReservation {
-                owner,
+                owner: request.owner,
                 id: raw.id,
                 account: &raw.account,
                 template_id: &t.template_id,
-                month: &t.month,
-                day: &t.day,
+                month: request.month,
+                day: request.day,
                 monthly_limit: t.monthly_limit,
                 daily_limit: t.daily_limit,
-                now,
+                now: request.now,
             })
         })
         .collect()

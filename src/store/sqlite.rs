@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 use super::reserve::{self, CounterKey};
 use super::wal_index::WalIndex;
 use super::{
-    AccountLimitsRow, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT, InboundEvent,
-    LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved,
-    RowCount, StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease,
-    text_column,
+    AccountLimitsRow, ClaimRequest, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT,
+    InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation,
+    RELEASED_AT_SHUTDOWN, Reserved, RowCount, StoreResult, StoredToken, SyncedTemplate,
+    TemplateRow, TemplateUse, TokenLease, text_column,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -126,20 +126,17 @@ impl SqliteStore {
 
     pub async fn claim(
         &self,
-        owner: &str,
-        limit: i64,
-        lease_until: DateTime<Utc>,
-        now: DateTime<Utc>,
+        request: &ClaimRequest<'_>,
         countable: Countable<'_>,
     ) -> StoreResult<Vec<Claimed>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // App-written text comes back as bytes so that one row with invalid UTF-8 cannot break
         // the claim of the others: it is failed with a reason instead.
         let rows = sqlx::query(CLAIM)
-            .bind(owner)
-            .bind(ts(lease_until))
-            .bind(ts(now))
-            .bind(limit)
+            .bind(request.owner)
+            .bind(ts(request.lease_until))
+            .bind(ts(request.now))
+            .bind(request.limit as i64)
             .fetch_all(&mut *tx)
             .await?;
         let rows: Vec<RawMessage> = rows
@@ -147,7 +144,7 @@ impl SqliteStore {
             .map(raw_message)
             .collect::<StoreResult<_>>()?;
         let terms = reserve::terms(&rows, countable);
-        let items = reserve::claim_reservations(owner, &rows, &terms, now);
+        let items = reserve::claim_reservations(request, &rows, &terms);
         let results = reserve_in(&mut tx, &items).await?;
         tx.commit().await?;
         Ok(reserve::claimed(rows, &terms, results))

@@ -41,11 +41,8 @@ impl Dispatcher {
         if let Some(content) = &raw.template_content {
             check_data(&message.template_id, content, &message.body["data"]).ok()?;
         }
-        let p = periods(claimed_at, self.timezone);
         Some(CountTerms {
             template_id: message.template_id,
-            month: p.month,
-            day: p.day,
             monthly_limit: limits.monthly_per_template,
             daily_limit: limits.daily_per_account,
         })

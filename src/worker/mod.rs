@@ -25,8 +25,9 @@ pub use grouped::{Completions, Reservations};
 pub use rate::AccountRuntime;
 
 use crate::domain::message::RawMessage;
+use crate::domain::quota::periods;
 use crate::domain::retry::InDoubtPolicy;
-use crate::store::{Claimed, Outcome};
+use crate::store::{ClaimRequest, Claimed, Outcome};
 
 /// How often expired leases are rescued and overdue rows expired.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
@@ -163,10 +164,17 @@ impl Pool {
             let wanted = held.len();
             let now = d.clock.now();
             let lease_until = now + chrono::Duration::from_std(d.lease).unwrap_or_default();
+            let periods = periods(now, d.timezone);
+            let request = ClaimRequest {
+                owner: &d.owner,
+                limit: wanted,
+                lease_until,
+                now,
+                month: &periods.month,
+                day: &periods.day,
+            };
             let countable = |raw: &RawMessage| d.countable(raw, now);
-            let claimed = d
-                .store
-                .claim(&d.owner, wanted, lease_until, now, &countable);
+            let claimed = d.store.claim(&request, &countable);
             let rows = match claimed.await {
                 Ok(rows) => {
                     db_backoff = Duration::from_millis(100);

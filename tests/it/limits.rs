@@ -445,13 +445,14 @@ on_both_backends!(the_cli_shows_quota_and_templates);
 /// The claim counts the rows it is given terms for in its own transaction, in order, until a
 /// counter is full; the rest wait with no mark, and rows without terms are not counted.
 async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
-    use wechat_outbox::store::{CountTerms, Reserved, Store};
+    use wechat_outbox::store::{ClaimRequest, CountTerms, Reserved, Store};
     let db = TestDb::new(backend).await;
-    insert_for_template(&db, "TPL_CLAIM", 6, "claim").await;
+    insert_for_template(&db, "TPL_CLAIM", 7, "claim").await;
     let store = Store::connect(&db.config("http://127.0.0.1:9", ""))
         .await
         .unwrap();
-    // Even users are counted by the claim (two fit the month), odd ones are left to their task.
+    // Even users are counted by the claim (two fit the month; the third waits), odd ones are
+    // left to their task.
     let countable = |raw: &wechat_outbox::domain::message::RawMessage| {
         let user: u32 = raw
             .touser
@@ -460,28 +461,34 @@ async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
             .parse()
             .ok()?;
         let template_id = raw.template_id.clone()?;
-        user.is_multiple_of(2).then(|| CountTerms {
+        let ready = user.is_multiple_of(2) && raw.quota_month.is_none();
+        ready.then_some(CountTerms {
             template_id,
-            month: "2026-11".into(),
-            day: "2026-11-28".into(),
             monthly_limit: 2,
             daily_limit: 100,
         })
     };
-    let now = Utc::now();
-    let claimed = store
-        .claim(
-            "me",
-            10,
-            now + chrono::Duration::seconds(60),
-            now,
-            &countable,
+    // One row was counted by an earlier attempt: it keeps its periods and is not counted again.
+    db.app
+        .exec(
+            "UPDATE outbox SET quota_month = '2026-10', quota_day = '2026-10-31'
+             WHERE touser = 'oclaim000004'",
         )
         .await
         .unwrap();
-    let mut by_user: Vec<(String, Option<Reserved>)> = claimed
+    let now = Utc::now();
+    let request = ClaimRequest {
+        owner: "me",
+        limit: 10,
+        lease_until: now + chrono::Duration::seconds(60),
+        now,
+        month: "2026-11",
+        day: "2026-11-28",
+    };
+    let claimed = store.claim(&request, &countable).await.unwrap();
+    let mut by_user: Vec<(String, Option<Reserved>, Option<String>)> = claimed
         .into_iter()
-        .map(|c| (c.raw.touser.unwrap(), c.reserved))
+        .map(|c| (c.raw.touser.unwrap(), c.reserved, c.raw.quota_month))
         .collect();
     by_user.sort_by(|a, b| a.0.cmp(&b.0));
     let expected = [
@@ -489,15 +496,23 @@ async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
         None,
         Some(Reserved::Granted),
         None,
-        Some(Reserved::MonthFull),
         None,
+        None,
+        Some(Reserved::MonthFull),
     ];
     assert_eq!(
-        by_user.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        by_user.iter().map(|(_, r, _)| *r).collect::<Vec<_>>(),
         expected,
         "{by_user:?}"
     );
-    assert_eq!(db.app.count("status = 'sending'").await, 6);
+    // Rows come back with the periods they had before this claim.
+    let before: Vec<Option<&str>> = by_user.iter().map(|(_, _, m)| m.as_deref()).collect();
+    assert_eq!(
+        before,
+        [None, None, None, None, Some("2026-10"), None, None]
+    );
+    assert_eq!(db.app.count("quota_month = '2026-10'").await, 1);
+    assert_eq!(db.app.count("status = 'sending'").await, 7);
     assert_eq!(
         db.app
             .count("quota_month = '2026-11' AND quota_day = '2026-11-28'")
@@ -505,6 +520,15 @@ async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
         2
     );
     assert_eq!(db.app.count("quota_month IS NULL").await, 4);
+    assert_eq!(
+        db.app
+            .count_in(
+                "quota_usage",
+                "scope = 'template:TPL_CLAIM' AND period = '2026-10'"
+            )
+            .await,
+        0
+    );
     for (scope, period) in [("template:TPL_CLAIM", "2026-11"), ("account", "2026-11-28")] {
         let used = db
             .app
