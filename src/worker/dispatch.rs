@@ -151,7 +151,7 @@ impl Dispatcher {
     /// The checks that end a row before its limits are looked at: an account of this daemon,
     /// a readable message, a recipient still subscribed, not expired, and (in doubt) still
     /// within the de-duplication window. The account, the message and when doubt began.
-    fn admit(
+    pub(super) fn admit(
         &self,
         raw: &RawMessage,
         claimed_at: DateTime<Utc>,

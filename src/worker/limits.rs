@@ -27,17 +27,16 @@ impl Dispatcher {
     /// of this daemon, readable, not suppressed, expired or in doubt, not counted before, its
     /// template in use and its data fitting). The others are counted by their task.
     pub fn countable(&self, raw: &RawMessage, claimed_at: DateTime<Utc>) -> Option<CountTerms> {
-        let limits = self.accounts.get(&raw.account)?.account.limits;
         let ready = raw.quota_month.is_none()
             && raw.quota_day.is_none()
             && !raw.in_doubt
-            && !raw.suppressed
-            && raw.template_in_use == Some(true)
-            && raw.expires_at.is_none_or(|at| at > claimed_at);
+            && raw.template_in_use == Some(true);
         if !ready {
             return None;
         }
-        let message = TemplateMessage::from_raw(raw).ok()?;
+        // The same checks `attempt` makes first, so the two cannot disagree.
+        let (runtime, message, _) = self.admit(raw, claimed_at).ok()?;
+        let limits = runtime.account.limits;
         if let Some(content) = &raw.template_content {
             check_data(&message.template_id, content, &message.body["data"]).ok()?;
         }
