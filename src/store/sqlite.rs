@@ -75,6 +75,24 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = ?1, lea
                 (SELECT t.content FROM templates t WHERE t.account = outbox.account
                     AND t.template_id = outbox.template_id) AS template_content";
 
+/// The join pass: each unjoined template event to its sent row. `CROSS JOIN` keeps the events
+/// as the outer loop and `MATERIALIZED` keeps SQLite from flattening the pairs into the
+/// update, where it chose to build an automatic index over all of `outbox` instead.
+const JOIN_EVENTS_TO_ROWS: &str = "WITH j AS MATERIALIZED (
+                SELECT e.status AS status, e.create_time AS create_time, o.id AS id
+                FROM inbound_events e CROSS JOIN outbox o
+                WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH'
+                  AND o.account = e.account AND o.msgid = e.msgid AND o.status = 'sent')
+             UPDATE outbox SET status = CASE WHEN lower(j.status) = 'success' THEN 'delivered'
+                              WHEN lower(j.status) LIKE 'failed%block%' THEN 'blocked'
+                              WHEN lower(j.status) LIKE 'failed%' THEN 'undelivered'
+                              ELSE outbox.status END,
+                    delivery_status = j.status,
+                    delivered_at = strftime('%Y-%m-%d %H:%M:%f', j.create_time, 'unixepoch'),
+                    updated_at = ?1
+             FROM j
+             WHERE outbox.id = j.id AND outbox.status = 'sent'";
+
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -409,25 +427,16 @@ impl SqliteStore {
         Ok(inserted)
     }
 
+    /// Driven from the unjoined events (few) to their rows by `outbox_msgid`, never the other
+    /// way: left to itself, the planner walked every sent row's msgid each pass (see
+    /// `super::postgres` for the same statement).
     pub(super) async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let joined = sqlx::query(
-            "UPDATE outbox SET status = CASE WHEN lower(e.status) = 'success' THEN 'delivered'
-                              WHEN lower(e.status) LIKE 'failed%block%' THEN 'blocked'
-                              WHEN lower(e.status) LIKE 'failed%' THEN 'undelivered'
-                              ELSE outbox.status END,
-                    delivery_status = e.status,
-                    delivered_at = strftime('%Y-%m-%d %H:%M:%f', e.create_time, 'unixepoch'),
-                    updated_at = ?1
-             FROM inbound_events e
-             WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH'
-               AND e.account = outbox.account AND e.msgid = outbox.msgid
-               AND outbox.status = 'sent'",
-        )
-        .bind(ts(now))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let joined = sqlx::query(JOIN_EVENTS_TO_ROWS)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         sqlx::query(
             "UPDATE inbound_events SET joined_at = ?1,
                     outbox_id = (SELECT o.id FROM outbox o
