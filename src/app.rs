@@ -72,6 +72,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         None
     };
     store.migrate().await?;
+    for warning in store.setting_warnings().await? {
+        tracing::warn!("{warning}");
+    }
     let timezone = config.timezone()?;
     let owner = instance_id();
     let http_timeout = Duration::from_millis(config.api.timeout_ms);

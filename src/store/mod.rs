@@ -352,6 +352,16 @@ impl Store {
         on_backend!(self, s => s.migrate().await).context("database migration failed")
     }
 
+    /// Server settings that will hurt the daemon, as sentences for the log. On Postgres:
+    /// autovacuum off, under which every claimed row leaves a dead entry at the head of the
+    /// claim's index that each later claim walks (a 1M drain ran 20-30 % slower).
+    pub async fn setting_warnings(&self) -> StoreResult<Vec<String>> {
+        match self {
+            Store::Sqlite(_) => Ok(Vec::new()),
+            Store::Postgres(s) => s.setting_warnings().await,
+        }
+    }
+
     /// How the database would run the claim now (its `EXPLAIN`), to check that it reads the
     /// claim index rather than the table, however many rows wait.
     pub async fn claim_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {

@@ -324,6 +324,22 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub(super) async fn setting_warnings(&self) -> StoreResult<Vec<String>> {
+        let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(if autovacuum == "on" {
+            Vec::new()
+        } else {
+            vec![
+                "autovacuum is off on this PostgreSQL server: claimed rows leave dead entries in \
+                 the claim index that every later claim reads, so claims slow down as rows are \
+                 sent; turn it on (docs/operations.md)"
+                    .to_string(),
+            ]
+        })
+    }
+
     pub(super) async fn load_token(&self, account: &str) -> StoreResult<Option<StoredToken>> {
         let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
             "SELECT access_token, expires_at FROM access_tokens

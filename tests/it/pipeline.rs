@@ -419,3 +419,24 @@ async fn the_claim_reads_its_index_not_the_table(backend: Backend) {
     assert!(!scans_the_table, "{plan}");
 }
 on_both_backends!(the_claim_reads_its_index_not_the_table);
+
+/// A Postgres server without autovacuum is named at start: the claim index's head fills with
+/// dead entries that every claim walks. SQLite has nothing to warn about.
+async fn a_server_without_autovacuum_is_warned_about(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = wechat_outbox::store::Store::connect(&db.config("http://127.0.0.1:9", ""))
+        .await
+        .unwrap();
+    let warnings = store.setting_warnings().await.unwrap();
+    let expected = match backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => {
+            db.app
+                .count_in("pg_settings", "name = 'autovacuum' AND setting = 'off'")
+                .await
+        }
+    };
+    assert_eq!(warnings.len() as i64, expected, "{warnings:?}");
+    assert!(warnings.iter().all(|w| w.contains("autovacuum is off")));
+}
+on_both_backends!(a_server_without_autovacuum_is_warned_about);
