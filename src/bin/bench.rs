@@ -172,7 +172,7 @@ fn print_settings(args: &Args) {
 async fn print_server_settings(url: &str) -> Result<()> {
     let mut admin = PgConnection::connect(url).await?;
     let settings: Vec<(String, String)> = sqlx::query_as(
-        "SELECT name, setting || COALESCE(unit, '') FROM pg_settings
+        "SELECT name, current_setting(name) FROM pg_settings
          WHERE name IN ('server_version', 'autovacuum', 'autovacuum_naptime', 'max_wal_size',
                         'shared_buffers', 'synchronous_commit')
          ORDER BY name",
