@@ -368,6 +368,12 @@ impl Store {
         on_backend!(self, s => s.claim_plan(now).await)
     }
 
+    /// How the database would run the join pass's update now (its `EXPLAIN`), to check that it
+    /// starts from the unjoined events, not from the sent rows.
+    pub async fn join_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
+        on_backend!(self, s => s.join_plan(now).await)
+    }
+
     /// Claims up to `limit` due rows for `owner` until `lease_until`, counting an attempt each,
     /// and in the same transaction reserves quota for each row `countable` gives terms for
     /// (as `reserve_quota_many` would; all or nothing per row). One commit for both: a

@@ -145,6 +145,16 @@ impl SqliteStore {
         Ok(steps.join("\n"))
     }
 
+    pub(super) async fn join_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
+        let sql = AssertSqlSafe(format!("EXPLAIN QUERY PLAN {JOIN_EVENTS_TO_ROWS}"));
+        let steps = sqlx::query(sql).bind(ts(now)).fetch_all(&self.pool).await?;
+        let steps: Vec<String> = steps
+            .iter()
+            .map(|row| row.try_get::<String, _>("detail"))
+            .collect::<Result<_, _>>()?;
+        Ok(steps.join("\n"))
+    }
+
     pub async fn claim(
         &self,
         request: &ClaimRequest<'_>,
