@@ -138,21 +138,13 @@ impl SqliteStore {
             .bind(64_i64)
             .fetch_all(&self.pool)
             .await?;
-        let steps: Vec<String> = steps
-            .iter()
-            .map(|row| row.try_get::<String, _>("detail"))
-            .collect::<Result<_, _>>()?;
-        Ok(steps.join("\n"))
+        plan_text(&steps)
     }
 
     pub(super) async fn join_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
         let sql = AssertSqlSafe(format!("EXPLAIN QUERY PLAN {JOIN_EVENTS_TO_ROWS}"));
         let steps = sqlx::query(sql).bind(ts(now)).fetch_all(&self.pool).await?;
-        let steps: Vec<String> = steps
-            .iter()
-            .map(|row| row.try_get::<String, _>("detail"))
-            .collect::<Result<_, _>>()?;
-        Ok(steps.join("\n"))
+        plan_text(&steps)
     }
 
     pub async fn claim(
@@ -921,6 +913,15 @@ impl reserve::Counters for SqliteCounters<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// The steps of an `EXPLAIN QUERY PLAN`, one per line.
+fn plan_text(steps: &[SqliteRow]) -> StoreResult<String> {
+    let steps: Vec<String> = steps
+        .iter()
+        .map(|row| row.try_get::<String, _>("detail"))
+        .collect::<Result<_, _>>()?;
+    Ok(steps.join("\n"))
 }
 
 /// Rows for a set-based statement, as the JSON array its `jsonb_each` reads. `jsonb_each`,

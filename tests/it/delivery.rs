@@ -534,19 +534,17 @@ on_both_backends!(rotated_keys_and_compatible_mode);
 async fn the_join_pass_starts_from_the_events(backend: Backend) {
     let db = TestDb::new(backend).await;
     db.app.insert_good(20_000, "join").await;
-    let analyze = match backend {
-        Backend::Sqlite => "ANALYZE",
-        Backend::Postgres => "ANALYZE outbox",
-    };
-    db.app.exec(analyze).await.unwrap();
+    db.app.analyze_outbox().await;
     db.app
         .exec("UPDATE outbox SET status = 'sent', msgid = id")
         .await
         .unwrap();
-    let store = wechat_outbox::store::Store::connect(&db.config("http://127.0.0.1:9", ""))
+    let plan = db
+        .store()
+        .await
+        .join_plan(chrono::Utc::now())
         .await
         .unwrap();
-    let plan = store.join_plan(chrono::Utc::now()).await.unwrap();
     let walks_outbox = plan.lines().any(|step| {
         let step = step.trim();
         step.starts_with("SCAN outbox")

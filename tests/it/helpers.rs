@@ -104,6 +104,15 @@ impl AppDb {
         .expect("count rows")
     }
 
+    /// Gathers the planner's statistics for `outbox` as a DBA (or autovacuum) would.
+    pub async fn analyze_outbox(&self) {
+        let sql = match self {
+            AppDb::Sqlite(_) => "ANALYZE",
+            AppDb::Postgres(_) => "ANALYZE outbox",
+        };
+        self.exec(sql).await.expect("analyze");
+    }
+
     /// An SQL expression for "now plus `seconds`" in this backend's dialect.
     pub fn now_plus(&self, seconds: i64) -> String {
         match self {
@@ -255,6 +264,13 @@ impl TestDb {
 
     pub fn config(&self, api_base: &str, extra: &str) -> Config {
         Config::from_toml(&self.config_toml(api_base, extra)).expect("test config")
+    }
+
+    /// The daemon's own store on this database, for tests that call it directly (no WeChat).
+    pub async fn store(&self) -> wechat_outbox::store::Store {
+        wechat_outbox::store::Store::connect(&self.config("http://127.0.0.1:9", ""))
+            .await
+            .expect("connect the store")
     }
 }
 

@@ -445,12 +445,10 @@ on_both_backends!(the_cli_shows_quota_and_templates);
 /// The claim counts the rows it is given terms for in its own transaction, in order, until a
 /// counter is full; the rest wait with no mark, and rows without terms are not counted.
 async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
-    use wechat_outbox::store::{ClaimRequest, CountTerms, Reserved, Store};
+    use wechat_outbox::store::{ClaimRequest, CountTerms, Reserved};
     let db = TestDb::new(backend).await;
     insert_for_template(&db, "TPL_CLAIM", 7, "claim").await;
-    let store = Store::connect(&db.config("http://127.0.0.1:9", ""))
-        .await
-        .unwrap();
+    let store = db.store().await;
     // Even users are counted by the claim (two fit the month; the third waits), odd ones are
     // left to their task.
     let countable = |raw: &wechat_outbox::domain::message::RawMessage| {

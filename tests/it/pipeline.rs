@@ -403,15 +403,13 @@ async fn the_claim_reads_its_index_not_the_table(backend: Backend) {
     // A backlog: at 5,000 rows Postgres rightly joins the claimed ids to the whole (small)
     // table, which this test then reports.
     db.app.insert_good(50_000, "plan").await;
-    let analyze = match backend {
-        Backend::Sqlite => "ANALYZE",
-        Backend::Postgres => "ANALYZE outbox",
-    };
-    db.app.exec(analyze).await.unwrap();
-    let store = wechat_outbox::store::Store::connect(&db.config("http://127.0.0.1:9", ""))
+    db.app.analyze_outbox().await;
+    let plan = db
+        .store()
+        .await
+        .claim_plan(chrono::Utc::now())
         .await
         .unwrap();
-    let plan = store.claim_plan(chrono::Utc::now()).await.unwrap();
     assert!(plan.contains("outbox_claim"), "{plan}");
     let scans_the_table = plan
         .lines()
@@ -424,10 +422,7 @@ on_both_backends!(the_claim_reads_its_index_not_the_table);
 /// dead entries that every claim walks. SQLite has nothing to warn about.
 async fn a_server_without_autovacuum_is_warned_about(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let store = wechat_outbox::store::Store::connect(&db.config("http://127.0.0.1:9", ""))
-        .await
-        .unwrap();
-    let warnings = store.setting_warnings().await.unwrap();
+    let warnings = db.store().await.setting_warnings().await.unwrap();
     let expected = match backend {
         Backend::Sqlite => 0,
         Backend::Postgres => {
