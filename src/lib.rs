@@ -25,6 +25,8 @@ pub mod domain;
 pub mod http_server;
 pub mod metrics;
 pub mod monitor;
+#[cfg(test)]
+mod proptest_support;
 pub mod report;
 pub mod retention;
 pub mod simulator;

@@ -9,7 +9,70 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::store::{Outcome, Store};
+use std::collections::BTreeSet;
+
+use crate::store::{HeldFor, Outcome, Store};
+
+/// The pushed `Event` / `MsgType` values a label may name; any other value is `other`, since
+/// whoever holds an account's token may push any type (300 made-up ones became 300 labels).
+pub const KNOWN_EVENTS: [&str; 14] = [
+    "TEMPLATESENDJOBFINISH",
+    "subscribe",
+    "unsubscribe",
+    "SCAN",
+    "LOCATION",
+    "CLICK",
+    "VIEW",
+    "text",
+    "image",
+    "voice",
+    "video",
+    "shortvideo",
+    "location",
+    "link",
+];
+
+/// The label of every account name not in the configuration: apps may write any `account`.
+pub const UNCONFIGURED: &str = "unconfigured";
+
+/// The label of a value outside its fixed set.
+const OTHER: &str = "other";
+
+/// Row statuses a label may name (the `status` column's values).
+const STATUSES: [&str; 11] = [
+    "pending",
+    "held",
+    "sending",
+    "sent",
+    "delivered",
+    "blocked",
+    "undelivered",
+    "failed",
+    "expired",
+    "cancelled",
+    "unknown",
+];
+
+/// Why a delivery event was not joined to a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NotJoined {
+    /// The row with its msgid was sent to another openid.
+    OpenidMismatch,
+    /// No sent row appeared within the join window; given up on.
+    NoSentRow,
+    /// The join statement failed for this event.
+    Unjoinable,
+}
+
+impl NotJoined {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotJoined::OpenidMismatch => "openid_mismatch",
+            NotJoined::NoSentRow => "no_sent_row",
+            NotJoined::Unjoinable => "unjoinable",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AccountLabels {
@@ -33,28 +96,34 @@ struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     account: String,
-    /// The push's Event (TEMPLATESENDJOBFINISH, subscribe, …) or, for user messages, MsgType.
-    event: String,
+    /// The push's Event (TEMPLATESENDJOBFINISH, subscribe, …) or, for user messages, MsgType,
+    /// when in [`KNOWN_EVENTS`]; `other` otherwise.
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
-    /// The account in the path when it is configured, `unknown` otherwise (the path is
+    /// The account in the path when it is configured, `unconfigured` otherwise (the path is
     /// anyone's to choose, and a label per made-up name would grow without bound).
     account: String,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotJoinedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RowLabels {
     account: String,
-    status: String,
+    status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HeldLabels {
     account: String,
-    reason: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,7 +139,12 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// Every label value comes from a fixed set: the configured account names (else
+/// `unconfigured`), [`KNOWN_EVENTS`] (else `other`), statuses, reasons; so `/metrics` stays
+/// small whatever apps write and pushes say.
 pub struct Metrics {
+    /// The configured account names: the only account label values besides `unconfigured`.
+    accounts: BTreeSet<String>,
     registry: Registry,
     outcomes: Family<OutcomeLabels, Counter>,
     send_seconds: Family<AccountLabels, Histogram>,
@@ -79,6 +153,7 @@ pub struct Metrics {
     events_received: Family<EventLabels, Counter>,
     callback_refused: Family<RefusalLabels, Counter>,
     events_joined: Counter,
+    events_not_joined: Family<NotJoinedLabels, Counter>,
     rows: Family<RowLabels, Gauge>,
     held_rows: Family<HeldLabels, Gauge>,
     quota_remaining: Family<QuotaLabels, Gauge>,
@@ -87,8 +162,16 @@ pub struct Metrics {
     scrape: tokio::sync::Mutex<()>,
 }
 
+/// No configured accounts: every account label reads `unconfigured`.
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(Vec::<String>::new())
+    }
+}
+
+impl Metrics {
+    /// `accounts`: the configured account names, the values the `account` label may take.
+    pub fn new(accounts: impl IntoIterator<Item = impl Into<String>>) -> Metrics {
         let mut registry = Registry::with_prefix("wechat_outbox");
         let outcomes = Family::default();
         registry.register(
@@ -134,6 +217,12 @@ impl Default for Metrics {
             "Delivery events joined to their sent row",
             events_joined.clone(),
         );
+        let events_not_joined = Family::default();
+        registry.register(
+            "events_not_joined",
+            "Delivery events that could not be joined to a row, by reason: openid_mismatch, no_sent_row (given up after the window), unjoinable (the join failed for that event)",
+            events_not_joined.clone(),
+        );
         let rows = Family::default();
         registry.register(
             "rows",
@@ -159,6 +248,7 @@ impl Default for Metrics {
             database_up.clone(),
         );
         Metrics {
+            accounts: accounts.into_iter().map(Into::into).collect(),
             registry,
             outcomes,
             send_seconds,
@@ -167,6 +257,7 @@ impl Default for Metrics {
             events_received,
             callback_refused,
             events_joined,
+            events_not_joined,
             rows,
             held_rows,
             quota_remaining,
@@ -174,9 +265,22 @@ impl Default for Metrics {
             scrape: tokio::sync::Mutex::new(()),
         }
     }
-}
 
-impl Metrics {
+    /// The account's label: its name when configured, else `unconfigured`.
+    fn account(&self, name: &str) -> String {
+        if self.accounts.contains(name) {
+            name.to_string()
+        } else {
+            UNCONFIGURED.to_string()
+        }
+    }
+
+    fn account_labels(&self, name: &str) -> AccountLabels {
+        AccountLabels {
+            account: self.account(name),
+        }
+    }
+
     /// Counts an outcome once it is written to its row.
     pub fn outcome(&self, account: &str, outcome: &Outcome) {
         let (name, errcode) = match outcome {
@@ -189,42 +293,47 @@ impl Metrics {
             Outcome::Hold { .. } => ("held", None),
         };
         let labels = OutcomeLabels {
-            account: account.to_string(),
+            account: self.account(account),
             outcome: name,
             errcode: errcode.map_or_else(|| "none".to_string(), |c| c.to_string()),
         };
         self.outcomes.get_or_create(&labels).inc();
         if name == "retry" {
-            self.retries.get_or_create(&account_labels(account)).inc();
+            self.retries
+                .get_or_create(&self.account_labels(account))
+                .inc();
         }
     }
 
     pub fn send_request(&self, account: &str, took: std::time::Duration) {
         self.send_seconds
-            .get_or_create(&account_labels(account))
+            .get_or_create(&self.account_labels(account))
             .observe(took.as_secs_f64());
     }
 
     pub fn token_refresh(&self, account: &str, ok: bool) {
         let labels = ResultLabels {
-            account: account.to_string(),
+            account: self.account(account),
             result: if ok { "ok" } else { "error" },
         };
         self.token_refreshes.get_or_create(&labels).inc();
     }
 
+    /// `event`: the push's Event, or MsgType for user messages; unknown types count as `other`.
     pub fn event_received(&self, account: &str, event: &str) {
         let labels = EventLabels {
-            account: account.to_string(),
-            event: event.to_string(),
+            account: self.account(account),
+            event: KNOWN_EVENTS
+                .into_iter()
+                .find(|known| *known == event)
+                .unwrap_or(OTHER),
         };
         self.events_received.get_or_create(&labels).inc();
     }
 
-    /// `account` must be a configured name or `unknown`.
     pub fn callback_refused(&self, account: &str, status: u16) {
         let labels = RefusalLabels {
-            account: account.to_string(),
+            account: self.account(account),
             status,
         };
         self.callback_refused.get_or_create(&labels).inc();
@@ -232,6 +341,14 @@ impl Metrics {
 
     pub fn events_joined(&self, rows: u64) {
         self.events_joined.inc_by(rows);
+    }
+
+    /// Counts `n` delivery events that could not be joined, for `reason`.
+    pub fn events_not_joined(&self, reason: NotJoined, n: u64) {
+        let labels = NotJoinedLabels {
+            reason: reason.as_str(),
+        };
+        self.events_not_joined.get_or_create(&labels).inc_by(n);
     }
 
     /// Reads the database gauges and encodes everything in the OpenMetrics text format (which
@@ -256,16 +373,24 @@ impl Metrics {
         self.rows.clear();
         self.held_rows.clear();
         self.quota_remaining.clear();
+        // Several unconfigured accounts (or odd values) fall into one series: add, not set.
         for c in counts {
+            let account = self.account(&c.account);
             let labels = RowLabels {
-                account: c.account.clone(),
-                status: c.status.clone(),
+                account: account.clone(),
+                status: fixed(&STATUSES, &c.status),
             };
             self.rows.get_or_create(&labels).inc_by(c.rows);
             if let Some(reason) = c.held_for.filter(|_| c.status == "held") {
+                let held_for = [
+                    HeldFor::Template,
+                    HeldFor::MonthlyQuota,
+                    HeldFor::DailyQuota,
+                ]
+                .map(HeldFor::as_str);
                 let labels = HeldLabels {
-                    account: c.account,
-                    reason,
+                    account,
+                    reason: fixed(&held_for, &reason),
                 };
                 self.held_rows.get_or_create(&labels).inc_by(c.rows);
             }
@@ -280,7 +405,12 @@ impl Metrics {
             return Ok(()); // no account has written its limits yet
         };
         for row in &quota.rows {
-            let account = row[account].as_str().unwrap_or_default().to_string();
+            let account = row[account].as_str().unwrap_or_default();
+            // Quotas are the configured accounts'; remaining sends of others mean nothing.
+            if !self.accounts.contains(account) {
+                continue;
+            }
+            let account = account.to_string();
             if let Some(template_id) = row[template].as_str() {
                 let labels = QuotaLabels {
                     account: account.clone(),
@@ -304,8 +434,7 @@ impl Metrics {
     }
 }
 
-fn account_labels(account: &str) -> AccountLabels {
-    AccountLabels {
-        account: account.to_string(),
-    }
+/// `value` when it is one of `set`, else `other`.
+fn fixed(set: &[&'static str], value: &str) -> &'static str {
+    set.iter().find(|s| **s == value).copied().unwrap_or(OTHER)
 }

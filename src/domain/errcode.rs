@@ -51,3 +51,28 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Every i64 has a class, and only the codes of the table are anything but Permanent:
+        /// an unknown code (a future one, a garbled one) never loops as a retry.
+        #[test]
+        fn every_errcode_is_classified_and_unknown_ones_are_permanent(code in any::<i64>()) {
+            let class = classify(code);
+            let known = [0, -1, 45011, 40001, 40014, 42001, 45009, 48001, 48004];
+            prop_assert_eq!(class == ErrcodeClass::Permanent, !known.contains(&code));
+        }
+    }
+
+    #[test]
+    fn the_extremes_are_permanent() {
+        for code in [i64::MIN, i64::MIN + 1, -2, 1, i64::MAX] {
+            assert_eq!(classify(code), ErrcodeClass::Permanent, "{code}");
+        }
+    }
+}

@@ -6,6 +6,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
+use super::text::echo;
+
 /// Size limits of our own, far above what WeChat renders, that catch a runaway app early.
 pub const MAX_ID_CHARS: usize = 128;
 pub const MAX_URL_BYTES: usize = 2048;
@@ -143,7 +145,8 @@ fn template_data(text: Option<&str>) -> Result<Value, String> {
             Value::Object(fields) => parameter(&key, fields)?,
             other => {
                 return Err(format!(
-                    "data.{key} must be a string or {{\"value\":…}}, not {}",
+                    "data.{} must be a string or {{\"value\":…}}, not {}",
+                    echo(&key),
                     json_kind(&other)
                 ));
             }
@@ -154,6 +157,8 @@ fn template_data(text: Option<&str>) -> Result<Value, String> {
 }
 
 fn parameter(key: &str, fields: Map<String, Value>) -> Result<Value, String> {
+    // Names are the app's, up to MAX_DATA_BYTES long: the reason repeats only their start.
+    let key = echo(key);
     let mut item = Map::new();
     for (name, value) in fields {
         match (name.as_str(), value) {
@@ -169,7 +174,8 @@ fn parameter(key: &str, fields: Map<String, Value>) -> Result<Value, String> {
             // WeChat ignores unknown fields; a typo like "colour" would silently do nothing.
             (other, _) => {
                 return Err(format!(
-                    "data.{key} has an unknown field \"{other}\" (expected value, color)"
+                    "data.{key} has an unknown field \"{}\" (expected value, color)",
+                    echo(other)
                 ));
             }
         };
@@ -219,7 +225,8 @@ fn miniprogram(text: Option<&str>) -> Result<Option<Value>, String> {
             }
             (other, _) => {
                 return Err(format!(
-                    "miniprogram has an unknown field \"{other}\" (expected appid, pagepath)"
+                    "miniprogram has an unknown field \"{}\" (expected appid, pagepath)",
+                    echo(other)
                 ));
             }
         }
@@ -388,5 +395,188 @@ mod tests {
             let got = reason(raw);
             assert!(got.contains(expected), "expected {expected:?} in {got:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::proptest_support::cases;
+
+    /// A reason repeats at most a few hundred characters of input, whatever the input.
+    const MAX_REASON_CHARS: usize = 600;
+
+    const COLUMNS: [&str; 7] = [
+        "touser",
+        "template_id",
+        "data",
+        "url",
+        "miniprogram",
+        "client_msg_id",
+        "account",
+    ];
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,20}".prop_map(Value::String),
+            Just(json!("value")),
+            Just(json!("color")),
+        ];
+        leaf.prop_recursive(4, 40, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("value".to_string()),
+                        Just("color".to_string()),
+                        Just("appid".to_string()),
+                        Just("pagepath".to_string()),
+                        ".{0,12}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Arbitrary text, including NUL, control characters and multi-byte characters.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,60}",
+            any::<String>(),
+            "[\\x00-\\x20a-z{}\":,\\[\\]]{0,40}",
+            Just("http://".to_string()),
+            Just("https://x\0y".to_string()),
+        ]
+    }
+
+    /// Either the row passes and its body is WeChat's shape, or the reason names a column,
+    /// is readable and is bounded.
+    fn check(raw: &RawMessage) -> Result<(), TestCaseError> {
+        match TemplateMessage::from_raw(raw) {
+            Ok(msg) => {
+                let data = msg.body["data"].as_object().expect("data is an object");
+                for item in data.values() {
+                    prop_assert!(item["value"].is_string(), "{item}");
+                }
+                prop_assert!(!msg.client_msg_id.is_empty());
+            }
+            Err(reason) => {
+                prop_assert!(
+                    COLUMNS.iter().any(|c| reason.starts_with(c)),
+                    "reason names no column: {reason:?}"
+                );
+                prop_assert!(
+                    reason.chars().count() <= MAX_REASON_CHARS,
+                    "unbounded reason ({} chars)",
+                    reason.chars().count()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn row() -> RawMessage {
+        RawMessage {
+            id: 1,
+            account: "default".into(),
+            touser: Some("oUser1".into()),
+            template_id: Some("TPL".into()),
+            data: Some("{}".into()),
+            ..RawMessage::default()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_column_text_passes_or_is_refused_with_a_bounded_reason(
+            touser in proptest::option::of(text()),
+            template_id in proptest::option::of(text()),
+            data in proptest::option::of(text()),
+            url in proptest::option::of(text()),
+            miniprogram in proptest::option::of(text()),
+            client_msg_id in proptest::option::of(text()),
+        ) {
+            check(&RawMessage { touser, template_id, data, url, miniprogram, client_msg_id, ..row() })?;
+        }
+
+        #[test]
+        fn any_json_as_data_or_miniprogram_passes_or_is_refused_with_a_bounded_reason(
+            data in json(),
+            miniprogram in proptest::option::of(json()),
+        ) {
+            check(&RawMessage {
+                data: Some(data.to_string()),
+                miniprogram: miniprogram.map(|m| m.to_string()),
+                ..row()
+            })?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(cases(32))]
+
+        /// Names and values near and past the size limits, in every column: a reason never
+        /// repeats a long value whole.
+        #[test]
+        fn long_names_and_values_are_not_echoed_whole(
+            len in 1usize..70_000,
+            c in prop_oneof![Just('k'), Just('长'), Just('\0'), Just('"')],
+            shape in 0..10,
+        ) {
+            let name: String = std::iter::repeat_n(c, len).collect();
+            let name_json = json!(name).to_string();
+            let raw = match shape {
+                0 => RawMessage { data: Some(format!("{{{name_json}:true}}")), ..row() },
+                1 => RawMessage { data: Some(format!("{{\"a\":{{{name_json}:\"x\"}}}}")), ..row() },
+                2 => RawMessage { data: Some(format!("{{{name_json}:{{\"color\":\"#fff\"}}}}")), ..row() },
+                3 => RawMessage { miniprogram: Some(format!("{{{name_json}:\"x\"}}")), ..row() },
+                4 => RawMessage { touser: Some(name), ..row() },
+                5 => RawMessage { template_id: Some(name), ..row() },
+                6 => RawMessage { url: Some(format!("https://{name}")), ..row() },
+                7 => RawMessage { client_msg_id: Some(name), ..row() },
+                8 => RawMessage { data: Some(format!("{{\"a\":{name_json}}}")), ..row() },
+                _ => RawMessage { miniprogram: Some(format!("{{\"appid\":{name_json}}}")), ..row() },
+            };
+            check(&raw)?;
+        }
+    }
+
+    proptest! {
+        /// Times from SQLite text: any text is read or refused; what the daemon writes reads back.
+        #[test]
+        fn sqlite_time_text_is_read_or_refused_without_panic(text in ".{0,40}", millis in any::<i64>()) {
+            let _ = crate::store::sqlite::parse_ts(&text);
+            if let Some(time) = DateTime::<Utc>::from_timestamp_millis(millis) {
+                let written = crate::store::sqlite::ts(time);
+                // Years outside 0..=9999 have no 4-digit form; those must not read back wrong.
+                if let Some(read) = crate::store::sqlite::parse_ts(&written) {
+                    prop_assert_eq!(read, time);
+                }
+            }
+        }
+    }
+
+    /// The case the issue reported: a 60 KB parameter name was echoed whole into `last_error`.
+    #[test]
+    fn a_60_kb_parameter_name_is_cut_in_the_reason() {
+        let name = "p".repeat(60_000);
+        let reason = TemplateMessage::from_raw(&RawMessage {
+            data: Some(format!(r#"{{"{name}":{{"colour":"red","value":"x"}}}}"#)),
+            ..row()
+        })
+        .unwrap_err();
+        assert!(reason.starts_with("data.ppp"), "{reason}");
+        assert!(reason.contains("p…"), "{reason}");
+        assert!(reason.len() < 400, "{} bytes", reason.len());
+        assert!(reason.contains("unknown field \"colour\""), "{reason}");
     }
 }

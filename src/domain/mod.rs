@@ -7,3 +7,4 @@ pub mod quota;
 pub mod retry;
 pub mod status;
 pub mod template;
+pub mod text;

@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use super::text::echo;
+
 /// The parameter names of a template's content, `{{first.DATA}}` → `first`, in order, once each.
 pub fn parameters(content: &str) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
@@ -32,13 +34,18 @@ pub fn check_data(template_id: &str, content: &str, data: &Value) -> Result<(), 
         .find(|name| !given.contains_key(name.as_str()))
     {
         return Err(format!(
-            "data lacks parameter \"{missing}\" of template {template_id}"
+            "data lacks parameter \"{}\" of template {}",
+            echo(missing),
+            echo(template_id)
         ));
     }
     if let Some(unknown) = given.keys().find(|key| !expected.contains(key)) {
+        // The key is the app's and the content WeChat's: both echoed only in part.
         return Err(format!(
-            "data.{unknown} is not a parameter of template {template_id} (its parameters: {})",
-            expected.join(", ")
+            "data.{} is not a parameter of template {} (its parameters: {})",
+            echo(unknown),
+            echo(template_id),
+            echo(&expected.join(", "))
         ));
     }
     Ok(())
@@ -81,5 +88,86 @@ mod tests {
             err.starts_with("data.keynote9 is not a parameter of template T"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, json};
+
+    use super::*;
+
+    /// Template content: text with `{{`, `}}`, `.DATA` and multi-byte characters mixed in.
+    fn content() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just("{{".to_string()),
+                Just("}}".to_string()),
+                Just(".DATA".to_string()),
+                Just(" ".to_string()),
+                "[a-z长]{0,6}",
+                ".{0,4}",
+            ],
+            0..30,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn parameters_of_any_content_are_found_without_panic(content in content()) {
+            let names = parameters(&content);
+            for name in &names {
+                prop_assert!(!name.is_empty());
+                prop_assert!(content.contains(&format!("{name}.DATA")), "{name:?} not in {content:?}");
+            }
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            prop_assert_eq!(unique.len(), names.len());
+        }
+
+        /// Data with exactly the content's parameters passes; any other set is refused with a
+        /// bounded reason that names `data`.
+        #[test]
+        fn data_is_checked_against_any_content(
+            content in content(),
+            keys in prop::collection::vec(".{0,10}", 0..5),
+            exact in any::<bool>(),
+        ) {
+            let keys = if exact { parameters(&content) } else { keys };
+            let data: Map<String, Value> = keys.iter().map(|k| (k.clone(), json!({"value": "v"}))).collect();
+            let result = check_data("TPL", &content, &Value::Object(data.clone()));
+            let mut expected = parameters(&content);
+            expected.sort();
+            let mut given: Vec<String> = data.keys().cloned().collect();
+            given.sort();
+            prop_assert_eq!(result.is_ok(), expected == given, "{:?}", result);
+            if let Err(reason) = result {
+                prop_assert!(reason.starts_with("data"), "{reason}");
+                prop_assert!(reason.chars().count() <= 700, "{} chars", reason.chars().count());
+            }
+        }
+    }
+
+    /// A key as long as `data` allows and a template with hundreds of parameters: the reason
+    /// repeats a few hundred characters of each.
+    #[test]
+    fn long_keys_and_long_parameter_lists_are_cut_in_the_reason() {
+        let content: String = (0..500).map(|i| format!("{{{{p{i}.DATA}}}}")).collect();
+        let data: Map<String, Value> = parameters(&content)
+            .into_iter()
+            .chain(["k".repeat(60_000)])
+            .map(|k| (k, json!({"value": "v"})))
+            .collect();
+        let reason = check_data("TPL", &content, &Value::Object(data)).unwrap_err();
+        assert!(reason.starts_with("data.kkk"), "{reason}");
+        assert!(
+            reason.chars().count() < 500,
+            "{} chars",
+            reason.chars().count()
+        );
+        assert_eq!(reason.matches('…').count(), 2, "{reason}");
     }
 }

@@ -11,6 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::domain::text::echo;
+
 /// WeChat's answer to a template send (or any call answering with an errcode).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiReply {
@@ -111,23 +113,7 @@ impl WechatApi {
         url.query_pairs_mut()
             .append_pair("access_token", token.expose_secret());
         let body = read_body(self.http.get(url).send().await).await?;
-        if let Some(list) = body.get("template_list") {
-            return serde_json::from_value(list.clone())
-                .map(Ok)
-                .map_err(|e| TransportError {
-                    detail: format!("template_list is not as documented: {e}"),
-                    may_have_reached: true,
-                });
-        }
-        Ok(Err(ApiReply {
-            errcode: body.get("errcode").and_then(Value::as_i64).unwrap_or(-1),
-            errmsg: body
-                .get("errmsg")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            msgid: None,
-        }))
+        template_list(&body)
     }
 
     /// `POST /cgi-bin/stable_token`: returns the same token while it is valid unless forced.
@@ -173,6 +159,11 @@ async fn read_body(
     let response = response.map_err(transport)?;
     let status = response.status();
     let bytes = response.bytes().await.map_err(transport)?;
+    body_json(status, &bytes)
+}
+
+/// An answer's status and bytes as WeChat's JSON.
+fn body_json(status: StatusCode, bytes: &[u8]) -> Result<Value, TransportError> {
     if status != StatusCode::OK {
         return Err(TransportError {
             detail: format!("HTTP {status} from WeChat"),
@@ -180,7 +171,7 @@ async fn read_body(
             may_have_reached: status.is_server_error(),
         });
     }
-    serde_json::from_slice(&bytes).map_err(|_| TransportError {
+    serde_json::from_slice(bytes).map_err(|_| TransportError {
         detail: format!("answer is not JSON ({} bytes)", bytes.len()),
         may_have_reached: true,
     })
@@ -189,7 +180,11 @@ async fn read_body(
 async fn read_reply(
     response: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<ApiReply, TransportError> {
-    let body = read_body(response).await?;
+    reply(&read_body(response).await?)
+}
+
+/// WeChat's errcode answer (its errmsg bounded: it becomes the row's `last_error`).
+fn reply(body: &Value) -> Result<ApiReply, TransportError> {
     let errcode = body
         .get("errcode")
         .and_then(Value::as_i64)
@@ -199,13 +194,40 @@ async fn read_reply(
         })?;
     Ok(ApiReply {
         errcode,
-        errmsg: body
-            .get("errmsg")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        errmsg: errmsg(body, ""),
         msgid: body.get("msgid").and_then(msgid),
     })
+}
+
+/// The answer's errmsg, cut: a proxy or a broken WeChat may answer with anything.
+fn errmsg(body: &Value, missing: &str) -> String {
+    echo(
+        body.get("errmsg")
+            .and_then(Value::as_str)
+            .unwrap_or(missing),
+    )
+    .into_owned()
+}
+
+/// `get_all_private_template`'s answer: the list, or WeChat's errcode.
+fn template_list(body: &Value) -> Result<Result<Vec<ListedTemplate>, ApiReply>, TransportError> {
+    if let Some(list) = body.get("template_list") {
+        return serde_json::from_value(list.clone())
+            .map(Ok)
+            .map_err(|e| TransportError {
+                // serde's message quotes the offending value, which may be any size.
+                detail: format!(
+                    "template_list is not as documented: {}",
+                    echo(&e.to_string())
+                ),
+                may_have_reached: true,
+            });
+    }
+    Ok(Err(ApiReply {
+        errcode: body.get("errcode").and_then(Value::as_i64).unwrap_or(-1),
+        errmsg: errmsg(body, ""),
+        msgid: None,
+    }))
 }
 
 /// msgid overflows 32 bits; take it as a 64-bit number, or a numeric string.
@@ -220,25 +242,29 @@ fn msgid(value: &Value) -> Option<i64> {
 async fn read_token(
     response: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<IssuedToken, TokenError> {
+    token_answer(&read_body(response).await?)
+}
+
+/// The longest token lifetime believed (WeChat's is 2 hours).
+const MAX_TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+
+/// A token answer: the token, or WeChat's refusal.
+fn token_answer(body: &Value) -> Result<IssuedToken, TokenError> {
     #[derive(Deserialize)]
     struct Granted {
         access_token: String,
         expires_in: u64,
     }
-    let body = read_body(response).await?;
     if let Ok(granted) = serde_json::from_value::<Granted>(body.clone()) {
         return Ok(IssuedToken {
             token: SecretString::from(granted.access_token),
-            expires_in: Duration::from_secs(granted.expires_in),
+            // WeChat says 7200; a lifetime of millions of years made `now + lifetime` panic.
+            expires_in: Duration::from_secs(granted.expires_in.min(MAX_TOKEN_LIFETIME_SECS)),
         });
     }
     Err(TokenError::Refused {
         errcode: body.get("errcode").and_then(Value::as_i64).unwrap_or(-1),
-        errmsg: body
-            .get("errmsg")
-            .and_then(Value::as_str)
-            .unwrap_or("no errmsg")
-            .to_string(),
+        errmsg: errmsg(body, "no errmsg"),
     })
 }
 
@@ -269,6 +295,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_token_lifetime_beyond_chronos_range_is_capped() {
+        // 10^13 s (317,000 years) is inside chrono's Duration but not its DateTime range.
+        for lifetime in [10_000_000_000_000_u64, u64::MAX] {
+            let answer = json!({"access_token": "t", "expires_in": lifetime});
+            let issued = token_answer(&answer).unwrap();
+            assert_eq!(
+                issued.expires_in,
+                Duration::from_secs(MAX_TOKEN_LIFETIME_SECS)
+            );
+            // What the token manager does with it: this panicked before the cap.
+            let lifetime = chrono::Duration::from_std(issued.expires_in).unwrap_or_default();
+            let _ = chrono::Utc::now() + lifetime;
+        }
+    }
+
+    #[test]
+    fn a_megabyte_errmsg_is_cut() {
+        let answer = json!({"errcode": 40003, "errmsg": "e".repeat(1 << 20)});
+        let reply = reply(&answer).unwrap();
+        assert_eq!(reply.errcode, 40003);
+        assert!(reply.errmsg.ends_with('…') && reply.errmsg.chars().count() < 300);
+        let Err(TokenError::Refused { errmsg, .. }) = token_answer(&answer) else {
+            panic!("refused")
+        };
+        assert!(errmsg.chars().count() < 300);
+        let listed = template_list(
+            &json!({"template_list": [{"template_id": "x".repeat(1 << 20), "content": 7}]}),
+        );
+        let detail = listed.unwrap_err().detail;
+        assert!(
+            detail.chars().count() < 300,
+            "{} chars",
+            detail.chars().count()
+        );
+    }
+
+    #[test]
     fn msgids_beyond_32_bits_survive() {
         assert_eq!(msgid(&json!(3_147_483_648_u64)), Some(3_147_483_648));
         assert_eq!(msgid(&json!("200228332")), Some(200_228_332));
@@ -291,5 +354,119 @@ mod tests {
         let printed = format!("{err} {err:?}");
         assert!(!printed.contains("TOKEN-THAT-MUST-NOT-LEAK"), "{printed}");
         assert!(!printed.contains("access_token"), "{printed}");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,30}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 30, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("errcode".to_string()),
+                        Just("errmsg".to_string()),
+                        Just("msgid".to_string()),
+                        Just("access_token".to_string()),
+                        Just("expires_in".to_string()),
+                        Just("template_list".to_string()),
+                        Just("template_id".to_string()),
+                        ".{0,8}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Every failure to read an answer is a readable, bounded message.
+    fn readable(detail: &str) -> Result<(), TestCaseError> {
+        prop_assert!(!detail.trim().is_empty());
+        prop_assert!(
+            detail.chars().count() <= 400,
+            "{} chars",
+            detail.chars().count()
+        );
+        Ok(())
+    }
+
+    proptest! {
+        /// Any bytes with any status: JSON for a 200 that holds it, else a bounded refusal
+        /// that says whether the request may have reached WeChat.
+        #[test]
+        fn any_answer_bytes_are_read_or_refused(
+            status in prop_oneof![Just(200u16), 100u16..600],
+            bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..200),
+                json().prop_map(|v| v.to_string().into_bytes()),
+            ],
+        ) {
+            let status = StatusCode::from_u16(status).unwrap();
+            match body_json(status, &bytes) {
+                Ok(value) => {
+                    prop_assert_eq!(status, StatusCode::OK);
+                    prop_assert_eq!(Some(value), serde_json::from_slice::<Value>(&bytes).ok());
+                }
+                Err(e) => {
+                    readable(&e.detail)?;
+                    if status.is_server_error() {
+                        prop_assert!(e.may_have_reached);
+                    }
+                }
+            }
+        }
+
+        /// Any JSON as a send answer, a template list or a token answer: no panic, an errcode
+        /// only when the answer has an integer one, messages bounded.
+        #[test]
+        fn any_json_answer_is_read_or_refused(body in json(), long in 0usize..5_000) {
+            let mut body = body;
+            if let Value::Object(map) = &mut body
+                && map.get("errmsg").is_some_and(Value::is_string)
+            {
+                map.insert("errmsg".into(), json!("m".repeat(long)));
+            }
+            match reply(&body) {
+                Ok(r) => {
+                    prop_assert_eq!(Some(r.errcode), body.get("errcode").and_then(Value::as_i64));
+                    prop_assert!(r.errmsg.chars().count() <= crate::domain::text::ECHO_CHARS + 1);
+                    let _ = crate::domain::errcode::classify(r.errcode);
+                }
+                Err(e) => readable(&e.detail)?,
+            }
+            match template_list(&body) {
+                Ok(Ok(_)) => {}
+                Ok(Err(r)) => prop_assert!(r.errmsg.chars().count() <= crate::domain::text::ECHO_CHARS + 1),
+                Err(e) => readable(&e.detail)?,
+            }
+            match token_answer(&body) {
+                Ok(issued) => {
+                    prop_assert!(issued.expires_in.as_secs() <= MAX_TOKEN_LIFETIME_SECS);
+                    let _ = chrono::Utc::now() + chrono::Duration::from_std(issued.expires_in).unwrap();
+                }
+                Err(e) => readable(&e.to_string())?,
+            }
+        }
+
+        #[test]
+        fn msgid_is_read_from_any_json_without_panic(v in json(), s in "[0-9-]{0,25}") {
+            let _ = msgid(&v);
+            prop_assert_eq!(msgid(&json!(s)), s.parse().ok());
+        }
     }
 }

@@ -267,5 +267,144 @@ mod properties {
             let crypto = crypto();
             prop_assert_eq!(crypto.decrypt(&crypto.encrypt(&xml)).unwrap(), xml);
         }
+
+        /// A plaintext of our choosing ending in every pad byte value 0..=255 (over whole
+        /// 16-byte blocks, so also pads longer than the 32-byte block and longer than the text):
+        /// only a pad of 1..=32 can open, and nothing panics.
+        #[test]
+        fn every_pad_byte_value_is_opened_or_refused(
+            body in proptest::collection::vec(any::<u8>(), 0..100),
+            pad in any::<u8>(),
+            blocks_of_pad in 1usize..4,
+        ) {
+            let mut plain = body;
+            let len = (plain.len() / 16 + blocks_of_pad) * 16;
+            plain.resize(len, pad);
+            match crypto().decrypt(&seal_raw(&plain)) {
+                Ok(_) => prop_assert!((1..=32).contains(&pad)),
+                Err(e) => {
+                    if pad == 0 || pad > 32 {
+                        prop_assert_eq!(e, CryptoError::BadPadding);
+                    }
+                }
+            }
+        }
+
+        /// A well-formed envelope whose 4-byte length lies opens only when the length is true.
+        #[test]
+        fn a_lying_length_field_is_refused(
+            xml in ".{0,100}",
+            random in any::<[u8; 16]>(),
+            claimed in prop_oneof![any::<u32>(), 0u32..120],
+        ) {
+            let true_len = xml.len() as u32;
+            let opened = crypto().decrypt(&seal_raw(&envelope(&random, claimed, xml.as_bytes(), b"wxappid")));
+            if claimed == true_len {
+                prop_assert_eq!(opened, Ok(xml));
+            } else {
+                prop_assert!(
+                    matches!(opened, Err(CryptoError::BadLayout | CryptoError::WrongAppid)),
+                    "{:?}", opened
+                );
+            }
+        }
+
+        /// Sealed for one appid, opened by another: always refused as another appid's.
+        #[test]
+        fn another_appids_message_is_refused(xml in ".{0,100}", appid in "[a-z0-9]{0,20}") {
+            prop_assume!(appid != "wxappid");
+            let other = MessageCrypto::new("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", &appid).unwrap();
+            prop_assert_eq!(crypto().decrypt(&other.encrypt(&xml)), Err(CryptoError::WrongAppid));
+        }
+
+        /// Bytes that are not UTF-8 where the xml should be are refused, not lossily read.
+        #[test]
+        fn a_non_utf8_body_is_refused(body in proptest::collection::vec(any::<u8>(), 1..60)) {
+            let opened = crypto().decrypt(&seal_raw(&envelope(&[0; 16], body.len() as u32, &body, b"wxappid")));
+            match std::str::from_utf8(&body) {
+                Ok(text) => prop_assert_eq!(opened, Ok(text.to_string())),
+                Err(_) => prop_assert_eq!(opened, Err(CryptoError::BadLayout)),
+            }
+        }
+
+        /// Text with a character outside base64 (or broken base64 padding) is not base64.
+        #[test]
+        fn non_base64_is_refused_as_such(
+            prefix in "[A-Za-z0-9+/]{0,40}",
+            bad in "[^A-Za-z0-9+/=\\s]",
+            suffix in "[A-Za-z0-9+/]{0,40}",
+        ) {
+            prop_assert_eq!(crypto().decrypt(&format!("{prefix}{bad}{suffix}")), Err(CryptoError::NotBase64));
+        }
+
+        /// Any key text: 43 base64 characters make a key, anything else is BadKey; no panic.
+        #[test]
+        fn any_key_text_is_accepted_or_refused(key in prop_oneof![".{0,60}", "[A-Za-z0-9+/]{43}"], appid in ".{0,20}") {
+            match MessageCrypto::new(&key, &appid) {
+                Ok(c) => {
+                    prop_assert_eq!(key.len(), 43);
+                    let shown = format!("{c:?}");
+                    prop_assert!(!shown.contains(&key), "key in Debug");
+                }
+                Err(e) => {
+                    prop_assert_eq!(&e, &CryptoError::BadKey);
+                    prop_assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+
+        /// The signature check with any received text (non-hex, any length, any case,
+        /// unicode) and any parts: true exactly when it is the signature, in any ASCII case.
+        #[test]
+        fn signature_matches_exactly_the_signature(
+            received in prop_oneof![".{0,60}", "[0-9a-fA-F]{40}", "[0-9a-f]{39,41}"],
+            parts in proptest::collection::vec(".{0,30}", 0..5),
+        ) {
+            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            let expected = signature(&parts);
+            prop_assert_eq!(expected.len(), 40);
+            prop_assert_eq!(
+                signature_matches(&received, &parts),
+                received.to_ascii_lowercase() == expected
+            );
+            prop_assert!(signature_matches(&expected.to_ascii_uppercase(), &parts));
+        }
+    }
+
+    /// Every refusal reads as a sentence.
+    #[test]
+    fn every_crypto_error_is_readable() {
+        for e in [
+            CryptoError::BadKey,
+            CryptoError::NotBase64,
+            CryptoError::BadLength,
+            CryptoError::BadPadding,
+            CryptoError::BadLayout,
+            CryptoError::WrongAppid,
+        ] {
+            assert!(e.to_string().len() > 10, "{e:?}");
+        }
+    }
+
+    /// 16 random bytes ‖ claimed length ‖ body ‖ appid, PKCS#7-padded to 32 bytes.
+    fn envelope(random: &[u8; 16], claimed: u32, body: &[u8], appid: &[u8]) -> Vec<u8> {
+        let mut plain = random.to_vec();
+        plain.extend_from_slice(&claimed.to_be_bytes());
+        plain.extend_from_slice(body);
+        plain.extend_from_slice(appid);
+        let pad = PAD_BLOCK - plain.len() % PAD_BLOCK;
+        plain.extend(std::iter::repeat_n(pad as u8, pad));
+        plain
+    }
+
+    /// Encrypts whole blocks as they are, for plaintexts `encrypt` would never make.
+    fn seal_raw(plain: &[u8]) -> String {
+        let crypto = crypto();
+        let mut buf = plain.to_vec();
+        let len = buf.len();
+        let sealed = cbc::Encryptor::<Aes256>::new(&crypto.key.into(), &crypto.iv().into())
+            .encrypt_padded::<NoPadding>(&mut buf, len)
+            .unwrap();
+        STANDARD.encode(sealed)
     }
 }

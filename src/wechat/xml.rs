@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
+use crate::domain::text::echo;
+
 /// Bounds that keep a hostile body cheap to reject.
 const MAX_FIELDS: usize = 256;
 const MAX_DEPTH: usize = 8;
@@ -59,9 +61,7 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
     let mut field = String::new();
     let mut text = String::new();
     loop {
-        let event = reader
-            .read_event()
-            .map_err(|e| XmlError::Malformed(e.to_string()))?;
+        let event = reader.read_event().map_err(|e| malformed(&e))?;
         match event {
             Event::DocType(_) => return Err(XmlError::Doctype),
             Event::Decl(_) | Event::Comment(_) | Event::PI(_) => {}
@@ -96,10 +96,9 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
             Event::CData(c) if depth > 0 => text.push_str(&c.into_inner()),
             Event::GeneralRef(r) if depth > 0 => match r.resolve_char_ref() {
                 Ok(Some(c)) => text.push(c),
-                Ok(None) => {
-                    text.push(predefined(&r).ok_or_else(|| XmlError::UnknownEntity(r.to_string()))?)
-                }
-                Err(e) => return Err(XmlError::Malformed(e.to_string())),
+                Ok(None) => text
+                    .push(predefined(&r).ok_or_else(|| XmlError::UnknownEntity(echo(&r).into()))?),
+                Err(e) => return Err(malformed(&e)),
             },
             Event::Text(_) | Event::CData(_) | Event::GeneralRef(_) => {}
             Event::End(_) => match root {
@@ -123,6 +122,11 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
         return Err(XmlError::NotWeChatXml);
     }
     Ok(fields)
+}
+
+/// quick-xml's messages quote names from the input (a mismatched end tag of any length).
+fn malformed(error: &dyn std::fmt::Display) -> XmlError {
+    XmlError::Malformed(echo(&error.to_string()).into_owned())
 }
 
 fn predefined(name: &str) -> Option<char> {
@@ -205,7 +209,9 @@ mod properties {
     proptest! {
         #[test]
         fn any_text_is_parsed_or_refused_without_panic(text in ".{0,400}") {
-            let _ = parse(&text);
+            if let Err(e) = parse(&text) {
+                readable(&e)?;
+            }
         }
 
         #[test]
@@ -222,9 +228,143 @@ mod properties {
             )
         ) {
             let text = parts.concat();
-            if let Ok(fields) = parse(&text) {
-                prop_assert!(fields.0.len() <= MAX_FIELDS);
+            match parse(&text) {
+                Ok(fields) => prop_assert!(fields.0.len() <= MAX_FIELDS),
+                Err(e) => readable(&e)?,
             }
         }
+
+        /// Nesting below `<xml>`: up to MAX_DEPTH levels are read (as the outer field's
+        /// text), deeper is refused as too deep.
+        #[test]
+        fn nesting_is_read_up_to_the_bound(depth in 1usize..40, leaf in "[a-z0-9 ]{0,10}") {
+            let xml = format!("<xml>{}{leaf}{}</xml>", "<a>".repeat(depth), "</a>".repeat(depth));
+            match parse(&xml) {
+                Ok(fields) => {
+                    prop_assert!(depth <= MAX_DEPTH);
+                    prop_assert_eq!(fields.get("a"), Some(leaf.as_str()));
+                }
+                Err(e) => {
+                    prop_assert!(depth > MAX_DEPTH);
+                    prop_assert_eq!(e, XmlError::TooLarge);
+                }
+            }
+        }
+
+        /// Any text, escaped or in CDATA, reads back as itself (line ends aside: XML reads
+        /// `\r\n` as `\n`).
+        #[test]
+        fn escaped_and_cdata_values_read_back(value in "[^\r]{0,200}", cdata in any::<bool>()) {
+            let inner = if cdata {
+                prop_assume!(!value.contains("]]>"));
+                format!("<![CDATA[{value}]]>")
+            } else {
+                value.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+            };
+            let fields = parse(&format!("<xml><F>{inner}</F></xml>")).unwrap();
+            prop_assert_eq!(fields.get("F"), Some(value.as_str()));
+        }
+
+        /// Any entity name: the five predefined ones resolve, others are refused; the refusal
+        /// repeats a bounded part of the name.
+        #[test]
+        fn any_entity_reference_is_resolved_or_refused(name in prop_oneof![
+            "[a-zA-Z_][a-zA-Z0-9._-]{0,20}",
+            "[^;&<]{1,30}",
+            Just("amp".to_string()), Just("lt".to_string()), Just("quot".to_string()),
+            "x{1000,3000}",
+        ]) {
+            match parse(&format!("<xml><F>a&{name};b</F></xml>")) {
+                Ok(fields) => {
+                    let c = predefined(&name).expect("only predefined entities resolve");
+                    prop_assert_eq!(fields.get("F").map(str::to_string), Some(format!("a{c}b")));
+                }
+                Err(e) => readable(&e)?,
+            }
+        }
+
+        /// Any numeric character reference: the character when it is one, else refused.
+        #[test]
+        fn any_character_reference_is_resolved_or_refused(n in prop_oneof![any::<u32>(), 0u32..0x110000], hex in any::<bool>()) {
+            let reference = if hex { format!("&#x{n:x};") } else { format!("&#{n};") };
+            match parse(&format!("<xml><F>{reference}</F></xml>")) {
+                Ok(fields) => {
+                    let c = char::from_u32(n).expect("only characters resolve");
+                    prop_assert_eq!(fields.get("F").map(str::to_string), Some(c.to_string()));
+                }
+                Err(e) => readable(&e)?,
+            }
+        }
+
+        /// A DOCTYPE anywhere (before, inside or after the root) is refused as such or as
+        /// malformed, never read.
+        #[test]
+        fn a_doctype_anywhere_is_refused(at in 0usize..4, decl in r#"[a-zA-Z <>!\[\]"%;&]{0,40}"#) {
+            let parts = ["<?xml version=\"1.0\"?>", "<xml>", "<A>1</A>", "</xml>"];
+            let mut xml = String::new();
+            for (i, part) in parts.iter().enumerate() {
+                if i == at {
+                    xml.push_str(&format!("<!DOCTYPE x [{decl}]>"));
+                }
+                xml.push_str(part);
+            }
+            let e = parse(&xml).unwrap_err();
+            readable(&e)?;
+        }
+
+        /// Fields by the number: up to MAX_FIELDS distinct ones are read, more are refused.
+        #[test]
+        fn the_number_of_fields_is_bounded(n in 0usize..600) {
+            let xml = format!("<xml>{}</xml>", (0..n).map(|i| format!("<F{i}>{i}</F{i}>")).collect::<String>());
+            match parse(&xml) {
+                Ok(fields) => {
+                    prop_assert!(n <= MAX_FIELDS);
+                    prop_assert_eq!(fields.0.len(), n);
+                }
+                Err(e) => {
+                    prop_assert!(n > MAX_FIELDS);
+                    prop_assert_eq!(e, XmlError::TooLarge);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::cases(8))]
+
+        /// Huge values and names (up to 1 MB): read whole, and a mismatched huge end tag gives
+        /// a bounded message.
+        #[test]
+        fn huge_values_and_names_are_read_or_refused_with_a_bounded_message(
+            len in 1usize..1_000_000,
+            c in prop_oneof![Just('x'), Just('长')],
+        ) {
+            let big: String = std::iter::repeat_n(c, len).collect();
+            let fields = parse(&format!("<xml><F><![CDATA[{big}]]></F><{big}>v</{big}></xml>")).unwrap();
+            prop_assert_eq!(fields.get("F").map(str::len), Some(big.len()));
+            prop_assert_eq!(fields.get(&big), Some("v"));
+            let e = parse(&format!("<xml><A>1</{big}></xml>")).unwrap_err();
+            readable(&e)?;
+        }
+    }
+
+    /// A refusal is a non-empty message of bounded length.
+    fn readable(e: &XmlError) -> Result<(), TestCaseError> {
+        let text = e.to_string();
+        prop_assert!(!text.trim().is_empty());
+        prop_assert!(
+            text.chars().count() <= 300,
+            "{} chars: {e:?}",
+            text.chars().count()
+        );
+        Ok(())
+    }
+
+    /// What the bound guards against: quick-xml quotes a mismatched end tag whole.
+    #[test]
+    fn a_megabyte_end_tag_is_not_echoed_whole() {
+        let e = parse(&format!("<xml><A>1</{}></xml>", "B".repeat(1 << 20))).unwrap_err();
+        assert!(matches!(e, XmlError::Malformed(_)), "{e:?}");
+        assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
     }
 }

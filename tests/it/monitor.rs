@@ -352,7 +352,7 @@ async fn metrics_match_the_rows(backend: Backend) {
         )
     };
     assert_eq!(refused("default", refused_known), 1.0);
-    assert_eq!(refused("unknown", refused_unknown), 1.0);
+    assert_eq!(refused("unconfigured", refused_unknown), 1.0);
     assert_eq!(sum(&m, &named("callback_refused_total"), &[]), 2.0);
 
     // Gauges read from the database at the scrape.
@@ -438,3 +438,123 @@ async fn healthz_follows_the_database() {
     );
     daemon.stop().await;
 }
+
+/// Labels come from fixed sets: 300 signed pushes of made-up event types and rows of 200
+/// unknown accounts (one of them named by 1 MB) leave `/metrics` small, with event labels from
+/// the known types or `other`, and account labels `default` or `unconfigured`.
+async fn metrics_labels_stay_in_fixed_sets(backend: Backend) {
+    use wechat_outbox::wechat::crypto::signature;
+
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let toml = db.config_toml(&sim.url(), "").replace(
+        "secret = \"test-app-secret-value\"",
+        &format!("secret = \"test-app-secret-value\"\ntoken = \"{TOKEN}\""),
+    );
+    let daemon = Daemon::start(wechat_outbox::config::Config::from_toml(&toml).unwrap()).await;
+
+    let client = reqwest::Client::new();
+    let now = chrono::Utc::now().timestamp().to_string();
+    for i in 0..300 {
+        // A nonce and a sender of its own per push: each is a new push, not a replay or a retry.
+        let nonce = format!("n{i}");
+        let query = format!(
+            "signature={}&timestamp={now}&nonce={nonce}",
+            signature(&[TOKEN, &now, &nonce])
+        );
+        let xml = format!(
+            "<xml><ToUserName>gh_x</ToUserName><FromUserName>oMade{i}</FromUserName><CreateTime>{now}</CreateTime><MsgType>event</MsgType><Event>MadeUp{i}</Event></xml>"
+        );
+        let status = client
+            .post(format!("{}?{query}", daemon.callback_url("default")))
+            .body(xml)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "push {i}");
+    }
+    let huge = "h".repeat(1 << 20);
+    let mut values = vec![format!("('{huge}', 'oHuge', 'TEMPLATE_ID', '{{}}')")];
+    values.extend((0..199).map(|i| format!("('nobody{i}', 'oNobody', 'TEMPLATE_ID', '{{}}')")));
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (account, touser, template_id, data) VALUES {}",
+            values.join(",")
+        ))
+        .await
+        .unwrap();
+    db.app.insert_good(3, "ok").await;
+    db.app.wait_settled(Duration::from_secs(30)).await;
+
+    let response = reqwest::get(format!("http://{}/metrics", daemon.monitor))
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    assert!(text.len() < 32 * 1024, "/metrics is {} bytes", text.len());
+    let m = parse_openmetrics(&text);
+    let known_events = [
+        "TEMPLATESENDJOBFINISH",
+        "subscribe",
+        "unsubscribe",
+        "SCAN",
+        "LOCATION",
+        "CLICK",
+        "VIEW",
+        "text",
+        "image",
+        "voice",
+        "video",
+        "shortvideo",
+        "location",
+        "link",
+        "other",
+    ];
+    for sample in &m {
+        if let Some(account) = sample.labels.get("account") {
+            assert!(
+                account == "default" || account == "unconfigured",
+                "{}: account label {:?}",
+                sample.name,
+                wechat_outbox::domain::text::echo(account)
+            );
+        }
+        if let Some(event) = sample.labels.get("event") {
+            assert!(
+                known_events.contains(&event.as_str()),
+                "event label {event:?}"
+            );
+        }
+    }
+    let named = |n: &str| format!("wechat_outbox_{n}");
+    assert_eq!(
+        sum(&m, &named("events_received_total"), &[("event", "other")]),
+        300.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            &named("outcomes_total"),
+            &[("account", "unconfigured"), ("outcome", "failed")]
+        ),
+        200.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            &named("rows"),
+            &[("account", "unconfigured"), ("status", "failed")]
+        ),
+        200.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            &named("outcomes_total"),
+            &[("account", "default"), ("outcome", "sent")]
+        ),
+        3.0
+    );
+    daemon.stop().await;
+}
+on_both_backends!(metrics_labels_stay_in_fixed_sets);

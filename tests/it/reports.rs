@@ -431,3 +431,59 @@ async fn pruning_removes_exactly_the_old_terminal_rows(backend: Backend) {
     assert_eq!(db.app.count_in("inbound_events", "1 = 1").await, 3);
 }
 on_both_backends!(pruning_removes_exactly_the_old_terminal_rows);
+
+/// `report status` and `report errors` used to panic on any cell over 65,535 characters (fmt
+/// width). A row whose account and last_error are 100,000 characters, the error holding a
+/// newline and an ESC: the table prints each cut and on one line, json prints it whole.
+async fn reports_print_cells_of_100_000_characters(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let account = "a".repeat(100_000);
+    let error = format!("line1\nforged{}[31m{}", '\u{1b}', "e".repeat(100_000));
+    let chr = if backend == Backend::Sqlite {
+        "char"
+    } else {
+        "chr"
+    };
+    let sql_error = error
+        .replace('\n', &format!("' || {chr}(10) || '"))
+        .replace('\u{1b}', &format!("' || {chr}(27) || '"));
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (account, touser, template_id, data, status, last_errcode, last_error)
+             VALUES ('{account}', 'oLong', 'T', '{{}}', 'failed', 40003, '{sql_error}')"
+        ))
+        .await
+        .unwrap();
+    for name in ["status", "errors", "daily"] {
+        let mut process = Process::start(
+            &db.config_toml("http://127.0.0.1:9", ""),
+            &["report", name, "--format", "table"],
+        );
+        let exit = process.wait_exit(Duration::from_secs(20)).await.code();
+        assert_eq!(exit, Some(0), "report {name}: {}", process.stderr());
+        let table = process.stdout();
+        assert_eq!(
+            table.lines().count(),
+            2,
+            "report {name}: header and one row"
+        );
+        assert!(table.contains('…'), "report {name} cut nothing");
+        assert!(!table.contains('\u{1b}'), "report {name} printed a raw ESC");
+        assert!(
+            table.lines().all(|l| l.chars().count() < 1_000),
+            "report {name}: a line of {} chars",
+            table.lines().map(|l| l.chars().count()).max().unwrap_or(0)
+        );
+    }
+    assert!(
+        report(&db, "status").await[0]["account"] == Value::String(account),
+        "json keeps the account whole"
+    );
+    let errors = report(&db, "errors").await;
+    assert_eq!(
+        errors[0]["error"],
+        Value::String(error),
+        "json keeps the error whole"
+    );
+}
+on_both_backends!(reports_print_cells_of_100_000_characters);
