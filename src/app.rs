@@ -54,8 +54,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let accounts = config.accounts()?;
     let accounts_for_callback = accounts.clone();
     let store = Store::connect(&config).await?;
-    let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new(accounts.iter().map(|a| a.name.clone())));
+    let health = Arc::new(Health::new(Duration::from_secs(
+        config.monitor.failing_after_secs,
+    )));
+    // Past the soft limit, accepts fail with EMFILE and the database pool cannot grow.
+    let needed = config.open_files_needed();
+    if let Some(limit) = crate::http_server::open_files_limit()
+        && limit < needed
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-files limit (RLIMIT_NOFILE) is below what the connection caps and pools \
+             may take: raise LimitNOFILE= or lower callback.max_connections"
+        );
+    }
     // Served from before the migrations, so that `/readyz` answers "not ready" while they run.
     let monitor = if config.monitor.enabled {
         let router = monitor::router(store.clone(), metrics.clone(), health.clone());
@@ -63,6 +77,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             "monitor.listen",
             &config.monitor.listen,
             router,
+            config.monitor_limits(),
             shutdown.clone(),
         )
         .await?;
@@ -149,6 +164,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             &config.callback.listen,
             state,
             config.callback.max_body_bytes,
+            config.callback_limits(),
             shutdown.clone(),
         )
         .await?;
@@ -161,6 +177,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         store.clone(),
         joined,
         metrics.clone(),
+        Duration::from_secs(config.callback.join_window_secs),
         shutdown.clone(),
     ));
     let limits_refresh = {

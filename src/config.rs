@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::domain::retry::{InDoubtPolicy, RetryPolicy};
+use crate::http_server::ConnectionLimits;
 
 /// Environment variables with this prefix override the file: `WECHAT_OUTBOX_DATABASE_URL`,
 /// `WECHAT_OUTBOX_WORKERS__CONCURRENCY` (a double underscore separates section and key).
@@ -241,6 +242,18 @@ pub struct CallbackSettings {
     pub max_body_bytes: usize,
     /// Pushes whose `timestamp` is further than this from our clock are refused.
     pub timestamp_window_secs: u64,
+    /// A delivery event that has not joined a sent row this long after it arrived is given up
+    /// on (`inbound_events.given_up_at`): it was for a message another system sent.
+    pub join_window_secs: u64,
+    /// Open connections at once; a connection beyond them is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// A request head must arrive within this, from the accept (or the first byte of a later
+    /// request on a kept-alive connection).
+    pub header_timeout_secs: u64,
+    /// A request body must arrive within this after its head; else 408.
+    pub body_timeout_secs: u64,
+    /// A kept-alive connection waiting this long for its next request is closed.
+    pub idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,6 +263,10 @@ pub struct MonitorSettings {
     pub enabled: bool,
     /// Loopback by default: the figures are for the operator's scraper, not the internet.
     pub listen: String,
+    /// Open connections at once (the timeouts are `[callback]`'s).
+    pub max_connections: usize,
+    /// `/healthz` fails once every claim (or every maintenance pass) has failed for this long.
+    pub failing_after_secs: u64,
 }
 
 impl Default for MonitorSettings {
@@ -257,6 +274,8 @@ impl Default for MonitorSettings {
         MonitorSettings {
             enabled: true,
             listen: "127.0.0.1:9479".into(),
+            max_connections: 64,
+            failing_after_secs: 30,
         }
     }
 }
@@ -268,6 +287,11 @@ impl Default for CallbackSettings {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 64 * 1024,
             timestamp_window_secs: 300,
+            join_window_secs: 900,
+            max_connections: 1024,
+            header_timeout_secs: 5,
+            body_timeout_secs: 10,
+            idle_timeout_secs: 30,
         }
     }
 }
@@ -388,10 +412,71 @@ impl Config {
         positive("retention.keep_days", self.retention.keep_days as u64)?;
         positive("retention.batch_size", self.retention.batch_size as u64)?;
         positive("retention.interval_secs", self.retention.interval_secs)?;
+        positive("callback.join_window_secs", self.callback.join_window_secs)?;
+        positive(
+            "monitor.failing_after_secs",
+            self.monitor.failing_after_secs,
+        )?;
         // A lease must outlive the HTTP call it covers, or another daemon could rescue a row
         // that is still in flight.
         if self.workers.lease_secs * 1000 < self.api.timeout_ms * 2 {
             bail!("workers.lease_secs must be at least twice api.timeout_ms");
+        }
+        for (key, value) in [
+            (
+                "callback.max_connections",
+                self.callback.max_connections as u64,
+            ),
+            (
+                "callback.header_timeout_secs",
+                self.callback.header_timeout_secs,
+            ),
+            (
+                "callback.body_timeout_secs",
+                self.callback.body_timeout_secs,
+            ),
+            (
+                "callback.idle_timeout_secs",
+                self.callback.idle_timeout_secs,
+            ),
+            (
+                "monitor.max_connections",
+                self.monitor.max_connections as u64,
+            ),
+        ] {
+            positive(key, value)?;
+        }
+        // Beyond these a setting is a typo, and a timeout in hours is no protection.
+        for (key, value, max) in [
+            (
+                "callback.max_connections",
+                self.callback.max_connections as u64,
+                MAX_CONNECTIONS,
+            ),
+            (
+                "monitor.max_connections",
+                self.monitor.max_connections as u64,
+                MAX_CONNECTIONS,
+            ),
+            (
+                "callback.header_timeout_secs",
+                self.callback.header_timeout_secs,
+                MAX_TIMEOUT_SECS,
+            ),
+            (
+                "callback.body_timeout_secs",
+                self.callback.body_timeout_secs,
+                MAX_TIMEOUT_SECS,
+            ),
+            (
+                "callback.idle_timeout_secs",
+                self.callback.idle_timeout_secs,
+                MAX_TIMEOUT_SECS,
+            ),
+        ] {
+            if value > max {
+                bail!("{key} must be at most {max}");
+            }
         }
         for (key, listen) in [
             ("callback.listen", &self.callback.listen),
@@ -525,6 +610,39 @@ impl Config {
         })
     }
 
+    /// What the callback listener lets its clients take.
+    pub fn callback_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.callback.max_connections,
+            header_timeout: Duration::from_secs(self.callback.header_timeout_secs),
+            body_timeout: Duration::from_secs(self.callback.body_timeout_secs),
+            idle_timeout: Duration::from_secs(self.callback.idle_timeout_secs),
+        }
+    }
+
+    /// The monitor listener: its own cap, the callback's timeouts.
+    pub fn monitor_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.monitor.max_connections,
+            ..self.callback_limits()
+        }
+    }
+
+    /// File descriptors the daemon may need at once: both listeners full, the database pool,
+    /// the requests to WeChat, and some for files and the rest.
+    pub fn open_files_needed(&self) -> u64 {
+        let listeners = [
+            (self.callback.enabled, self.callback.max_connections),
+            (self.monitor.enabled, self.monitor.max_connections),
+        ];
+        let served: u64 = listeners
+            .iter()
+            .filter(|(enabled, _)| *enabled)
+            .map(|(_, cap)| *cap as u64 + 1)
+            .sum();
+        served + u64::from(self.database.max_connections) + self.workers.concurrency as u64 + 64
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: self.retry.max_attempts,
@@ -535,6 +653,10 @@ impl Config {
         }
     }
 }
+
+/// Upper bounds of the listener settings.
+const MAX_CONNECTIONS: u64 = 1_000_000;
+const MAX_TIMEOUT_SECS: u64 = 3600;
 
 fn positive(name: &str, value: u64) -> Result<()> {
     if value == 0 {
@@ -570,6 +692,12 @@ mod tests {
         assert_eq!(config.api.base_url, "https://api.weixin.qq.com");
         assert_eq!(config.api.token_endpoint, TokenEndpoint::Stable);
         assert_eq!(config.accounts().unwrap()[0].limits.rate_per_second, 50);
+        let callback = config.callback_limits();
+        assert_eq!(callback.max_connections, 1024);
+        assert_eq!(callback.header_timeout, Duration::from_secs(5));
+        assert_eq!(callback.body_timeout, Duration::from_secs(10));
+        assert_eq!(callback.idle_timeout, Duration::from_secs(30));
+        assert_eq!(config.monitor_limits().max_connections, 64);
     }
 
     #[test]
@@ -603,6 +731,22 @@ mod tests {
             (
                 &format!("{MINIMAL}\n[retry]\nin_doubt = 'maybe'"),
                 "in_doubt",
+            ),
+            (
+                &format!("{MINIMAL}\n[callback]\nmax_connections = 0"),
+                "callback.max_connections",
+            ),
+            (
+                &format!("{MINIMAL}\n[callback]\nheader_timeout_secs = 0"),
+                "callback.header_timeout_secs",
+            ),
+            (
+                &format!("{MINIMAL}\n[callback]\nbody_timeout_secs = 86400"),
+                "callback.body_timeout_secs",
+            ),
+            (
+                &format!("{MINIMAL}\n[monitor]\nmax_connections = 0"),
+                "monitor.max_connections",
             ),
         ];
         for (text, name) in cases {

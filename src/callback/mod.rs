@@ -1,10 +1,12 @@
 //! The HTTP endpoint WeChat pushes to: `/wechat/{account}`.
 //!
-//! `GET` answers WeChat's server verification. `POST` checks the signature (in constant time)
-//! and the timestamp window, opens the safe-mode envelope (current key, then the previous one
-//! during a rotation), refuses DOCTYPEs and oversized bodies, and stores the push in
-//! `inbound_events` **before** answering `success`. Anything refused gets a 4xx and is stored
-//! nowhere; a database failure gets a 503 so that WeChat pushes again.
+//! `GET` answers WeChat's server verification (the plain signature; nothing is decrypted on
+//! GET). `POST` checks the signature (in constant time) and the timestamp window, opens the
+//! safe-mode envelope (current key, then the previous one during a rotation), refuses DOCTYPEs
+//! and oversized bodies, refuses a second body under a signed timestamp and nonce already
+//! seen, and stores the push in `inbound_events` **before** answering `success`. Anything
+//! refused gets a 4xx and is stored nowhere; a database failure gets a 503 so that WeChat
+//! pushes again. Nothing from a request is logged raw.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,17 +19,25 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
-use chrono::Utc;
+use chrono::{DateTime, TimeDelta, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use sha1::{Digest, Sha1};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Account, MessageMode};
-use crate::metrics::Metrics;
-use crate::store::{InboundEvent, Store};
+#[cfg(test)]
+use crate::domain::text::LOGGED_CHARS;
+use crate::domain::text::loggable;
+use crate::http_server::{BodyDeadline, ConnectionLimits};
+use crate::metrics::{Metrics, NotJoined};
+use crate::store::{InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush, Store};
 use crate::wechat::crypto::{MessageCrypto, signature_matches};
 use crate::wechat::xml;
+
+#[cfg(test)]
+mod tests;
 
 /// What one account needs to check its pushes.
 struct Endpoint {
@@ -40,7 +50,7 @@ struct Endpoint {
 pub struct CallbackState {
     store: Store,
     endpoints: HashMap<String, Endpoint>,
-    window_secs: i64,
+    window_secs: u64,
     /// Woken after a template event is stored, so that it is joined at once.
     joined: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -76,7 +86,7 @@ impl CallbackState {
         CallbackState {
             store,
             endpoints,
-            window_secs: window_secs as i64,
+            window_secs,
             joined,
             metrics,
         }
@@ -108,11 +118,16 @@ async fn count_refusals(
         .filter(|name| state.endpoints.contains_key(*name))
         .unwrap_or("unknown")
         .to_string();
+    let deadline = request.extensions().get::<BodyDeadline>().cloned();
     let response = next.run(request).await;
     if !response.status().is_success() {
-        state
-            .metrics
-            .callback_refused(&account, response.status().as_u16());
+        // A body cut off by the deadline reads as malformed here; the server answers 408.
+        let status = if deadline.is_some_and(|d| d.hit()) {
+            StatusCode::REQUEST_TIMEOUT
+        } else {
+            response.status()
+        };
+        state.metrics.callback_refused(&account, status.as_u16());
     }
     response
 }
@@ -122,12 +137,14 @@ pub async fn spawn(
     listen: &str,
     state: Arc<CallbackState>,
     max_body_bytes: usize,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     crate::http_server::spawn(
         "callback.listen",
         listen,
         router(state, max_body_bytes),
+        limits,
         shutdown,
     )
     .await
@@ -147,8 +164,15 @@ struct Params {
 type Refusal = (StatusCode, &'static str);
 
 fn refuse(account: &str, status: StatusCode, reason: &'static str) -> Refusal {
+    let account = loggable(account);
     tracing::info!(%account, status = status.as_u16(), reason, "callback refused");
     (status, reason)
+}
+
+/// Whether a request's `timestamp` is within `window_secs` of `now`, for any two numbers:
+/// `now - timestamp` would overflow for a timestamp near `i64::MIN`.
+fn within_window(now: i64, timestamp: i64, window_secs: u64) -> bool {
+    now.abs_diff(timestamp) <= window_secs
 }
 
 impl CallbackState {
@@ -178,7 +202,7 @@ impl CallbackState {
                 "timestamp is not a number",
             ));
         };
-        if (Utc::now().timestamp() - seconds).abs() > self.window_secs {
+        if !within_window(Utc::now().timestamp(), seconds, self.window_secs) {
             return Err(refuse(
                 account,
                 StatusCode::FORBIDDEN,
@@ -195,26 +219,21 @@ async fn verify_server(
     Query(p): Query<Params>,
 ) -> Result<String, Refusal> {
     let endpoint = state.endpoint(&account)?;
+    // An Official Account verifies its server with the plain signature in every message mode.
+    // Opening a sealed echostr (WeCom's way) would decrypt any <Encrypt> seen in a push for
+    // whoever replays that push's msg_signature, timestamp and nonce: nothing opens on GET.
+    if p.msg_signature.is_some() || p.encrypt_type.is_some() {
+        return Err(refuse(
+            &account,
+            StatusCode::BAD_REQUEST,
+            "GET with msg_signature or encrypt_type: verification uses the plain signature",
+        ));
+    }
     let (timestamp, nonce) = state.fresh(&account, &p)?;
     let Some(echostr) = p.echostr.as_deref() else {
         return Err(refuse(&account, StatusCode::BAD_REQUEST, "echostr missing"));
     };
     let token = endpoint.token.expose_secret();
-    // Safe-mode verification (as WeCom and wechatpy do it): echostr is sealed and signed.
-    if let Some(msg_signature) = p.msg_signature.as_deref() {
-        if !signature_matches(msg_signature, &[token, timestamp, nonce, echostr]) {
-            return Err(refuse(
-                &account,
-                StatusCode::FORBIDDEN,
-                "msg_signature does not match",
-            ));
-        }
-        return endpoint
-            .keys
-            .iter()
-            .find_map(|k| k.decrypt(echostr).ok())
-            .ok_or_else(|| refuse(&account, StatusCode::FORBIDDEN, "echostr does not decrypt"));
-    }
     match p.signature.as_deref() {
         Some(signature) if signature_matches(signature, &[token, timestamp, nonce]) => {
             Ok(echostr.to_string())
@@ -245,7 +264,10 @@ async fn receive(
     };
     let outer =
         xml::parse(body).map_err(|e| refuse(&account, StatusCode::BAD_REQUEST, xml_reason(&e)))?;
-    let encrypted = p.encrypt_type.as_deref() == Some("aes");
+    // Compatible mode puts the plain fields beside <Encrypt>: whenever the sealed part is there
+    // it is the one used and its msg_signature checked, else the plain signature (which covers
+    // no body) would vouch for plain fields anyone could have changed.
+    let encrypted = p.encrypt_type.as_deref() == Some("aes") || outer.get("Encrypt").is_some();
     let xml_text = if encrypted {
         if endpoint.keys.is_empty() {
             return Err(refuse(
@@ -310,15 +332,31 @@ async fn receive(
     } else {
         outer
     };
-    let event = inbound_event(&account, &fields, xml_text).ok_or_else(|| {
+    let now = Utc::now();
+    let event = inbound_event(&account, &fields, xml_text, now.timestamp()).ok_or_else(|| {
         refuse(
             &account,
             StatusCode::BAD_REQUEST,
             "push lacks FromUserName, CreateTime or MsgType",
         )
     })?;
-    match state.store.record_inbound(&event, Utc::now()).await {
-        Ok(new) => {
+    let signed = SignedPush {
+        timestamp: timestamp.to_string(),
+        nonce: without_nul(nonce),
+        body_sha1: Sha1::digest(body.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        forget_before: forget_before(now, state.window_secs),
+    };
+    match state.store.record_push(&event, &signed, now).await {
+        Ok(Recorded::Replayed) => Err(refuse(
+            &account,
+            StatusCode::FORBIDDEN,
+            "timestamp and nonce already used with another body (a replay)",
+        )),
+        Ok(recorded) => {
+            let new = recorded == Recorded::New;
             if new {
                 let kind = event.event.as_deref().or(event.msg_type.as_deref());
                 state
@@ -348,59 +386,162 @@ fn xml_reason(error: &xml::XmlError) -> &'static str {
     }
 }
 
+/// Signed pushes received before this are forgotten: a timestamp may be up to the window
+/// ahead of our clock when it arrives, and is accepted until the window after it.
+fn forget_before(now: DateTime<Utc>, window_secs: u64) -> DateTime<Utc> {
+    let keep = i64::try_from(window_secs.saturating_mul(2)).unwrap_or(i64::MAX);
+    TimeDelta::try_seconds(keep)
+        .and_then(|keep| now.checked_sub_signed(keep))
+        .map_or(DateTime::UNIX_EPOCH, |at| at.max(DateTime::UNIX_EPOCH))
+}
+
+/// `text` with each NUL replaced by U+FFFD: PostgreSQL's text cannot hold NUL, and a push
+/// refused for it would be lost (WeChat gives up after three tries). Both backends store the
+/// same.
+fn without_nul(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+/// Event times accepted as they are: from 2000-01-01 to a day past our clock. Anything else
+/// (PostgreSQL's `to_timestamp` fails on 9223372036854775807) is stored as the time received;
+/// `raw_xml` keeps what WeChat wrote.
+const EARLIEST_CREATE_TIME: i64 = 946_684_800;
+const LATEST_CREATE_TIME_AHEAD: i64 = 86_400;
+
 /// The fields kept of a push, and the key that makes WeChat's retries of it one row:
 /// MsgId for user messages; FromUserName + CreateTime (+ event and MsgID) for events, since
-/// MsgId alone collides between events (WxJava #333).
-pub fn inbound_event(account: &str, fields: &xml::Fields, raw_xml: String) -> Option<InboundEvent> {
-    let from_user = fields.get("FromUserName")?.to_string();
-    let create_time = fields.int("CreateTime")?;
-    let msg_type = fields.get("MsgType")?.to_string();
-    let event = fields.get("Event").map(str::to_string);
+/// MsgId alone collides between events (WxJava #333). `received` is our clock (Unix seconds).
+pub fn inbound_event(
+    account: &str,
+    fields: &xml::Fields,
+    raw_xml: String,
+    received: i64,
+) -> Option<InboundEvent> {
+    let text = |name: &str| fields.get(name).map(without_nul);
+    let from_user = text("FromUserName")?;
+    let create_time_text = fields.get("CreateTime")?.trim();
+    let msg_type = text("MsgType")?;
+    let event = text("Event");
     let msgid = fields.int("MsgID").or_else(|| fields.int("MsgId"));
+    let sent_at = create_time_text.parse::<i64>().ok();
+    // The key keeps the time WeChat wrote, so that its retries of an odd one still match.
+    let create_key = match sent_at {
+        Some(seconds) => seconds.to_string(),
+        None => without_nul(create_time_text),
+    };
+    let latest = received.saturating_add(LATEST_CREATE_TIME_AHEAD);
+    let create_time = sent_at
+        .filter(|t| (EARLIEST_CREATE_TIME..=latest).contains(t))
+        .unwrap_or(received);
     let dedup_key = match (msg_type.as_str(), msgid) {
         ("event", _) => format!(
-            "event:{from_user}:{create_time}:{}:{}",
+            "event:{from_user}:{create_key}:{}:{}",
             event.as_deref().unwrap_or(""),
             msgid.map(|m| m.to_string()).unwrap_or_default()
         ),
         (_, Some(msgid)) => format!("msg:{msgid}"),
-        (_, None) => format!("msg:{from_user}:{create_time}"),
+        (_, None) => format!("msg:{from_user}:{create_key}"),
     };
     Some(InboundEvent {
-        account: account.to_string(),
+        account: without_nul(account),
         dedup_key,
         msg_type: Some(msg_type),
-        status: fields.get("Status").map(str::to_string),
+        status: text("Status"),
         event,
         from_user: Some(from_user),
-        to_user: fields.get("ToUserName").map(str::to_string),
+        to_user: text("ToUserName"),
         create_time: Some(create_time),
         msgid,
-        raw_xml,
+        raw_xml: without_nul(&raw_xml),
     })
 }
 
 /// Joins stored template events to their rows: at once when one arrives, and every second for
-/// events that came before their send was recorded (the push can race the HTTP answer).
+/// events that came before their send was recorded (the push can race the HTTP answer). Events
+/// that cannot join are given up on with a reason; if the pass as a whole fails (a value no
+/// statement can handle), the events are tried one at a time so that one event fails alone.
 pub async fn join_loop(
     store: Store,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    window: std::time::Duration,
     shutdown: CancellationToken,
 ) {
+    let window_text = format!("{}s", window.as_secs());
+    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
     loop {
-        match store.join_delivery_events(Utc::now()).await {
-            Ok(0) => {}
-            Ok(rows) => {
-                metrics.events_joined(rows);
-                tracing::debug!(rows, "delivery events joined");
+        let now = Utc::now();
+        let pass = JoinPass {
+            now,
+            received_before: now.checked_sub_signed(window).unwrap_or(now),
+            window: &window_text,
+            only: None,
+        };
+        match store.join_delivery_events(&pass).await {
+            Ok(counts) => count_join(&metrics, counts),
+            Err(e) => {
+                tracing::warn!(error = %e, "the join pass failed; joining events one at a time");
+                join_one_at_a_time(&store, &metrics, &pass).await;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot join delivery events yet"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = wake.notified() => {}
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// Most events a pass tries one at a time; the rest wait for the next pass.
+const ONE_AT_A_TIME: i64 = 1000;
+
+/// Each waiting event in its own transaction; one whose join fails is given up on with the
+/// error, so that the others still join. Stops at the first failure to read or give up, which
+/// means the database itself is failing.
+async fn join_one_at_a_time(store: &Store, metrics: &Metrics, pass: &JoinPass<'_>) {
+    let ids = match store.unjoined_events(ONE_AT_A_TIME).await {
+        Ok(ids) => ids,
+        Err(e) => return tracing::warn!(error = %e, "cannot list the events waiting to join"),
+    };
+    for id in ids {
+        let one = JoinPass {
+            only: Some(id),
+            ..*pass
+        };
+        match store.join_delivery_events(&one).await {
+            Ok(counts) => count_join(metrics, counts),
+            Err(e) => {
+                let problem = format!("the join failed for this event: {e}");
+                if let Err(e) = store.give_up_event(id, &problem, pass.now).await {
+                    return tracing::warn!(error = %e, "cannot give up on an unjoinable event");
+                }
+                tracing::warn!(
+                    event = id,
+                    "a delivery event could not be joined; given up on"
+                );
+                metrics.events_not_joined(NotJoined::Unjoinable, 1);
+            }
+        }
+    }
+}
+
+fn count_join(metrics: &Metrics, counts: JoinCounts) {
+    if counts.joined > 0 {
+        metrics.events_joined(counts.joined);
+        tracing::debug!(rows = counts.joined, "delivery events joined");
+    }
+    if counts.mismatched > 0 {
+        metrics.events_not_joined(NotJoined::OpenidMismatch, counts.mismatched);
+        tracing::warn!(
+            events = counts.mismatched,
+            "delivery events whose FromUserName is not the row's touser; rows left as they were"
+        );
+    }
+    if counts.given_up > 0 {
+        metrics.events_not_joined(NotJoined::NoSentRow, counts.given_up);
+        tracing::info!(
+            events = counts.given_up,
+            "delivery events with no sent row within the join window; given up on"
+        );
     }
 }

@@ -146,7 +146,8 @@ struct Pusher {
 
 impl Pusher {
     fn query(&self, body_encrypt: Option<&str>, timestamp: i64) -> String {
-        let (ts, nonce) = (timestamp.to_string(), "42".to_string());
+        // A fresh nonce per push, as WeChat's: a (timestamp, nonce) pair carries one body.
+        let (ts, nonce) = (timestamp.to_string(), fastrand::u64(..).to_string());
         let mut q = format!(
             "signature={}&timestamp={ts}&nonce={nonce}",
             signature(&[TOKEN, &ts, &nonce])
@@ -438,9 +439,11 @@ async fn wechatpy_pushes_and_server_verification_are_accepted() {
     daemon.stop().await;
 }
 
-/// The wechatpy vector of NOTES.md: a sealed echostr with msg_signature (safe-mode verification).
+/// The wechatpy vector of NOTES.md: a sealed echostr with msg_signature (WeCom's verification)
+/// is refused, not opened: an Official Account verifies with the plain signature, and opening
+/// on GET would decrypt any `<Encrypt>` for whoever replays a push's parameters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sealed_echostr_is_opened() {
+async fn a_sealed_echostr_is_not_opened() {
     let db = TestDb::new(Backend::Sqlite).await;
     let sim = Sim::start(SimSettings::default()).await;
     let toml = db
@@ -453,10 +456,9 @@ async fn a_sealed_echostr_is_opened() {
         "{}?msg_signature=dd6b9c95b495b3f7e2901bfbc76c664930ffdb96&timestamp=1411443780&nonce=437374425&echostr={echostr}",
         daemon.callback_url("default")
     );
-    assert_eq!(
-        reqwest::get(url).await.unwrap().text().await.unwrap(),
-        "5927782489442352469"
-    );
+    let answer = reqwest::get(url).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 400);
+    assert!(!answer.text().await.unwrap().contains("5927782489442352469"));
     daemon.stop().await;
 }
 
