@@ -1,8 +1,8 @@
 //! `/metrics`, `/healthz` and `/readyz` on their own address (`[monitor] listen`), apart from
 //! the callback endpoint, which faces WeChat and the internet. docs/operations.md.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -28,15 +28,61 @@ pub struct Health {
     /// Milliseconds after `base` at which each loop last passed; 0 before it first did.
     claim_loop: AtomicU64,
     maintenance: AtomicU64,
+    claims: FailureStreak,
+    maintenance_passes: FailureStreak,
+    /// A loop whose every pass has failed for this long counts as failing: a row or a
+    /// database that makes each claim roll back must not look healthy while nothing is sent.
+    failing_after: Duration,
+}
+
+/// Since when a loop's passes have all failed (milliseconds after `Health::base`, 0 while the
+/// last pass succeeded), and the last error.
+#[derive(Default)]
+struct FailureStreak {
+    since: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl FailureStreak {
+    fn record(&self, now_ms: u64, result: Result<(), &dyn std::fmt::Display>) {
+        match result {
+            Ok(()) => self.since.store(0, Ordering::Relaxed),
+            Err(e) => {
+                let _ =
+                    self.since
+                        .compare_exchange(0, now_ms, Ordering::Relaxed, Ordering::Relaxed);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    crate::store::bounded(&e.to_string());
+            }
+        }
+    }
+
+    fn failing_for(&self, now_ms: u64, limit: Duration) -> Option<(Duration, String)> {
+        let since = self.since.load(Ordering::Relaxed);
+        let age = Duration::from_millis(now_ms.saturating_sub(since));
+        (since != 0 && age > limit).then(|| {
+            let error = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+            (age, error.clone())
+        })
+    }
 }
 
 impl Default for Health {
     fn default() -> Self {
+        Health::new(Duration::from_secs(30))
+    }
+}
+
+impl Health {
+    pub fn new(failing_after: Duration) -> Health {
         Health {
             base: Instant::now(),
             ready: AtomicBool::new(false),
             claim_loop: AtomicU64::new(0),
             maintenance: AtomicU64::new(0),
+            claims: FailureStreak::default(),
+            maintenance_passes: FailureStreak::default(),
+            failing_after,
         }
     }
 }
@@ -52,6 +98,16 @@ impl Health {
 
     pub fn maintenance_passed(&self) {
         self.maintenance.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records whether a claim reached the database and came back.
+    pub fn claim_result(&self, result: Result<(), &dyn std::fmt::Display>) {
+        self.claims.record(self.now_ms(), result);
+    }
+
+    /// Records whether a maintenance pass succeeded.
+    pub fn maintenance_result(&self, result: Result<(), &dyn std::fmt::Display>) {
+        self.maintenance_passes.record(self.now_ms(), result);
     }
 
     fn now_ms(&self) -> u64 {
@@ -71,6 +127,17 @@ impl Health {
             let age = Duration::from_millis(now.saturating_sub(at));
             if age > STALE_AFTER {
                 return Some(format!("{name} has not passed for {}s", age.as_secs()));
+            }
+        }
+        for (name, streak) in [
+            ("claims", &self.claims),
+            ("maintenance passes", &self.maintenance_passes),
+        ] {
+            if let Some((age, error)) = streak.failing_for(now, self.failing_after) {
+                return Some(format!(
+                    "{name} have failed for {}s; last error: {error}",
+                    age.as_secs()
+                ));
             }
         }
         None
@@ -133,4 +200,32 @@ async fn readyz(State(s): State<MonitorState>) -> (StatusCode, &'static str) {
 fn unhealthy(reason: String) -> (StatusCode, String) {
     tracing::warn!(%reason, "health check failed");
     (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_streak_counts_from_its_first_failure_and_ends_on_success() {
+        let streak = FailureStreak::default();
+        let limit = Duration::from_secs(30);
+        streak.record(1_000, Err(&"first"));
+        streak.record(20_000, Err(&"second"));
+        assert_eq!(
+            streak.failing_for(30_000, limit),
+            None,
+            "29 s is not yet failing"
+        );
+        let (age, error) = streak.failing_for(31_001, limit).expect("failing");
+        assert_eq!((age.as_secs(), error.as_str()), (30, "second"));
+        streak.record(31_500, Ok(()));
+        assert_eq!(streak.failing_for(90_000, limit), None);
+        streak.record(95_000, Err(&"again"));
+        assert_eq!(
+            streak.failing_for(110_000, limit),
+            None,
+            "a new streak starts over"
+        );
+    }
 }

@@ -115,7 +115,7 @@ impl Outcome {
             sent: false,
             next_attempt_at: None,
             errcode: *errcode,
-            error: Some(reason.to_string()),
+            error: Some(bounded(reason)),
             in_doubt: false,
             refund_attempt: 0,
             held_for: None,
@@ -212,6 +212,66 @@ impl InboundEvent {
     }
 }
 
+/// The `timestamp` and `nonce` a push was signed with, and a hash of its body. Remembered for
+/// twice the timestamp window (a timestamp may run ahead of our clock by the window), in the
+/// database so that daemons behind one load balancer share it: plain mode's signature covers
+/// no body, so without this one observed URL would carry any number of forged bodies.
+#[derive(Debug, Clone)]
+pub struct SignedPush {
+    pub timestamp: String,
+    pub nonce: String,
+    /// Hex sha1 of the body as received.
+    pub body_sha1: String,
+    /// Remembered pushes received before this are deleted, a bounded few with each push.
+    pub forget_before: DateTime<Utc>,
+}
+
+/// What became of a push given to `Store::record_push`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stored now.
+    New,
+    /// Stored before: WeChat's retry (the same dedup key, or the same timestamp, nonce and body).
+    Repeat,
+    /// Its timestamp and nonce came before with another body: refused, nothing stored.
+    Replayed,
+}
+
+/// Old entries of `callback_replays` deleted per push: more than one, so the table shrinks
+/// after a burst; bounded, so a push never waits on a long delete.
+pub(crate) const REPLAYS_FORGOTTEN_PER_PUSH: i64 = 100;
+
+/// One pass of the join of delivery events.
+pub struct JoinPass<'a> {
+    pub now: DateTime<Utc>,
+    /// Events received before this that have not joined are given up on.
+    pub received_before: DateTime<Utc>,
+    /// The window, as the reason given for them says it.
+    pub window: &'a str,
+    /// Only this event (for a pass that isolates an event the batch cannot join).
+    pub only: Option<i64>,
+}
+
+impl JoinPass<'_> {
+    pub(crate) fn no_row_problem(&self) -> String {
+        format!(
+            "no sent row with this MsgID within {} of its arrival",
+            self.window
+        )
+    }
+}
+
+/// What one join pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JoinCounts {
+    /// Rows that took their delivery status from an event.
+    pub joined: u64,
+    /// Events whose FromUserName is not the touser of the row with their MsgID.
+    pub mismatched: u64,
+    /// Events given up on after the window.
+    pub given_up: u64,
+}
+
 /// One claim: whose, how many rows at most, until when, and the quota periods of `now` (the
 /// ones its counted rows are counted in).
 pub struct ClaimRequest<'a> {
@@ -261,6 +321,16 @@ pub enum Reserved {
     DayFull,
     /// The row is no longer this daemon's; nothing was taken.
     LeaseLost,
+}
+
+/// An account's limits as they bear on its held rows, for `Store::release_holds_with_room`.
+pub struct HoldLimits<'a> {
+    pub account: &'a str,
+    /// Templates in use at once; `None` when auto-activation is off (room alone takes no row
+    /// into use, so rows held for room wait for the operator).
+    pub active_templates: Option<u32>,
+    pub monthly_per_template: u32,
+    pub daily_per_account: u32,
 }
 
 /// Whether a template could be taken into use.
@@ -470,13 +540,42 @@ impl Store {
         event: &InboundEvent,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        on_backend!(self, s => s.record_inbound(event, now).await)
+        on_backend!(self, s => s.record_inbound(event, None, now).await)
+            .map(|recorded| recorded == Recorded::New)
     }
 
-    /// Joins unjoined TEMPLATESENDJOBFINISH events to their sent rows by account and msgid;
-    /// returns the rows updated. Safe to run from several daemons at once.
-    pub async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        on_backend!(self, s => s.join_delivery_events(now).await)
+    /// `record_inbound` for a push from the callback endpoint: its signed timestamp and nonce
+    /// are remembered in the same transaction, and a second body under them is refused.
+    pub async fn record_push(
+        &self,
+        event: &InboundEvent,
+        signed: &SignedPush,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Recorded> {
+        on_backend!(self, s => s.record_inbound(event, Some(signed), now).await)
+    }
+
+    /// Joins unjoined TEMPLATESENDJOBFINISH events to their sent rows by account, msgid and
+    /// openid, and gives up on the events that cannot join: a FromUserName that is not the
+    /// row's touser, or no sent row within the window. One transaction; safe to run from
+    /// several daemons at once.
+    pub async fn join_delivery_events(&self, pass: &JoinPass<'_>) -> StoreResult<JoinCounts> {
+        on_backend!(self, s => s.join_delivery_events(pass).await)
+    }
+
+    /// The oldest template events still waiting to join, for a pass one event at a time.
+    pub async fn unjoined_events(&self, limit: i64) -> StoreResult<Vec<i64>> {
+        on_backend!(self, s => s.unjoined_events(limit).await)
+    }
+
+    /// Gives up on one event that cannot be joined, with the reason.
+    pub async fn give_up_event(
+        &self,
+        id: i64,
+        problem: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, s => s.give_up_event(id, problem, now).await)
     }
 
     /// Counts each row's send in its template's month and its account's day, unless either is
@@ -547,6 +646,20 @@ impl Store {
         on_backend!(self, s => s.release_due_holds(now).await)
     }
 
+    /// Returns held rows to `pending` when what they wait for has room now: a send given back,
+    /// a limit raised or a template taken out of use frees room while the rows are held until
+    /// the period ends (and a hold written just after a give-back would otherwise miss it).
+    /// The claim checks their limits again, so the quota is never exceeded.
+    pub async fn release_holds_with_room(
+        &self,
+        limits: &[HoldLimits<'_>],
+        month: &str,
+        day: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        on_backend!(self, s => s.release_holds_with_room(limits, month, day, now).await)
+    }
+
     /// Records this daemon as alive; returns how many daemons beat since `alive_since`.
     pub async fn heartbeat(
         &self,
@@ -576,13 +689,13 @@ impl Store {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .fetch_all(s.pool())
                     .await?;
-                Ok(report_from(&rows))
+                Ok(report_from::<_, DateTime<Utc>>(&rows))
             }
             Store::Postgres(s) => {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .fetch_all(s.pool())
                     .await?;
-                Ok(report_from(&rows))
+                Ok(report_from::<_, postgres::CheckedTime>(&rows))
             }
         }
     }
@@ -622,15 +735,19 @@ impl Store {
     }
 }
 
-/// Turns rows of any shape into JSON values, trying the types the report views produce.
-fn report_from<R: sqlx::Row>(rows: &[R]) -> crate::report::Report
+/// Turns rows of any shape into JSON values, trying the types the report views produce. `T`
+/// reads times: on Postgres one that cannot panic on a value such as `infinity`, which a row
+/// in a final state may keep.
+fn report_from<R, T>(rows: &[R]) -> crate::report::Report
 where
+    R: sqlx::Row,
+    T: Into<DateTime<Utc>>,
     usize: sqlx::ColumnIndex<R>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     use serde_json::Value;
     use sqlx::Column;
@@ -648,8 +765,8 @@ where
         if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
             return v.map_or(Value::Null, Value::from);
         }
-        if let Ok(v) = row.try_get::<Option<DateTime<Utc>>, _>(i) {
-            return v.map_or(Value::Null, |t| Value::from(t.to_rfc3339()));
+        if let Ok(v) = row.try_get::<Option<T>, _>(i) {
+            return v.map_or(Value::Null, |t| Value::from(t.into().to_rfc3339()));
         }
         row.try_get::<Option<String>, _>(i)
             .ok()
@@ -663,21 +780,78 @@ where
     crate::report::Report { columns, rows }
 }
 
-/// Reads an app-written text column that the backend returned as bytes, noting (instead of
-/// failing the whole claim) a value that is not UTF-8.
-pub(crate) fn text_column(
-    name: &str,
-    bytes: Option<Vec<u8>>,
-    unreadable: &mut Option<String>,
-) -> Option<String> {
-    let bytes = bytes?;
-    match String::from_utf8(bytes) {
-        Ok(text) => Some(text),
-        Err(e) => {
-            unreadable.get_or_insert_with(|| format!("{name} is not valid UTF-8"));
-            Some(String::from_utf8_lossy(e.as_bytes()).into_owned())
+/// Reads the columns of one claimed row without ever failing the claim: a value it cannot
+/// read (a type an app forced in, a time outside chrono's range, text that is not UTF-8) is
+/// noted with its column's name and read as the type's default, and the row then fails alone
+/// with that reason (`RawMessage::unreadable`) while the rest of its batch is sent.
+pub(crate) struct RowReader<'r, R> {
+    row: &'r R,
+    /// The first column that could not be read, and why.
+    pub problem: Option<String>,
+}
+
+impl<'r, R: sqlx::Row> RowReader<'r, R>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+{
+    pub fn new(row: &'r R) -> RowReader<'r, R> {
+        RowReader { row, problem: None }
+    }
+
+    /// Notes the row's problem, unless an earlier column had one.
+    pub fn note(&mut self, problem: impl std::fmt::Display) {
+        self.problem
+            .get_or_insert_with(|| bounded(&problem.to_string()));
+    }
+
+    pub fn get<T>(&mut self, column: &str) -> T
+    where
+        T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database> + Default,
+    {
+        match self.row.try_get::<T, _>(column) {
+            Ok(value) => value,
+            Err(e) => {
+                self.note(format_args!(
+                    "{column} cannot be read: {}",
+                    decode_problem(&e)
+                ));
+                T::default()
+            }
         }
     }
+
+    /// An app-written text column read as bytes, so that text that is not UTF-8 fails its row.
+    pub fn text(&mut self, column: &str) -> Option<String>
+    where
+        Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        let bytes: Option<Vec<u8>> = self.get(column);
+        match String::from_utf8(bytes?) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                self.note(format_args!("{column} is not valid UTF-8"));
+                Some(String::from_utf8_lossy(e.as_bytes()).into_owned())
+            }
+        }
+    }
+}
+
+/// What went wrong reading a column, without the value (which may be anything an app wrote).
+fn decode_problem(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::ColumnDecode { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// How much of a reason is kept: enough to read, bounded whatever an app or WeChat sent.
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// `text` cut to `MAX_REASON_CHARS` characters on a character boundary, marked `…`. Every
+/// reason written to `last_error` passes here, since many echo input (an account name, a
+/// parameter, WeChat's errmsg).
+pub fn bounded(text: &str) -> String {
+    crate::domain::text::cut(text, MAX_REASON_CHARS).into_owned()
 }
 
 /// The reason written on rows whose daemon stopped holding them.
@@ -691,6 +865,8 @@ pub(crate) const MISSING_FROM_LIST: &str = "missing from WeChat's template list 
 /// whose delivery event never came stays `sent`.
 pub(crate) const PRUNABLE: &str =
     "('sent', 'failed', 'expired', 'cancelled', 'unknown', 'delivered', 'blocked', 'undelivered')";
+pub(crate) const OPENID_MISMATCH: &str =
+    "FromUserName is not the touser of the row with this MsgID; the row was left as it was";
 pub(crate) const SUPPRESSED: &str =
     "the user unsubscribed from the account (suppressed_openids); not sent";
 pub(crate) const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window has \

@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::reserve::{self, CounterKey};
 use super::{
     AccountLimitsRow, ClaimRequest, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT,
-    InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation,
-    RELEASED_AT_SHUTDOWN, Reserved, RowCount, StoreResult, StoredToken, SyncedTemplate,
-    TemplateRow, TemplateUse, TokenLease, text_column,
+    HoldLimits, InboundEvent, JoinCounts, JoinPass, LEASE_EXPIRED, MISSING_FROM_LIST,
+    OPENID_MISMATCH, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
+    RowReader, StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -34,7 +34,7 @@ const CHANNEL: &str = "wechat_outbox";
 /// before, so a task can tell a row counted by an earlier attempt.
 const CLAIM: &str =
     "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
-                    attempts = o.attempts + 1,
+                    attempts = LEAST(o.attempts, 999999) + 1,
                     updated_at = $3,
                     quota_month = COALESCE(o.quota_month, $5),
                     quota_day = CASE WHEN o.quota_month IS NULL THEN $6 ELSE o.quota_day END
@@ -58,22 +58,28 @@ const CLAIM: &str =
                 (SELECT t.content FROM templates t WHERE t.account = o.account
                     AND t.template_id = o.template_id) AS template_content";
 
-/// The join pass's first statement: each unjoined template event to its sent row (see
-/// `join_delivery_events`).
+/// The join pass's first statement: each unjoined template event to its sent row, matched by
+/// account, msgid **and** openid (an event whose FromUserName is not the row's touser never
+/// changes the row). `$2` limits the pass to one event (`NULL`: all). An event time outside
+/// years 1970-9999 (only stored before intake checked it) falls back to the time of the pass,
+/// so that `to_timestamp` cannot fail the statement.
 const JOIN_EVENTS_TO_ROWS: &str = "WITH j AS MATERIALIZED (
                 SELECT e.status, e.create_time, o.id
                 FROM inbound_events e
                 CROSS JOIN LATERAL (SELECT o.id FROM outbox o
                                     WHERE o.account = e.account AND o.msgid = e.msgid
-                                      AND o.status = 'sent'
+                                      AND o.touser = e.from_user AND o.status = 'sent'
                                     LIMIT 1) o
-                WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH')
+                WHERE e.joined_at IS NULL AND e.given_up_at IS NULL
+                  AND e.event = 'TEMPLATESENDJOBFINISH'
+                  AND ($2::bigint IS NULL OR e.id = $2))
              UPDATE outbox SET status = CASE WHEN lower(j.status) = 'success' THEN 'delivered'
                               WHEN lower(j.status) LIKE 'failed%block%' THEN 'blocked'
                               WHEN lower(j.status) LIKE 'failed%' THEN 'undelivered'
                               ELSE outbox.status END,
                     delivery_status = j.status,
-                    delivered_at = to_timestamp(j.create_time),
+                    delivered_at = CASE WHEN j.create_time BETWEEN 0 AND 253402300799
+                                        THEN to_timestamp(j.create_time) ELSE $1 END,
                     updated_at = $1
              FROM j
              WHERE outbox.id = j.id AND outbox.status = 'sent'";
@@ -132,6 +138,7 @@ impl PostgresStore {
         let sql = AssertSqlSafe(format!("EXPLAIN {JOIN_EVENTS_TO_ROWS}"));
         let steps: Vec<String> = sqlx::query_scalar(sql)
             .bind(now)
+            .bind(None::<i64>)
             .fetch_all(&self.pool)
             .await?;
         Ok(steps.join("\n"))
@@ -346,7 +353,7 @@ impl PostgresStore {
         .bind(account)
         .bind(until)
         .bind(errcode_column(errcode))
-        .bind(reason)
+        .bind(super::bounded(reason))
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -439,9 +446,51 @@ impl PostgresStore {
     pub(super) async fn record_inbound(
         &self,
         e: &InboundEvent,
+        signed: Option<&super::SignedPush>,
         now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<super::Recorded> {
         let mut tx = self.pool.begin().await?;
+        if let Some(signed) = signed {
+            let first = sqlx::query(
+                "INSERT INTO callback_replays (account, timestamp_param, nonce, body_sha1, received_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (account, timestamp_param, nonce) DO NOTHING",
+            )
+            .bind(&e.account)
+            .bind(&signed.timestamp)
+            .bind(&signed.nonce)
+            .bind(&signed.body_sha1)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !first {
+                let body_sha1: String = sqlx::query_scalar(
+                    "SELECT body_sha1 FROM callback_replays
+                     WHERE account = $1 AND timestamp_param = $2 AND nonce = $3",
+                )
+                .bind(&e.account)
+                .bind(&signed.timestamp)
+                .bind(&signed.nonce)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(if body_sha1 == signed.body_sha1 {
+                    super::Recorded::Repeat
+                } else {
+                    super::Recorded::Replayed
+                });
+            }
+            sqlx::query(
+                "DELETE FROM callback_replays WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM callback_replays WHERE received_at < $1
+                     LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(signed.forget_before)
+            .bind(super::REPLAYS_FORGOTTEN_PER_PUSH)
+            .execute(&mut *tx)
+            .await?;
+        }
         let inserted = sqlx::query(
             "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user, to_user,
                     create_time, msgid, status, raw_xml, received_at)
@@ -480,18 +529,26 @@ impl PostgresStore {
             change.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(inserted)
+        Ok(if inserted {
+            super::Recorded::New
+        } else {
+            super::Recorded::Repeat
+        })
     }
 
-    /// Both statements go from the unjoined events (few) to their rows through `outbox_msgid`,
-    /// one `LATERAL … LIMIT 1` probe per event, so no plan can start from `outbox`. Written as
-    /// a plain join they were planned the other way round when the statistics dated from a
-    /// backlog without msgids: the pass walked every sent row's msgid once per event, every
-    /// second (135 ms for two events over 500k sent rows; a busy backend in a 1M drain).
-    pub(super) async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+    /// Every statement goes from the unjoined events (few, and bounded by the window) to their
+    /// rows through `outbox_msgid`, one `LATERAL … LIMIT 1` probe per event, so no plan can
+    /// start from `outbox`. Written as a plain join they were planned the other way round when
+    /// the statistics dated from a backlog without msgids: the pass walked every sent row's
+    /// msgid once per event, every second (135 ms for two events over 500k sent rows).
+    pub(super) async fn join_delivery_events(
+        &self,
+        pass: &JoinPass<'_>,
+    ) -> StoreResult<JoinCounts> {
         let mut tx = self.pool.begin().await?;
         let joined = sqlx::query(JOIN_EVENTS_TO_ROWS)
-            .bind(now)
+            .bind(pass.now)
+            .bind(pass.only)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -501,16 +558,80 @@ impl PostgresStore {
                    FROM inbound_events u
                    CROSS JOIN LATERAL (SELECT o.id FROM outbox o
                                        WHERE o.account = u.account AND o.msgid = u.msgid
+                                         AND o.touser = u.from_user
                                          AND o.delivery_status IS NOT NULL
                                        LIMIT 1) o
-                   WHERE u.joined_at IS NULL AND u.event = 'TEMPLATESENDJOBFINISH') AS j
+                   WHERE u.joined_at IS NULL AND u.given_up_at IS NULL
+                     AND u.event = 'TEMPLATESENDJOBFINISH'
+                     AND ($2::bigint IS NULL OR u.id = $2)) AS j
              WHERE e.id = j.id",
         )
-        .bind(now)
+        .bind(pass.now)
+        .bind(pass.only)
         .execute(&mut *tx)
         .await?;
+        let mismatched = sqlx::query(
+            "UPDATE inbound_events e SET given_up_at = $1, join_problem = $3
+             WHERE e.joined_at IS NULL AND e.given_up_at IS NULL
+               AND e.event = 'TEMPLATESENDJOBFINISH' AND ($2::bigint IS NULL OR e.id = $2)
+               AND EXISTS (SELECT 1 FROM outbox o WHERE o.account = e.account AND o.msgid = e.msgid)
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.account = e.account
+                               AND o.msgid = e.msgid AND o.touser = e.from_user)",
+        )
+        .bind(pass.now)
+        .bind(pass.only)
+        .bind(OPENID_MISMATCH)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let given_up = sqlx::query(
+            "UPDATE inbound_events SET given_up_at = $1, join_problem = $4
+             WHERE joined_at IS NULL AND given_up_at IS NULL
+               AND event = 'TEMPLATESENDJOBFINISH' AND ($2::bigint IS NULL OR id = $2)
+               AND received_at < $3",
+        )
+        .bind(pass.now)
+        .bind(pass.only)
+        .bind(pass.received_before)
+        .bind(pass.no_row_problem())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok(joined)
+        Ok(JoinCounts {
+            joined,
+            mismatched,
+            given_up,
+        })
+    }
+
+    pub(super) async fn unjoined_events(&self, limit: i64) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "SELECT id FROM inbound_events
+             WHERE event = 'TEMPLATESENDJOBFINISH' AND joined_at IS NULL AND given_up_at IS NULL
+             ORDER BY received_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn give_up_event(
+        &self,
+        id: i64,
+        problem: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE inbound_events SET given_up_at = $2, join_problem = $3
+             WHERE id = $1 AND joined_at IS NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(super::bounded(problem))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Reserves quota for a group of rows in one transaction with a few statements per
@@ -713,6 +834,66 @@ impl PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Two statements: rows held for a template's month, looked up by template through
+    /// `outbox_held_for`; rows held for the account's day or for room among templates, by
+    /// account. Joining both on one `OR` would walk every held row of an account each second.
+    pub(super) async fn release_holds_with_room(
+        &self,
+        limits: &[HoldLimits<'_>],
+        month: &str,
+        day: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let accounts: Vec<&str> = limits.iter().map(|l| l.account).collect();
+        let active: Vec<Option<i64>> = limits
+            .iter()
+            .map(|l| l.active_templates.map(i64::from))
+            .collect();
+        let monthly: Vec<i64> = limits
+            .iter()
+            .map(|l| l.monthly_per_template.into())
+            .collect();
+        let daily: Vec<i64> = limits.iter().map(|l| l.daily_per_account.into()).collect();
+        let months = sqlx::query(
+            "UPDATE outbox o SET status = 'pending', held_for = NULL, next_attempt_at = $4,
+                    updated_at = $4
+             FROM unnest($1::text[], $2::bigint[]) AS l(account, monthly)
+             JOIN quota_usage q ON q.account = l.account AND q.period = $3
+                               AND q.scope LIKE 'template:%' AND q.used < l.monthly
+             WHERE o.status = 'held' AND o.account = l.account AND o.held_for = 'monthly quota'
+               AND o.template_id = substr(q.scope, 10)",
+        )
+        .bind(&accounts)
+        .bind(&monthly)
+        .bind(month)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let others = sqlx::query(
+            "UPDATE outbox o SET status = 'pending', held_for = NULL, next_attempt_at = $5,
+                    updated_at = $5
+             FROM (SELECT l.account, 'daily quota' AS held_for
+                   FROM unnest($1::text[], $3::bigint[]) AS l(account, daily)
+                   WHERE COALESCE((SELECT q.used FROM quota_usage q WHERE q.account = l.account
+                                   AND q.scope = 'account' AND q.period = $4), 0) < l.daily
+                   UNION ALL
+                   SELECT l.account, 'template'
+                   FROM unnest($1::text[], $2::bigint[]) AS l(account, active)
+                   WHERE l.active IS NOT NULL
+                     AND (SELECT count(*) FROM templates t
+                          WHERE t.account = l.account AND t.in_use) < l.active) AS room
+             WHERE o.status = 'held' AND o.account = room.account AND o.held_for = room.held_for",
+        )
+        .bind(&accounts)
+        .bind(&active)
+        .bind(&daily)
+        .bind(day)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(months.rows_affected() + others.rows_affected())
     }
 
     pub(super) async fn heartbeat(
@@ -972,41 +1153,76 @@ impl reserve::Counters for PgCounters<'_, '_> {
 }
 
 fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
+    let id = row.try_get("id")?;
+    let mut r = RowReader::new(&row);
     // Postgres guarantees valid UTF-8 in text; the byte path is SQLite's concern.
-    let mut unreadable = None;
-    let mut text = |name: &str| -> StoreResult<Option<String>> {
-        let value: Option<String> = row.try_get(name)?;
-        Ok(text_column(
-            name,
-            value.map(String::into_bytes),
-            &mut unreadable,
-        ))
-    };
-    let account = text("account")?.unwrap_or_default();
-    let touser = text("touser")?;
-    let template_id = text("template_id")?;
-    let data = text("data")?;
-    let url = text("url")?;
-    let miniprogram = text("miniprogram")?;
-    let client_msg_id = text("client_msg_id")?;
-    Ok(RawMessage {
-        id: row.try_get("id")?,
+    let account = r.get::<Option<String>>("account").unwrap_or_default();
+    let message = RawMessage {
+        id,
         account,
-        touser,
-        template_id,
-        data,
-        url,
-        miniprogram,
-        client_msg_id,
-        expires_at: row.try_get("expires_at")?,
-        attempts: row.try_get("attempts")?,
-        in_doubt_since: row.try_get("in_doubt_since")?,
-        in_doubt: row.try_get("in_doubt")?,
-        unreadable,
-        suppressed: row.try_get("suppressed")?,
-        quota_month: row.try_get("quota_month")?,
-        quota_day: row.try_get("quota_day")?,
-        template_in_use: row.try_get("template_in_use")?,
-        template_content: row.try_get("template_content")?,
+        touser: r.get("touser"),
+        template_id: r.get("template_id"),
+        data: r.get("data"),
+        url: r.get("url"),
+        miniprogram: r.get("miniprogram"),
+        client_msg_id: r.get("client_msg_id"),
+        expires_at: r.get::<Option<CheckedTime>>("expires_at").map(|t| t.0),
+        attempts: r.get("attempts"),
+        in_doubt_since: r.get::<Option<CheckedTime>>("in_doubt_since").map(|t| t.0),
+        in_doubt: r.get("in_doubt"),
+        unreadable: None,
+        suppressed: r.get("suppressed"),
+        quota_month: r.get("quota_month"),
+        quota_day: r.get("quota_day"),
+        template_in_use: r.get("template_in_use"),
+        template_content: r.get("template_content"),
+    };
+    Ok(RawMessage {
+        unreadable: r.problem,
+        ..message
     })
+}
+
+/// A `timestamptz` read with checked arithmetic. sqlx adds the microseconds to its epoch
+/// unchecked, which panics on `infinity` or a year past chrono's 262142: one app's row then
+/// crash-looped the daemon. This refuses such a value as an error instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct CheckedTime(pub DateTime<Utc>);
+
+impl From<CheckedTime> for DateTime<Utc> {
+    fn from(time: CheckedTime) -> Self {
+        time.0
+    }
+}
+
+impl sqlx::Type<Postgres> for CheckedTime {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <DateTime<Utc> as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <DateTime<Utc> as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for CheckedTime {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        use sqlx::postgres::PgValueFormat;
+        match value.format() {
+            PgValueFormat::Binary => {
+                // Microseconds since 2000-01-01 UTC; infinity is i64::MAX, -infinity i64::MIN.
+                let micros: i64 = sqlx::Decode::<Postgres>::decode(value)?;
+                let epoch = DateTime::<Utc>::from_timestamp(946_684_800, 0).expect("in range");
+                epoch
+                    .checked_add_signed(chrono::TimeDelta::microseconds(micros))
+                    .filter(|_| micros != i64::MAX && micros != i64::MIN)
+                    .map(CheckedTime)
+                    .ok_or_else(|| {
+                        "a time outside the range the daemon can read (infinity?)".into()
+                    })
+            }
+            // Text is parsed by chrono, which reports an error rather than panicking.
+            PgValueFormat::Text => Ok(CheckedTime(sqlx::Decode::<Postgres>::decode(value)?)),
+        }
+    }
 }

@@ -20,9 +20,9 @@ use super::reserve::{self, CounterKey};
 use super::wal_index::WalIndex;
 use super::{
     AccountLimitsRow, ClaimRequest, Claimed, Countable, EXPIRED, Finish, GAVE_UP_IN_DOUBT,
-    InboundEvent, LEASE_EXPIRED, MISSING_FROM_LIST, PRUNABLE, QuotaReservation,
-    RELEASED_AT_SHUTDOWN, Reserved, RowCount, StoreResult, StoredToken, SyncedTemplate,
-    TemplateRow, TemplateUse, TokenLease, text_column,
+    HoldLimits, InboundEvent, JoinCounts, JoinPass, LEASE_EXPIRED, MISSING_FROM_LIST,
+    OPENID_MISMATCH, PRUNABLE, QuotaReservation, RELEASED_AT_SHUTDOWN, Reserved, RowCount,
+    RowReader, StoreResult, StoredToken, SyncedTemplate, TemplateRow, TemplateUse, TokenLease,
 };
 use crate::config::Config;
 use crate::domain::message::RawMessage;
@@ -52,7 +52,7 @@ pub fn parse_ts(text: &str) -> Option<DateTime<Utc>> {
 /// the statement whenever the value changes, which for a claim of "as many as there is room
 /// for" was every time (measured: 3-4 % of the daemon's CPU, parsing and planning).
 const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = ?1, lease_expires_at = ?2,
-                    attempts = attempts + 1,
+                    attempts = min(attempts, 999999) + 1,
                     updated_at = ?3
              WHERE id IN (
                 SELECT id FROM outbox
@@ -75,20 +75,24 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = ?1, lea
                 (SELECT t.content FROM templates t WHERE t.account = outbox.account
                     AND t.template_id = outbox.template_id) AS template_content";
 
-/// The join pass: each unjoined template event to its sent row. `CROSS JOIN` keeps the events
-/// as the outer loop and `MATERIALIZED` keeps SQLite from flattening the pairs into the
-/// update, where it chose to build an automatic index over all of `outbox` instead.
+/// The join pass: each unjoined template event to its sent row by account, msgid and openid
+/// (see Postgres' twin). `CROSS JOIN` keeps the events as the outer loop and `MATERIALIZED`
+/// keeps SQLite from flattening the pairs into the update, where it chose to build an
+/// automatic index over all of `outbox` instead.
 const JOIN_EVENTS_TO_ROWS: &str = "WITH j AS MATERIALIZED (
                 SELECT e.status AS status, e.create_time AS create_time, o.id AS id
                 FROM inbound_events e CROSS JOIN outbox o
-                WHERE e.joined_at IS NULL AND e.event = 'TEMPLATESENDJOBFINISH'
-                  AND o.account = e.account AND o.msgid = e.msgid AND o.status = 'sent')
+                WHERE e.joined_at IS NULL AND e.given_up_at IS NULL
+                  AND e.event = 'TEMPLATESENDJOBFINISH' AND (?2 IS NULL OR e.id = ?2)
+                  AND o.account = e.account AND o.msgid = e.msgid AND o.touser = e.from_user
+                  AND o.status = 'sent')
              UPDATE outbox SET status = CASE WHEN lower(j.status) = 'success' THEN 'delivered'
                               WHEN lower(j.status) LIKE 'failed%block%' THEN 'blocked'
                               WHEN lower(j.status) LIKE 'failed%' THEN 'undelivered'
                               ELSE outbox.status END,
                     delivery_status = j.status,
-                    delivered_at = strftime('%Y-%m-%d %H:%M:%f', j.create_time, 'unixepoch'),
+                    delivered_at = CASE WHEN j.create_time BETWEEN 0 AND 253402300799
+                        THEN strftime('%Y-%m-%d %H:%M:%f', j.create_time, 'unixepoch') ELSE ?1 END,
                     updated_at = ?1
              FROM j
              WHERE outbox.id = j.id AND outbox.status = 'sent'";
@@ -143,7 +147,11 @@ impl SqliteStore {
 
     pub(super) async fn join_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
         let sql = AssertSqlSafe(format!("EXPLAIN QUERY PLAN {JOIN_EVENTS_TO_ROWS}"));
-        let steps = sqlx::query(sql).bind(ts(now)).fetch_all(&self.pool).await?;
+        let steps = sqlx::query(sql)
+            .bind(ts(now))
+            .bind(None::<i64>)
+            .fetch_all(&self.pool)
+            .await?;
         plan_text(&steps)
     }
 
@@ -304,7 +312,7 @@ impl SqliteStore {
         .bind(account)
         .bind(ts(until))
         .bind(errcode)
-        .bind(reason)
+        .bind(super::bounded(reason))
         .bind(ts(now))
         .execute(&self.pool)
         .await?;
@@ -385,9 +393,50 @@ impl SqliteStore {
     pub(super) async fn record_inbound(
         &self,
         e: &InboundEvent,
+        signed: Option<&super::SignedPush>,
         now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<super::Recorded> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(signed) = signed {
+            let first = sqlx::query(
+                "INSERT INTO callback_replays (account, timestamp_param, nonce, body_sha1, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (account, timestamp_param, nonce) DO NOTHING",
+            )
+            .bind(&e.account)
+            .bind(&signed.timestamp)
+            .bind(&signed.nonce)
+            .bind(&signed.body_sha1)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !first {
+                let body_sha1: String = sqlx::query_scalar(
+                    "SELECT body_sha1 FROM callback_replays
+                     WHERE account = ?1 AND timestamp_param = ?2 AND nonce = ?3",
+                )
+                .bind(&e.account)
+                .bind(&signed.timestamp)
+                .bind(&signed.nonce)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(if body_sha1 == signed.body_sha1 {
+                    super::Recorded::Repeat
+                } else {
+                    super::Recorded::Replayed
+                });
+            }
+            sqlx::query(
+                "DELETE FROM callback_replays WHERE rowid IN (SELECT rowid FROM callback_replays
+                     WHERE received_at < ?1 LIMIT ?2)",
+            )
+            .bind(ts(signed.forget_before))
+            .bind(super::REPLAYS_FORGOTTEN_PER_PUSH)
+            .execute(&mut *tx)
+            .await?;
+        }
         let inserted = sqlx::query(
             "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user, to_user,
                     create_time, msgid, status, raw_xml, received_at)
@@ -426,33 +475,109 @@ impl SqliteStore {
             change.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(inserted)
+        Ok(if inserted {
+            super::Recorded::New
+        } else {
+            super::Recorded::Repeat
+        })
     }
 
-    /// Driven from the unjoined events (few) to their rows by `outbox_msgid`, never the other
-    /// way: left to itself, the planner walked every sent row's msgid each pass (see
-    /// `super::postgres` for the same statement).
-    pub(super) async fn join_delivery_events(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+    /// Driven from the unjoined events (few, bounded by the window) to their rows by
+    /// `outbox_msgid`, never the other way: left to itself, the planner walked every sent row's
+    /// msgid each pass (see `super::postgres` for the same statements).
+    pub(super) async fn join_delivery_events(
+        &self,
+        pass: &JoinPass<'_>,
+    ) -> StoreResult<JoinCounts> {
+        let now = ts(pass.now);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let joined = sqlx::query(JOIN_EVENTS_TO_ROWS)
-            .bind(ts(now))
+            .bind(&now)
+            .bind(pass.only)
             .execute(&mut *tx)
             .await?
             .rows_affected();
         sqlx::query(
             "UPDATE inbound_events SET joined_at = ?1,
                     outbox_id = (SELECT o.id FROM outbox o
-                                 WHERE o.account = inbound_events.account AND o.msgid = inbound_events.msgid)
-             WHERE joined_at IS NULL AND event = 'TEMPLATESENDJOBFINISH'
+                                 WHERE o.account = inbound_events.account
+                                   AND o.msgid = inbound_events.msgid
+                                   AND o.touser = inbound_events.from_user)
+             WHERE joined_at IS NULL AND given_up_at IS NULL AND event = 'TEMPLATESENDJOBFINISH'
+               AND (?2 IS NULL OR id = ?2)
                AND EXISTS (SELECT 1 FROM outbox o
-                           WHERE o.account = inbound_events.account AND o.msgid = inbound_events.msgid
+                           WHERE o.account = inbound_events.account
+                             AND o.msgid = inbound_events.msgid
+                             AND o.touser = inbound_events.from_user
                              AND o.delivery_status IS NOT NULL)",
         )
-        .bind(ts(now))
+        .bind(&now)
+        .bind(pass.only)
         .execute(&mut *tx)
         .await?;
+        let mismatched = sqlx::query(
+            "UPDATE inbound_events SET given_up_at = ?1, join_problem = ?3
+             WHERE joined_at IS NULL AND given_up_at IS NULL AND event = 'TEMPLATESENDJOBFINISH'
+               AND (?2 IS NULL OR id = ?2)
+               AND EXISTS (SELECT 1 FROM outbox o WHERE o.account = inbound_events.account
+                           AND o.msgid = inbound_events.msgid)
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.account = inbound_events.account
+                               AND o.msgid = inbound_events.msgid
+                               AND o.touser = inbound_events.from_user)",
+        )
+        .bind(&now)
+        .bind(pass.only)
+        .bind(OPENID_MISMATCH)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let given_up = sqlx::query(
+            "UPDATE inbound_events SET given_up_at = ?1, join_problem = ?4
+             WHERE joined_at IS NULL AND given_up_at IS NULL AND event = 'TEMPLATESENDJOBFINISH'
+               AND (?2 IS NULL OR id = ?2) AND received_at < ?3",
+        )
+        .bind(&now)
+        .bind(pass.only)
+        .bind(ts(pass.received_before))
+        .bind(pass.no_row_problem())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok(joined)
+        Ok(JoinCounts {
+            joined,
+            mismatched,
+            given_up,
+        })
+    }
+
+    pub(super) async fn unjoined_events(&self, limit: i64) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "SELECT id FROM inbound_events
+             WHERE event = 'TEMPLATESENDJOBFINISH' AND joined_at IS NULL AND given_up_at IS NULL
+             ORDER BY received_at LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub(super) async fn give_up_event(
+        &self,
+        id: i64,
+        problem: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE inbound_events SET given_up_at = ?2, join_problem = ?3
+             WHERE id = ?1 AND joined_at IS NULL",
+        )
+        .bind(id)
+        .bind(ts(now))
+        .bind(super::bounded(problem))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Reserves quota for a group of rows in one transaction with a few statements per
@@ -647,6 +772,74 @@ impl SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// The twin of Postgres' statements (see there), with the limits as a JSON array.
+    pub(super) async fn release_holds_with_room(
+        &self,
+        limits: &[HoldLimits<'_>],
+        month: &str,
+        day: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let limits = json_array(
+            &limits
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "account": l.account,
+                        "active": l.active_templates,
+                        "monthly": l.monthly_per_template,
+                        "daily": l.daily_per_account,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        );
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let months = sqlx::query(
+            "WITH room AS MATERIALIZED (
+                SELECT q.account AS account, substr(q.scope, 10) AS template_id
+                FROM json_each(?1) l
+                JOIN quota_usage q ON q.account = l.value ->> 'account' AND q.period = ?2
+                                  AND q.scope LIKE 'template:%'
+                                  AND q.used < l.value ->> 'monthly')
+             UPDATE outbox SET status = 'pending', held_for = NULL, next_attempt_at = ?3,
+                    updated_at = ?3
+             FROM room
+             WHERE outbox.status = 'held' AND outbox.account = room.account
+               AND outbox.held_for = 'monthly quota' AND outbox.template_id = room.template_id",
+        )
+        .bind(&limits)
+        .bind(month)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        let others = sqlx::query(
+            "WITH room AS MATERIALIZED (
+                SELECT l.value ->> 'account' AS account, 'daily quota' AS held_for
+                FROM json_each(?1) l
+                WHERE COALESCE((SELECT q.used FROM quota_usage q
+                                WHERE q.account = l.value ->> 'account' AND q.scope = 'account'
+                                  AND q.period = ?2), 0) < l.value ->> 'daily'
+                UNION ALL
+                SELECT l.value ->> 'account', 'template'
+                FROM json_each(?1) l
+                WHERE l.value ->> 'active' IS NOT NULL
+                  AND (SELECT count(*) FROM templates t
+                       WHERE t.account = l.value ->> 'account' AND t.in_use) < l.value ->> 'active')
+             UPDATE outbox SET status = 'pending', held_for = NULL, next_attempt_at = ?3,
+                    updated_at = ?3
+             FROM room
+             WHERE outbox.status = 'held' AND outbox.account = room.account
+               AND outbox.held_for = room.held_for",
+        )
+        .bind(&limits)
+        .bind(day)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(months.rows_affected() + others.rows_affected())
     }
 
     pub(super) async fn heartbeat(
@@ -989,40 +1182,41 @@ impl<'a> MarkRow<'a> {
 }
 
 fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
-    let mut unreadable = None;
-    let mut text = |name: &str| -> StoreResult<Option<String>> {
-        let bytes: Option<Vec<u8>> = row.try_get(name)?;
-        Ok(text_column(name, bytes, &mut unreadable))
+    let id = row.try_get("id")?;
+    let mut r = RowReader::new(&row);
+    let account = r.text("account").unwrap_or_default();
+    let mut time = |column: &str| -> Option<DateTime<Utc>> {
+        let text: Option<String> = r.get(column);
+        let time = text.as_deref().map(parse_ts);
+        if time == Some(None) {
+            r.note(format_args!("{column} is not a time"));
+        }
+        time.flatten()
     };
-    let account = text("account")?.unwrap_or_default();
-    let touser = text("touser")?;
-    let template_id = text("template_id")?;
-    let data = text("data")?;
-    let url = text("url")?;
-    let miniprogram = text("miniprogram")?;
-    let client_msg_id = text("client_msg_id")?;
-    let time = |name: &str| -> StoreResult<Option<DateTime<Utc>>> {
-        let text: Option<String> = row.try_get(name)?;
-        Ok(text.as_deref().and_then(parse_ts))
+    let expires_at = time("expires_at");
+    let in_doubt_since = time("in_doubt_since");
+    let message = RawMessage {
+        id,
+        account,
+        touser: r.text("touser"),
+        template_id: r.text("template_id"),
+        data: r.text("data"),
+        url: r.text("url"),
+        miniprogram: r.text("miniprogram"),
+        client_msg_id: r.text("client_msg_id"),
+        expires_at,
+        attempts: r.get("attempts"),
+        in_doubt_since,
+        in_doubt: r.get("in_doubt"),
+        unreadable: None,
+        suppressed: r.get("suppressed"),
+        quota_month: r.get("quota_month"),
+        quota_day: r.get("quota_day"),
+        template_in_use: r.get("template_in_use"),
+        template_content: r.get("template_content"),
     };
     Ok(RawMessage {
-        id: row.try_get("id")?,
-        account,
-        touser,
-        template_id,
-        data,
-        url,
-        miniprogram,
-        client_msg_id,
-        expires_at: time("expires_at")?,
-        attempts: row.try_get("attempts")?,
-        in_doubt_since: time("in_doubt_since")?,
-        in_doubt: row.try_get("in_doubt")?,
-        unreadable,
-        suppressed: row.try_get("suppressed")?,
-        quota_month: row.try_get("quota_month")?,
-        quota_day: row.try_get("quota_day")?,
-        template_in_use: row.try_get("template_in_use")?,
-        template_content: row.try_get("template_content")?,
+        unreadable: r.problem,
+        ..message
     })
 }

@@ -17,6 +17,7 @@ use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
+use crate::domain::text::{echo, loggable};
 use crate::metrics::Metrics;
 use crate::monitor::Health;
 use crate::store::{Outcome, Reserved, Store};
@@ -68,7 +69,7 @@ impl Dispatcher {
 
     /// Handles one claimed row to its outcome and records it. `started` turns true just before
     /// the request leaves, so that a row released at shutdown knows whether it may have arrived.
-    #[tracing::instrument(skip_all, fields(id = raw.id, account = %raw.account, attempt = raw.attempts))]
+    #[tracing::instrument(skip_all, fields(id = raw.id, account = %loggable(&raw.account), attempt = raw.attempts))]
     pub async fn handle(
         &self,
         raw: RawMessage,
@@ -163,7 +164,7 @@ impl Dispatcher {
                 errcode: None,
                 reason: format!(
                     "account {:?} is not configured in this daemon (configured: {})",
-                    raw.account,
+                    echo(&raw.account),
                     names.join(", ")
                 ),
             });
@@ -310,7 +311,7 @@ impl Dispatcher {
                 {
                     tracing::error!(error = %e, "cannot record the account pause");
                 }
-                tracing::warn!(account = %raw.account, %until, errcode, "account paused");
+                tracing::warn!(account = %loggable(&raw.account), %until, errcode, "account paused");
                 Outcome::Release {
                     errcode: Some(errcode),
                     reason,
@@ -390,11 +391,15 @@ impl Dispatcher {
 fn log_outcome(outcome: &Outcome) {
     match outcome {
         Outcome::Sent { msgid } => tracing::info!(?msgid, "sent"),
-        Outcome::Retry { at, reason, .. } => tracing::info!(%at, %reason, "will retry"),
-        Outcome::Release { reason, .. } => tracing::info!(%reason, "released"),
-        Outcome::Hold { reason, .. } => tracing::info!(%reason, "held"),
-        Outcome::Failed { reason, .. } => tracing::warn!(%reason, "failed"),
-        Outcome::Expired { reason } => tracing::warn!(%reason, "expired"),
-        Outcome::Unknown { reason, .. } => tracing::warn!(%reason, "outcome unknown"),
+        Outcome::Retry { at, reason, .. } => {
+            tracing::info!(%at, reason = %loggable(reason), "will retry")
+        }
+        Outcome::Release { reason, .. } => tracing::info!(reason = %loggable(reason), "released"),
+        Outcome::Hold { reason, .. } => tracing::info!(reason = %loggable(reason), "held"),
+        Outcome::Failed { reason, .. } => tracing::warn!(reason = %loggable(reason), "failed"),
+        Outcome::Expired { reason } => tracing::warn!(reason = %loggable(reason), "expired"),
+        Outcome::Unknown { reason, .. } => {
+            tracing::warn!(reason = %loggable(reason), "outcome unknown")
+        }
     }
 }

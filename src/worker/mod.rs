@@ -27,7 +27,7 @@ pub use rate::AccountRuntime;
 use crate::domain::message::RawMessage;
 use crate::domain::quota::periods;
 use crate::domain::retry::InDoubtPolicy;
-use crate::store::{ClaimRequest, Claimed, Outcome};
+use crate::store::{ClaimRequest, Claimed, HoldLimits, Outcome};
 
 /// How often expired leases are rescued and overdue rows expired.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
@@ -178,9 +178,11 @@ impl Pool {
             let rows = match claimed.await {
                 Ok(rows) => {
                     db_backoff = Duration::from_millis(100);
+                    d.health.claim_result(Ok(()));
                     rows
                 }
                 Err(e) => {
+                    d.health.claim_result(Err(&e));
                     tracing::error!(error = %e, retry_in = ?db_backoff, "cannot claim rows; the database is unavailable");
                     drop(held);
                     tokio::select! {
@@ -243,9 +245,24 @@ pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     }
 }
 
-/// Rescues rows of daemons that died, expires overdue rows, and settles in-doubt rows whose
-/// de-duplication window has passed.
+/// Rescues rows of daemons that died, returns held rows whose time or room has come, expires
+/// overdue rows, and settles in-doubt rows whose de-duplication window has passed.
 async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
+    let hold_limits: Vec<HoldLimits> = d
+        .accounts
+        .iter()
+        .map(|(name, runtime)| {
+            let limits = runtime.account.limits;
+            HoldLimits {
+                account: name,
+                active_templates: limits
+                    .auto_activate_templates
+                    .then_some(limits.active_templates),
+                monthly_per_template: limits.monthly_per_template,
+                daily_per_account: limits.daily_per_account,
+            }
+        })
+        .collect();
     loop {
         d.health.maintenance_passed();
         let now = d.clock.now();
@@ -257,6 +274,14 @@ async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
             let released = d.store.release_due_holds(now).await?;
             if released > 0 {
                 tracing::info!(rows = released, "held rows are due again");
+            }
+            let current = periods(now, d.timezone);
+            let freed = d
+                .store
+                .release_holds_with_room(&hold_limits, &current.month, &current.day, now)
+                .await?;
+            if freed > 0 {
+                tracing::info!(rows = freed, "held rows have room again");
             }
             let expired = d.store.expire_overdue(now).await?;
             if expired > 0 {
@@ -277,9 +302,15 @@ async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
             Ok::<_, sqlx::Error>(())
         }
         .await;
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::warn!(error = %e, "maintenance pass failed; trying again");
         }
+        d.health.maintenance_result(
+            result
+                .as_ref()
+                .map_err(|e| e as &dyn std::fmt::Display)
+                .copied(),
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}

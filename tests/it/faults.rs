@@ -272,6 +272,63 @@ async fn bad_rows_among_good_ones(backend: Backend) {
 }
 on_both_backends!(bad_rows_among_good_ones);
 
+/// Rows no daemon can read (`infinity`, year 270000, `in_doubt = 'yes'`: values a database
+/// written before the guards, or by hand, may hold), each in the middle of a claim's batch,
+/// while three daemons drain the table: each such row fails alone naming its column, every
+/// other row is sent, and no daemon exits.
+async fn poison_rows_with_three_daemons(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    crate::poison::drop_guards(&db).await;
+    let poison: &[(&str, &str)] = match backend {
+        Backend::Postgres => &[
+            ("expires_at", "'infinity'"),
+            ("expires_at", "'270000-01-01'"),
+            ("in_doubt_since", "'-infinity'"),
+        ],
+        Backend::Sqlite => &[
+            ("in_doubt", "'yes'"),
+            ("in_doubt_since", "'soon'"),
+            ("expires_at", "'270000-01-01'"),
+        ],
+    };
+    let good = scale(300, 3000);
+    for (i, (column, value)) in poison.iter().enumerate() {
+        db.app
+            .insert_good(good / poison.len(), &format!("p{i}"))
+            .await;
+        db.app
+            .exec(&format!(
+                "INSERT INTO outbox (touser, template_id, data, {column}) VALUES ('oPoison{i}', 'T', '{{}}', {value})"
+            ))
+            .await
+            .unwrap();
+    }
+    let config = daemon_config(&db, &sim, "");
+    let mut daemons: Vec<Process> = (0..3).map(|_| Process::start(&config, &["run"])).collect();
+    let rows = assert_invariants(&db, &sim, Duration::from_secs(60)).await;
+    report("poison rows, three daemons", backend, &rows, &sim, "");
+    for daemon in &mut daemons {
+        assert!(daemon.alive(), "{}", daemon.stderr());
+    }
+    for (i, (column, _)) in poison.iter().enumerate() {
+        let row = rows
+            .iter()
+            .find(|r| r.touser.as_deref() == Some(&format!("oPoison{i}")))
+            .unwrap();
+        assert_eq!(row.status, "failed");
+        assert!(
+            row.last_error.as_deref().unwrap().contains(column),
+            "{row:#?}"
+        );
+    }
+    assert_eq!(
+        rows.iter().filter(|r| r.status == "sent").count(),
+        good / poison.len() * poison.len()
+    );
+}
+on_both_backends!(poison_rows_with_three_daemons);
+
 /// Postgres kills the daemon's connections again and again mid-run: it reconnects by itself,
 /// carries on, and does not exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,3 +591,374 @@ async fn callback_flood(backend: Backend) {
     assert!(daemon.alive());
 }
 on_both_backends!(callback_flood);
+
+/// The address a line of the daemon's start-up log names after `addr=`.
+async fn logged_addr(daemon: &Process, line: &str) -> std::net::SocketAddr {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = daemon.stderr();
+        if let Some(addr) = log
+            .lines()
+            .find(|l| l.contains(line))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+        {
+            return addr.parse().unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line:?} in: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain push signed with `token`, on a connection of its own; its status, or 0 when it got
+/// no answer.
+async fn signed_push(url: &str, token: &str, nonce: usize, xml: String) -> u16 {
+    let now = chrono::Utc::now().timestamp().to_string();
+    let nonce = nonce.to_string();
+    let sig = signature(&[token, &now, &nonce]);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    match http
+        .post(format!(
+            "{url}?signature={sig}&timestamp={now}&nonce={nonce}"
+        ))
+        .body(xml)
+        .send()
+        .await
+    {
+        Ok(answer) => answer.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+fn subscribe_xml(openid: &str) -> String {
+    format!(
+        "<xml><ToUserName>gh</ToUserName><FromUserName>{openid}</FromUserName><CreateTime>{}</CreateTime><MsgType>event</MsgType><Event>subscribe</Event></xml>",
+        chrono::Utc::now().timestamp()
+    )
+}
+
+/// What one slow client saw: how long each of its connections lived until the server closed
+/// it, and how many it had to give up on because the server never did.
+#[derive(Default)]
+struct Trickled {
+    closed_after: Vec<Duration>,
+    never_closed: usize,
+}
+
+/// Opens connections to `addr` one after another until `stop_at`, each sending `request_line`
+/// and then one header line every 300 ms, never finishing its head.
+async fn trickle(
+    addr: std::net::SocketAddr,
+    request_line: &'static str,
+    stop_at: tokio::time::Instant,
+    give_up_after: Duration,
+) -> Trickled {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut seen = Trickled::default();
+    while tokio::time::Instant::now() < stop_at {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let opened = tokio::time::Instant::now();
+        let head = format!("{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        let mut open = stream.write_all(head.as_bytes()).await.is_ok();
+        let mut buf = [0u8; 256];
+        while open {
+            tokio::select! {
+                // End of stream, a reset, or an answer: the server is done with it.
+                _ = stream.read(&mut buf) => {
+                    seen.closed_after.push(opened.elapsed());
+                    open = false;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                    if opened.elapsed() > give_up_after {
+                        seen.never_closed += 1;
+                        open = false;
+                    } else if stream.write_all(b"X-Slow: a\r\n").await.is_err() {
+                        seen.closed_after.push(opened.elapsed());
+                        open = false;
+                    }
+                }
+                // The test ends: it closes its connections itself.
+                _ = tokio::time::sleep_until(stop_at) => open = false,
+            }
+        }
+    }
+    seen
+}
+
+/// A bounded slow-client flood (hundreds of connections trickling their request heads at the
+/// callback and the monitor listeners, reconnecting when cut off) while WeChat's pushes, the
+/// app's rows and `/healthz` go on: every push and `/healthz` answers within 2 s, and every slow
+/// connection is cut at the header timeout.
+async fn slow_client_flood(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let header_timeout = Duration::from_secs(2);
+    let config = daemon_config(
+        &db,
+        &sim,
+        &format!(
+            "[callback]\nheader_timeout_secs = {}",
+            header_timeout.as_secs()
+        ),
+    )
+    .replace(
+        "secret = \"test-app-secret-value\"",
+        "secret = \"test-app-secret-value\"\ntoken = \"flood-token\"",
+    );
+    let mut daemon = Process::start(&config, &["run"]);
+    let callback = logged_addr(&daemon, "callback endpoint listening").await;
+    let monitor = logged_addr(&daemon, "monitor endpoint listening").await;
+    let url = format!("http://{callback}/wechat/default");
+    sim.sim.set_callback(Some(CallbackTarget {
+        url: url.clone(),
+        token: "flood-token".into(),
+        encoding_aes_key: None,
+    }));
+    let started = tokio::time::Instant::now();
+    let stop_at = started + Duration::from_secs(scale(6, 60) as u64);
+    let give_up_after = header_timeout + Duration::from_millis(1500);
+    let (to_callback, to_monitor) = (scale(300, 900), 60);
+    let mut flood = Vec::new();
+    for _ in 0..to_callback {
+        flood.push(tokio::spawn(trickle(
+            callback,
+            "POST /wechat/default",
+            stop_at,
+            give_up_after,
+        )));
+    }
+    for _ in 0..to_monitor {
+        flood.push(tokio::spawn(trickle(
+            monitor,
+            "GET /healthz",
+            stop_at,
+            give_up_after,
+        )));
+    }
+    let rows = scale(100, 1000);
+    db.app.insert_good(rows, "slow").await;
+
+    let (mut pushes, mut push_worst, mut health_worst) = (0, Duration::ZERO, Duration::ZERO);
+    let health = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    while tokio::time::Instant::now() < stop_at {
+        pushes += 1;
+        let asked = tokio::time::Instant::now();
+        let status = signed_push(
+            &url,
+            "flood-token",
+            pushes,
+            subscribe_xml(&format!("oLegit{pushes:05}")),
+        )
+        .await;
+        push_worst = push_worst.max(asked.elapsed());
+        assert_eq!(status, 200, "push {pushes} during the flood");
+        let asked = tokio::time::Instant::now();
+        let answer = health
+            .get(format!("http://{monitor}/healthz"))
+            .send()
+            .await
+            .map(|a| a.status().as_u16());
+        health_worst = health_worst.max(asked.elapsed());
+        assert_eq!(answer.ok(), Some(200), "/healthz during the flood");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen = Trickled::default();
+    for task in flood {
+        let one = task.await.unwrap();
+        seen.closed_after.extend(one.closed_after);
+        seen.never_closed += one.never_closed;
+    }
+    let cut_latest = seen.closed_after.iter().max().copied().unwrap_or_default();
+    let flood_took = started.elapsed();
+    let settled = assert_invariants(&db, &sim, Duration::from_secs(30)).await;
+    report(
+        "slow-client flood",
+        backend,
+        &settled,
+        &sim,
+        &format!(
+            "slow_clients={} connections_cut={} never_cut={} cut_latest={cut_latest:?} pushes={pushes} push_worst={push_worst:?} healthz_worst={health_worst:?} flood={flood_took:?}",
+            to_callback + to_monitor,
+            seen.closed_after.len(),
+            seen.never_closed
+        ),
+    );
+    assert_eq!(
+        seen.never_closed, 0,
+        "a slow client outlived the header timeout"
+    );
+    assert!(
+        seen.closed_after.len() >= to_callback + to_monitor,
+        "every slow client was cut at least once: {}",
+        seen.closed_after.len()
+    );
+    assert!(push_worst < Duration::from_secs(2), "{push_worst:?}");
+    assert!(health_worst < Duration::from_secs(2), "{health_worst:?}");
+    let delivered = settled.iter().filter(|r| r.status == "delivered").count();
+    assert_eq!(delivered, rows, "every delivery event got through");
+    assert_eq!(sim.sim.stats().events_failed, 0, "no push had to give up");
+    assert_eq!(
+        db.app
+            .count_in("inbound_events", "event = 'subscribe'")
+            .await,
+        pushes as i64
+    );
+    assert!(daemon.alive(), "{}", daemon.stderr());
+}
+on_both_backends!(slow_client_flood);
+
+/// Reads one HTTP/1.1 answer (head and a Content-Length body) within `limit`.
+async fn read_answer(stream: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|n| n.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no whole answer within {limit:?}: {other:?} after {text:?}"),
+        }
+    }
+}
+
+/// Whether the server closes `stream` within `limit` (end of stream or a reset).
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {} // an answer before the close
+        }
+    }
+}
+
+/// With a small cap: a connection over it is closed at once (on both listeners), slow clients
+/// are cut at the header timeout and the endpoint recovers, a body that stops coming gets 408,
+/// and a kept-alive connection lives for the idle timeout, not the header timeout.
+async fn the_cap_fails_fast_and_timeouts_cut_slow_clients(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let toml = db
+        .config_toml(
+            &sim.url(),
+            "[callback]\nmax_connections = 4\nheader_timeout_secs = 1\nbody_timeout_secs = 1\nidle_timeout_secs = 3\n[monitor]\nmax_connections = 2",
+        )
+        .replace(
+            "secret = \"test-app-secret-value\"",
+            "secret = \"test-app-secret-value\"\ntoken = \"cap-token\"",
+        );
+    let daemon =
+        crate::helpers::Daemon::start(wechat_outbox::config::Config::from_toml(&toml).unwrap())
+            .await;
+    let url = daemon.callback_url("default");
+    let connect = |addr| async move { tokio::net::TcpStream::connect(addr).await.unwrap() };
+
+    // Four silent clients fill the callback's cap, two the monitor's.
+    let opened = tokio::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect(daemon.callback).await);
+    }
+    let mut monitor_silent = [connect(daemon.monitor).await, connect(daemon.monitor).await];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for addr in [daemon.callback, daemon.monitor] {
+        let mut over = connect(addr).await;
+        let asked = tokio::time::Instant::now();
+        assert!(
+            closed_within(&mut over, Duration::from_millis(500)).await,
+            "a connection over the cap of {addr} was not closed at once"
+        );
+        assert!(asked.elapsed() < Duration::from_millis(500));
+    }
+    // The header timeout (1 s) cuts them all, not sooner.
+    for stream in silent.iter_mut().chain(monitor_silent.iter_mut()) {
+        assert!(closed_within(stream, Duration::from_millis(2500)).await);
+    }
+    let cut_after = opened.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(950) && cut_after < Duration::from_millis(3000),
+        "{cut_after:?}"
+    );
+    // Recovered: room again.
+    assert_eq!(
+        signed_push(&url, "cap-token", 1, subscribe_xml("oAfterCut01")).await,
+        200
+    );
+    let healthz = reqwest::get(format!("http://{}/healthz", daemon.monitor))
+        .await
+        .unwrap();
+    assert_eq!(healthz.status().as_u16(), 200);
+
+    // A body that stops half-way: 408 at the body timeout, then the connection is closed.
+    use tokio::io::AsyncWriteExt;
+    let mut stalled = connect(daemon.callback).await;
+    stalled
+        .write_all(b"POST /wechat/default?timestamp=1&nonce=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n<xml>")
+        .await
+        .unwrap();
+    let asked = tokio::time::Instant::now();
+    let answer = read_answer(&mut stalled, Duration::from_millis(2500)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(closed_within(&mut stalled, Duration::from_millis(500)).await);
+
+    // Kept alive after an answer: still open past the header timeout, closed at the idle one.
+    let mut kept = connect(daemon.callback).await;
+    kept.write_all(b"GET /wechat/default HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut kept, Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    let answered = tokio::time::Instant::now();
+    assert!(
+        !closed_within(&mut kept, Duration::from_millis(1800)).await,
+        "closed at the header timeout while idle"
+    );
+    assert!(closed_within(&mut kept, Duration::from_millis(2700)).await);
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(2950) && idle_for < Duration::from_millis(4500),
+        "{idle_for:?}"
+    );
+    assert_eq!(
+        signed_push(&url, "cap-token", 2, subscribe_xml("oAfterCut02")).await,
+        200
+    );
+    assert_eq!(db.app.count_in("inbound_events", "1 = 1").await, 2);
+    daemon.stop().await;
+}
+on_both_backends!(the_cap_fails_fast_and_timeouts_cut_slow_clients);

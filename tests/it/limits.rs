@@ -12,7 +12,7 @@ use crate::helpers::{Backend, Daemon, Process, Sim, TestDb};
 use crate::on_both_backends;
 
 /// Waits until `condition` holds for `count` rows of `table`.
-async fn wait_for(db: &TestDb, table: &str, condition: &str, count: i64, limit: Duration) {
+pub async fn wait_for(db: &TestDb, table: &str, condition: &str, count: i64, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let now = db.app.count_in(table, condition).await;
@@ -28,7 +28,7 @@ async fn wait_for(db: &TestDb, table: &str, condition: &str, count: i64, limit: 
 }
 
 /// Inserts `n` rows of one template for distinct users.
-async fn insert_for_template(db: &TestDb, template: &str, n: usize, tag: &str) {
+pub async fn insert_for_template(db: &TestDb, template: &str, n: usize, tag: &str) {
     let values: Vec<String> = (0..n)
         .map(|i| format!("('o{tag}{i:06}', '{template}', '{{\"k\":\"v\"}}')"))
         .collect();

@@ -268,7 +268,7 @@ async fn sqlite_accepts_the_times_apps_naturally_write() {
         refused
             .unwrap_err()
             .to_string()
-            .contains("send_after and expires_at must be times")
+            .contains("send_after must be a time")
     );
 
     let daemon = Daemon::start(db.config(&sim.url(), "")).await;
