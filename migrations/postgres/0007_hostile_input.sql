@@ -3,8 +3,10 @@
 
 -- Times the daemon reads must be finite and within years 1-9999: `infinity` or a year past
 -- 262142 is a valid timestamptz that no program's clock type holds (chrono panicked on it and
--- the daemon crash-looped). Rows already waiting with such a value fail now, naming the column,
--- so that the constraints below can be checked against every row.
+-- the daemon crash-looped). Rows already waiting or being sent with such a value fail now,
+-- naming the column, so that the constraints below hold for every row. (The constraints are
+-- checked against the whole table while it is locked: on a large outbox shared with an app,
+-- run the upgrade when a pause of the app's inserts is acceptable; docs/operations.md.)
 UPDATE outbox SET status = 'failed', last_errcode = NULL, held_for = NULL,
        lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
        last_error = CASE
@@ -17,7 +19,7 @@ UPDATE outbox SET status = 'failed', last_errcode = NULL, held_for = NULL,
            WHEN NOT (in_doubt_since IS NULL OR (isfinite(in_doubt_since) AND in_doubt_since BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59+00'))
                THEN 'in_doubt_since is outside years 1-9999 (infinity?); not sent'
            ELSE 'attempts is negative or above 1000000; not sent' END
-WHERE status IN ('pending', 'held')
+WHERE status IN ('pending', 'held', 'sending')
   AND NOT ((send_after IS NULL OR (isfinite(send_after) AND send_after BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59+00'))
        AND (expires_at IS NULL OR (isfinite(expires_at) AND expires_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59+00'))
        AND (isfinite(next_attempt_at) AND next_attempt_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59+00')
@@ -52,9 +54,10 @@ DROP INDEX inbound_events_unjoined;
 CREATE INDEX inbound_events_unjoined ON inbound_events (received_at)
     WHERE event = 'TEMPLATESENDJOBFINISH' AND joined_at IS NULL AND given_up_at IS NULL;
 
--- Held rows are looked up by what they wait for, when room appears (a send given back, a limit
--- raised, a template taken out of use).
-CREATE INDEX outbox_held_for ON outbox (account, held_for, template_id) WHERE status = 'held';
+-- Held rows are looked up by what they wait for, in claim order, when room appears (a send
+-- given back, a limit raised, a template taken out of use).
+CREATE INDEX outbox_held_for ON outbox (account, held_for, template_id, priority DESC, id)
+    WHERE status = 'held';
 
 -- Template delivery events per account and how their join ended. docs/reports.md.
 CREATE VIEW report_events AS

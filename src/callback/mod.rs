@@ -32,7 +32,9 @@ use crate::domain::text::LOGGED_CHARS;
 use crate::domain::text::loggable;
 use crate::http_server::{BodyDeadline, ConnectionLimits};
 use crate::metrics::{Metrics, NotJoined};
-use crate::store::{InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush, Store};
+use crate::store::{
+    InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush, Store, is_data_error,
+};
 use crate::wechat::crypto::{MessageCrypto, signature_matches};
 use crate::wechat::xml;
 
@@ -495,9 +497,9 @@ pub async fn join_loop(
 /// Most events a pass tries one at a time; the rest wait for the next pass.
 const ONE_AT_A_TIME: i64 = 1000;
 
-/// Each waiting event in its own transaction; one whose join fails is given up on with the
-/// error, so that the others still join. Stops at the first failure to read or give up, which
-/// means the database itself is failing.
+/// Each waiting event in its own transaction; one whose join the database refuses (a value it
+/// cannot handle) is given up on with the error, so that the others still join. Any other
+/// failure (a lock, a timeout, a lost connection) stops the pass without giving anything up.
 async fn join_one_at_a_time(store: &Store, metrics: &Metrics, pass: &JoinPass<'_>) {
     let ids = match store.unjoined_events(ONE_AT_A_TIME).await {
         Ok(ids) => ids,
@@ -510,6 +512,10 @@ async fn join_one_at_a_time(store: &Store, metrics: &Metrics, pass: &JoinPass<'_
         };
         match store.join_delivery_events(&one).await {
             Ok(counts) => count_join(metrics, counts),
+            // A lock, a timeout, a lost connection: the event is fine; the next pass tries again.
+            Err(e) if !is_data_error(&e) => {
+                return tracing::warn!(error = %e, "cannot join delivery events now; trying again");
+            }
             Err(e) => {
                 let problem = format!("the join failed for this event: {e}");
                 if let Err(e) = store.give_up_event(id, &problem, pass.now).await {

@@ -29,15 +29,17 @@ pub fn echo(text: &str) -> Cow<'_, str> {
     cut(text, ECHO_CHARS)
 }
 
-/// Control characters (newlines, ESC, NUL, DEL, C1) written as Rust-style escapes (`\n`,
-/// `\u{1b}`), so a value cannot start a new line or drive a terminal; other text unchanged.
+/// Control characters (newlines, ESC, NUL, DEL, C1), the Unicode line and paragraph
+/// separators and the invisible format characters (bidi overrides, zero-width marks) written
+/// as Rust-style escapes (`\n`, `\u{1b}`, `\u{202e}`), so a value can neither start a new line,
+/// drive a terminal nor reorder what a log viewer shows; other text unchanged.
 pub fn escape_control(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(needs_escape) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if needs_escape(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -56,11 +58,24 @@ pub fn loggable(text: &str) -> String {
     escape_control(&cut(text, LOGGED_CHARS)).into_owned()
 }
 
+/// Characters that can forge or disguise a log line.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn separators_and_bidi_overrides_are_escaped_too() {
+        let text = "a\u{2028}b\u{202e}c\u{200b}d";
+        assert_eq!(escape_control(text), "a\\u{2028}b\\u{202e}c\\u{200b}d");
+    }
 
     #[test]
     fn short_text_is_kept_and_long_text_cut_on_a_char_boundary() {

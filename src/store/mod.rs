@@ -836,6 +836,24 @@ where
     }
 }
 
+/// Whether `error` is the database refusing a value (a data exception, a constraint, a trigger's
+/// RAISE), which happens again on every try, rather than a lock, a timeout or a lost connection,
+/// which may not. Only the first kind may end an event's join for good.
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(e) = error else {
+        return false;
+    };
+    let Some(code) = e.code() else {
+        return false;
+    };
+    match code.parse::<i32>() {
+        // SQLite's (extended) result code: TOOBIG, CONSTRAINT (RAISE included), MISMATCH.
+        Ok(sqlite) => matches!(sqlite & 0xff, 18..=20),
+        // Postgres' SQLSTATE: data exception, integrity constraint, raise_exception.
+        Err(_) => code.starts_with("22") || code.starts_with("23") || code == "P0001",
+    }
+}
+
 /// What went wrong reading a column, without the value (which may be anything an app wrote).
 fn decode_problem(error: &sqlx::Error) -> String {
     match error {

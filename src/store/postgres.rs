@@ -58,6 +58,12 @@ const CLAIM: &str =
                 (SELECT t.content FROM templates t WHERE t.account = o.account
                     AND t.template_id = o.template_id) AS template_content";
 
+/// When a row in flight was claimed, for the start of its doubt: the claim's `updated_at`, or
+/// the time of the statement (`$1`) if an app wrote something else there (`infinity` would fail
+/// the whole statement on `outbox_in_doubt_since_in_range`).
+const CLAIMED_AT: &str =
+    "CASE WHEN updated_at BETWEEN '0001-01-01 00:00:00+00' AND $1 THEN updated_at ELSE $1 END";
+
 /// The join pass's first statement: each unjoined template event to its sent row, matched by
 /// account, msgid **and** openid (an event whose FromUserName is not the row's touser never
 /// changes the row). `$2` limits the pass to one event (`NULL`: all). An event time outside
@@ -278,12 +284,12 @@ impl PostgresStore {
     }
 
     pub(super) async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query(
+        let done = sqlx::query(AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'pending', in_doubt = true,
-                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
+                    in_doubt_since = COALESCE(in_doubt_since, {CLAIMED_AT}), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
-             WHERE status = 'sending' AND lease_expires_at < $1",
-        )
+             WHERE status = 'sending' AND lease_expires_at < $1"
+        )))
         .bind(now)
         .bind(LEASE_EXPIRED)
         .execute(&self.pool)
@@ -292,12 +298,12 @@ impl PostgresStore {
     }
 
     pub(super) async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query(
+        let done = sqlx::query(AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'pending', in_doubt = true,
-                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
+                    in_doubt_since = COALESCE(in_doubt_since, {CLAIMED_AT}), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
-             WHERE status = 'sending' AND lease_owner = $3",
-        )
+             WHERE status = 'sending' AND lease_owner = $3"
+        )))
         .bind(now)
         .bind(RELEASED_AT_SHUTDOWN)
         .bind(owner)
@@ -836,9 +842,11 @@ impl PostgresStore {
         Ok(done.rows_affected())
     }
 
-    /// Two statements: rows held for a template's month, looked up by template through
-    /// `outbox_held_for`; rows held for the account's day or for room among templates, by
-    /// account. Joining both on one `OR` would walk every held row of an account each second.
+    /// Two statements: rows held for a template's month, up to the room each template has;
+    /// rows held for the account's day or for room among templates, up to that room, and every
+    /// row held for room whose template is in use now. Each in claim order, so that the rows
+    /// released are the ones the claim takes, and no more than can go: releasing every held row
+    /// whenever one send was given back would make each of them go round the claim once more.
     pub(super) async fn release_holds_with_room(
         &self,
         limits: &[HoldLimits<'_>],
@@ -846,6 +854,14 @@ impl PostgresStore {
         day: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
+        // A read through the partial index `outbox_held` first: no held row, no write.
+        let any_held: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE status = 'held')")
+                .fetch_one(&self.pool)
+                .await?;
+        if !any_held {
+            return Ok(0);
+        }
         let accounts: Vec<&str> = limits.iter().map(|l| l.account).collect();
         let active: Vec<Option<i64>> = limits
             .iter()
@@ -859,11 +875,18 @@ impl PostgresStore {
         let months = sqlx::query(
             "UPDATE outbox o SET status = 'pending', held_for = NULL, next_attempt_at = $4,
                     updated_at = $4
-             FROM unnest($1::text[], $2::bigint[]) AS l(account, monthly)
-             JOIN quota_usage q ON q.account = l.account AND q.period = $3
-                               AND q.scope LIKE 'template:%' AND q.used < l.monthly
-             WHERE o.status = 'held' AND o.account = l.account AND o.held_for = 'monthly quota'
-               AND o.template_id = substr(q.scope, 10)",
+             FROM (SELECT id FROM (
+                     SELECT h.id, l.monthly - q.used AS room,
+                            ROW_NUMBER() OVER (PARTITION BY h.account, h.template_id
+                                               ORDER BY h.priority DESC, h.id) AS n
+                     FROM unnest($1::text[], $2::bigint[]) AS l(account, monthly)
+                     JOIN quota_usage q ON q.account = l.account AND q.period = $3
+                                       AND q.scope LIKE 'template:%' AND q.used < l.monthly
+                     JOIN outbox h ON h.status = 'held' AND h.account = l.account
+                                  AND h.held_for = 'monthly quota'
+                                  AND h.template_id = substr(q.scope, 10)) ranked
+                   WHERE n <= room) r
+             WHERE o.id = r.id AND o.status = 'held'",
         )
         .bind(&accounts)
         .bind(&monthly)
@@ -874,17 +897,32 @@ impl PostgresStore {
         let others = sqlx::query(
             "UPDATE outbox o SET status = 'pending', held_for = NULL, next_attempt_at = $5,
                     updated_at = $5
-             FROM (SELECT l.account, 'daily quota' AS held_for
-                   FROM unnest($1::text[], $3::bigint[]) AS l(account, daily)
-                   WHERE COALESCE((SELECT q.used FROM quota_usage q WHERE q.account = l.account
-                                   AND q.scope = 'account' AND q.period = $4), 0) < l.daily
-                   UNION ALL
-                   SELECT l.account, 'template'
-                   FROM unnest($1::text[], $2::bigint[]) AS l(account, active)
-                   WHERE l.active IS NOT NULL
-                     AND (SELECT count(*) FROM templates t
-                          WHERE t.account = l.account AND t.in_use) < l.active) AS room
-             WHERE o.status = 'held' AND o.account = room.account AND o.held_for = room.held_for",
+             FROM (SELECT id FROM (
+                     SELECT h.id, room.room,
+                            ROW_NUMBER() OVER (PARTITION BY h.account, h.held_for
+                                               ORDER BY h.priority DESC, h.id) AS n
+                     FROM (SELECT l.account, 'daily quota' AS held_for,
+                                  l.daily - COALESCE((SELECT q.used FROM quota_usage q
+                                                      WHERE q.account = l.account
+                                                        AND q.scope = 'account'
+                                                        AND q.period = $4), 0) AS room
+                           FROM unnest($1::text[], $3::bigint[]) AS l(account, daily)
+                           UNION ALL
+                           SELECT l.account, 'template',
+                                  l.active - (SELECT count(*) FROM templates t
+                                              WHERE t.account = l.account AND t.in_use)
+                           FROM unnest($1::text[], $2::bigint[]) AS l(account, active)
+                           WHERE l.active IS NOT NULL) room
+                     JOIN outbox h ON h.status = 'held' AND h.account = room.account
+                                  AND h.held_for = room.held_for
+                     WHERE room.room > 0) ranked
+                   WHERE n <= room
+                   UNION
+                   SELECT h.id FROM templates t
+                   JOIN outbox h ON h.status = 'held' AND h.account = t.account
+                                AND h.held_for = 'template' AND h.template_id = t.template_id
+                   WHERE t.in_use AND t.account = ANY($1)) r
+             WHERE o.id = r.id AND o.status = 'held'",
         )
         .bind(&accounts)
         .bind(&active)

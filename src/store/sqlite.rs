@@ -75,6 +75,11 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = ?1, lea
                 (SELECT t.content FROM templates t WHERE t.account = outbox.account
                     AND t.template_id = outbox.template_id) AS template_content";
 
+/// When a row in flight was claimed, for the start of its doubt: the claim's `updated_at`, or
+/// the time of the statement (`?1`) if an app wrote something that is not a time there.
+const CLAIMED_AT: &str = "CASE WHEN strftime('%s', updated_at) IS NOT NULL AND updated_at <= ?1
+    THEN strftime('%Y-%m-%d %H:%M:%f', updated_at) ELSE ?1 END";
+
 /// The join pass: each unjoined template event to its sent row by account, msgid and openid
 /// (see Postgres' twin). `CROSS JOIN` keeps the events as the outer loop and `MATERIALIZED`
 /// keeps SQLite from flattening the pairs into the update, where it chose to build an
@@ -237,12 +242,12 @@ impl SqliteStore {
     }
 
     pub(super) async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query(
+        let done = sqlx::query(AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'pending', in_doubt = 1,
-                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
+                    in_doubt_since = COALESCE(in_doubt_since, {CLAIMED_AT}), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = ?1, last_error = ?2, updated_at = ?1
-             WHERE status = 'sending' AND lease_expires_at < ?1",
-        )
+             WHERE status = 'sending' AND lease_expires_at < ?1"
+        )))
         .bind(ts(now))
         .bind(LEASE_EXPIRED)
         .execute(&self.pool)
@@ -251,12 +256,12 @@ impl SqliteStore {
     }
 
     pub(super) async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query(
+        let done = sqlx::query(AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'pending', in_doubt = 1,
-                    in_doubt_since = COALESCE(in_doubt_since, updated_at), lease_owner = NULL,
+                    in_doubt_since = COALESCE(in_doubt_since, {CLAIMED_AT}), lease_owner = NULL,
                     lease_expires_at = NULL, next_attempt_at = ?1, last_error = ?2, updated_at = ?1
-             WHERE status = 'sending' AND lease_owner = ?3",
-        )
+             WHERE status = 'sending' AND lease_owner = ?3"
+        )))
         .bind(ts(now))
         .bind(RELEASED_AT_SHUTDOWN)
         .bind(owner)
@@ -782,6 +787,14 @@ impl SqliteStore {
         day: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
+        // A read first: no held row, no write lock taken.
+        let any_held: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE status = 'held')")
+                .fetch_one(&self.pool)
+                .await?;
+        if !any_held {
+            return Ok(0);
+        }
         let limits = json_array(
             &limits
                 .iter()
@@ -797,17 +810,22 @@ impl SqliteStore {
         );
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let months = sqlx::query(
-            "WITH room AS MATERIALIZED (
-                SELECT q.account AS account, substr(q.scope, 10) AS template_id
-                FROM json_each(?1) l
-                JOIN quota_usage q ON q.account = l.value ->> 'account' AND q.period = ?2
-                                  AND q.scope LIKE 'template:%'
-                                  AND q.used < l.value ->> 'monthly')
+            "WITH released AS MATERIALIZED (
+                SELECT id FROM (
+                    SELECT h.id AS id, (l.value ->> 'monthly') - q.used AS room,
+                           ROW_NUMBER() OVER (PARTITION BY h.account, h.template_id
+                                              ORDER BY h.priority DESC, h.id) AS n
+                    FROM json_each(?1) l
+                    JOIN quota_usage q ON q.account = l.value ->> 'account' AND q.period = ?2
+                                      AND q.scope LIKE 'template:%'
+                                      AND q.used < l.value ->> 'monthly'
+                    JOIN outbox h ON h.status = 'held' AND h.account = q.account
+                                 AND h.held_for = 'monthly quota'
+                                 AND h.template_id = substr(q.scope, 10))
+                WHERE n <= room)
              UPDATE outbox SET status = 'pending', held_for = NULL, next_attempt_at = ?3,
                     updated_at = ?3
-             FROM room
-             WHERE outbox.status = 'held' AND outbox.account = room.account
-               AND outbox.held_for = 'monthly quota' AND outbox.template_id = room.template_id",
+             WHERE id IN (SELECT id FROM released) AND status = 'held'",
         )
         .bind(&limits)
         .bind(month)
@@ -816,22 +834,37 @@ impl SqliteStore {
         .await?;
         let others = sqlx::query(
             "WITH room AS MATERIALIZED (
-                SELECT l.value ->> 'account' AS account, 'daily quota' AS held_for
+                SELECT l.value ->> 'account' AS account, 'daily quota' AS held_for,
+                       (l.value ->> 'daily')
+                         - COALESCE((SELECT q.used FROM quota_usage q
+                                     WHERE q.account = l.value ->> 'account'
+                                       AND q.scope = 'account' AND q.period = ?2), 0) AS room
                 FROM json_each(?1) l
-                WHERE COALESCE((SELECT q.used FROM quota_usage q
-                                WHERE q.account = l.value ->> 'account' AND q.scope = 'account'
-                                  AND q.period = ?2), 0) < l.value ->> 'daily'
                 UNION ALL
-                SELECT l.value ->> 'account', 'template'
+                SELECT l.value ->> 'account', 'template',
+                       (l.value ->> 'active')
+                         - (SELECT count(*) FROM templates t
+                            WHERE t.account = l.value ->> 'account' AND t.in_use)
                 FROM json_each(?1) l
-                WHERE l.value ->> 'active' IS NOT NULL
-                  AND (SELECT count(*) FROM templates t
-                       WHERE t.account = l.value ->> 'account' AND t.in_use) < l.value ->> 'active')
+                WHERE l.value ->> 'active' IS NOT NULL),
+             released AS MATERIALIZED (
+                SELECT id FROM (
+                    SELECT h.id AS id, room.room AS room,
+                           ROW_NUMBER() OVER (PARTITION BY h.account, h.held_for
+                                              ORDER BY h.priority DESC, h.id) AS n
+                    FROM room JOIN outbox h ON h.status = 'held' AND h.account = room.account
+                                           AND h.held_for = room.held_for
+                    WHERE room.room > 0)
+                WHERE n <= room
+                UNION
+                SELECT h.id FROM templates t
+                JOIN outbox h ON h.status = 'held' AND h.account = t.account
+                             AND h.held_for = 'template' AND h.template_id = t.template_id
+                WHERE t.in_use
+                  AND t.account IN (SELECT l.value ->> 'account' FROM json_each(?1) l))
              UPDATE outbox SET status = 'pending', held_for = NULL, next_attempt_at = ?3,
                     updated_at = ?3
-             FROM room
-             WHERE outbox.status = 'held' AND outbox.account = room.account
-               AND outbox.held_for = room.held_for",
+             WHERE id IN (SELECT id FROM released) AND status = 'held'",
         )
         .bind(&limits)
         .bind(day)

@@ -266,51 +266,57 @@ async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
     loop {
         d.health.maintenance_passed();
         let now = d.clock.now();
-        let result = async {
-            let rescued = d.store.rescue_expired_leases(now).await?;
-            if rescued > 0 {
-                tracing::warn!(rows = rescued, "rescued rows whose lease expired");
-            }
-            let released = d.store.release_due_holds(now).await?;
-            if released > 0 {
-                tracing::info!(rows = released, "held rows are due again");
-            }
-            let current = periods(now, d.timezone);
-            let freed = d
-                .store
-                .release_holds_with_room(&hold_limits, &current.month, &current.day, now)
-                .await?;
-            if freed > 0 {
-                tracing::info!(rows = freed, "held rows have room again");
-            }
-            let expired = d.store.expire_overdue(now).await?;
-            if expired > 0 {
-                tracing::info!(rows = expired, "rows expired before they could be sent");
-            }
-            if d.retry.in_doubt == InDoubtPolicy::Unknown {
-                let unknown = d
-                    .store
-                    .give_up_in_doubt(now - d.retry.window(), now)
-                    .await?;
-                if unknown > 0 {
-                    tracing::warn!(
-                        rows = unknown,
-                        "in-doubt rows past the de-duplication window marked unknown"
-                    );
+        let current = periods(now, d.timezone);
+        // Each step on its own: one that fails (a value it cannot handle, a lock timeout) must
+        // not keep the others from running.
+        let steps = [
+            (
+                "rescue expired leases",
+                "rescued rows whose lease expired",
+                d.store.rescue_expired_leases(now).await,
+            ),
+            (
+                "release due holds",
+                "held rows are due again",
+                d.store.release_due_holds(now).await,
+            ),
+            (
+                "release holds with room",
+                "held rows have room again",
+                d.store
+                    .release_holds_with_room(&hold_limits, &current.month, &current.day, now)
+                    .await,
+            ),
+            (
+                "expire overdue rows",
+                "rows expired before they could be sent",
+                d.store.expire_overdue(now).await,
+            ),
+            (
+                "settle in-doubt rows",
+                "in-doubt rows past the de-duplication window marked unknown",
+                if d.retry.in_doubt == InDoubtPolicy::Unknown {
+                    d.store.give_up_in_doubt(now - d.retry.window(), now).await
+                } else {
+                    Ok(0)
+                },
+            ),
+        ];
+        let mut failed = None;
+        for (step, done, result) in &steps {
+            match result {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, "{done}"),
+                Err(e) => {
+                    tracing::warn!(error = %e, step, "maintenance step failed; trying again");
+                    failed.get_or_insert(e);
                 }
             }
-            Ok::<_, sqlx::Error>(())
         }
-        .await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "maintenance pass failed; trying again");
-        }
-        d.health.maintenance_result(
-            result
-                .as_ref()
-                .map_err(|e| e as &dyn std::fmt::Display)
-                .copied(),
-        );
+        d.health.maintenance_result(match failed {
+            None => Ok(()),
+            Some(e) => Err(e as &dyn std::fmt::Display),
+        });
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
