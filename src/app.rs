@@ -31,7 +31,84 @@ pub struct Running {
     pub monitor_addr: Option<SocketAddr>,
     /// The daemon's clock; tests move it to turn a quota period.
     pub clock: Arc<Clock>,
+    /// Puts re-read limits in force (SIGHUP).
+    pub limits: LimitsReloader,
     done: tokio::task::JoinHandle<()>,
+}
+
+/// Puts the limits of a re-read configuration in force in the running daemon, without a
+/// restart: `monthly_per_template`, `daily_per_account`, `active_templates`,
+/// `auto_activate_templates` and `rate_per_second`, per account. Held rows that the new limits
+/// make room for move on within a second (maintenance). Every other setting, and accounts
+/// added or removed, need a restart; a reload says so in the log.
+#[derive(Clone)]
+pub struct LimitsReloader {
+    store: Store,
+    runtimes: Arc<Vec<Arc<AccountRuntime>>>,
+    zone_name: String,
+    timezone: chrono_tz::Tz,
+}
+
+impl LimitsReloader {
+    /// Applies `config`'s limits; returns how many accounts' limits changed.
+    pub async fn reload(&self, config: &Config) -> Result<usize> {
+        let accounts = config.accounts()?;
+        let mut changed = 0;
+        for runtime in self.runtimes.iter() {
+            let name = &runtime.account.name;
+            let Some(account) = accounts.iter().find(|a| &a.name == name) else {
+                tracing::warn!(account = %name, "account gone from the configuration: it keeps running until a restart");
+                continue;
+            };
+            if account.limits != runtime.limits() {
+                runtime.set_limits(account.limits);
+                tracing::info!(account = %name, limits = ?account.limits, "limits reloaded");
+                changed += 1;
+            }
+        }
+        for account in &accounts {
+            if !self.runtimes.iter().any(|r| r.account.name == account.name) {
+                tracing::warn!(account = %account.name, "new account in the configuration: it starts with a restart");
+            }
+        }
+        if config.limits.timezone != self.zone_name {
+            tracing::warn!("limits.timezone changed: it takes effect with a restart");
+        }
+        record_limits(&self.store, &self.runtimes, &self.zone_name, self.timezone).await?;
+        Ok(changed)
+    }
+}
+
+/// Re-reads `path` and reloads the limits on every SIGHUP (`systemctl reload`), until
+/// `shutdown`. A file that does not load is refused with the reason, and nothing changes.
+pub fn reload_on_sighup(
+    path: std::path::PathBuf,
+    reloader: LimitsReloader,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => signal,
+            Err(e) => return tracing::error!(error = %e, "cannot listen for SIGHUP"),
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = hangup.recv() => {}
+            }
+            let reloaded = match Config::load(&path) {
+                Ok(config) => reloader.reload(&config).await,
+                Err(e) => Err(e),
+            };
+            match reloaded {
+                Ok(changed) => tracing::info!(accounts = changed, "SIGHUP: configuration re-read"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded")
+                }
+            }
+        }
+    });
 }
 
 impl Running {
@@ -180,12 +257,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         Duration::from_secs(config.callback.join_window_secs),
         shutdown.clone(),
     ));
+    let reloader = LimitsReloader {
+        store: store.clone(),
+        runtimes: Arc::new(dispatcher.accounts.values().cloned().collect()),
+        zone_name: config.limits.timezone.clone(),
+        timezone,
+    };
     let limits_refresh = {
-        let (store, accounts, shutdown) = (
-            store.clone(),
-            accounts_for_callback.clone(),
-            shutdown.clone(),
-        );
+        let (store, accounts, shutdown) =
+            (store.clone(), reloader.runtimes.clone(), shutdown.clone());
         let zone_name = config.limits.timezone.clone();
         // Only reports read these, so a database that refuses the write (locked by another
         // process, say) must not stop the daemon: try again soon, then hourly.
@@ -249,6 +329,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         callback_addr,
         monitor_addr,
         clock,
+        limits: reloader,
         done,
     })
 }
@@ -260,7 +341,7 @@ const LIMITS_RETRY: Duration = Duration::from_secs(10);
 /// Writes the limits the accounts run with, for `report_quota`.
 async fn record_limits(
     store: &Store,
-    accounts: &[crate::config::Account],
+    accounts: &[Arc<AccountRuntime>],
     zone_name: &str,
     timezone: chrono_tz::Tz,
 ) -> Result<()> {
@@ -270,8 +351,8 @@ async fn record_limits(
     let rows: Vec<AccountLimitsRow> = accounts
         .iter()
         .map(|a| AccountLimitsRow {
-            account: a.name.clone(),
-            limits: a.limits,
+            account: a.account.name.clone(),
+            limits: a.limits(),
             timezone: zone_name.to_string(),
             utc_offset_minutes: offset.local_minus_utc() / 60,
         })

@@ -40,7 +40,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&args.config)?;
             let shutdown = CancellationToken::new();
             app::cancel_on_signal(shutdown.clone());
-            app::run(config, shutdown).await
+            let running = app::start(config, shutdown.clone()).await?;
+            app::reload_on_sighup(args.config.clone(), running.limits.clone(), shutdown);
+            running.wait().await
         }
         Command::Migrate(args) => {
             let config = Config::load(&args.config)?;

@@ -36,7 +36,7 @@ impl Dispatcher {
         }
         // The same checks `attempt` makes first, so the two cannot disagree.
         let (runtime, message, _) = self.admit(raw, claimed_at).ok()?;
-        let limits = runtime.account.limits;
+        let limits = runtime.limits();
         if let Some(content) = &raw.template_content {
             check_data(&message.template_id, content, &message.body["data"]).ok()?;
         }
@@ -71,7 +71,7 @@ impl Dispatcher {
                 day: day.clone(),
             });
         }
-        let limits = self.accounts[&raw.account].account.limits;
+        let limits = self.accounts[&raw.account].limits();
         let template_id = message.template_id.as_str();
         if raw.template_in_use != Some(true) {
             if !limits.auto_activate_templates {
@@ -132,7 +132,7 @@ impl Dispatcher {
         p: Periods,
         reserved: crate::store::StoreResult<Reserved>,
     ) -> Result<Counted, Outcome> {
-        let limits = self.accounts[&raw.account].account.limits;
+        let limits = self.accounts[&raw.account].limits();
         match reserved {
             Ok(Reserved::Granted) => Ok(Counted {
                 month: p.month,
@@ -182,7 +182,7 @@ impl Dispatcher {
         day: &'a str,
         now: DateTime<Utc>,
     ) -> QuotaReservation<'a> {
-        let limits = self.accounts[&raw.account].account.limits;
+        let limits = self.accounts[&raw.account].limits();
         QuotaReservation {
             owner: &self.owner,
             id: raw.id,

@@ -248,25 +248,27 @@ pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 /// Rescues rows of daemons that died, returns held rows whose time or room has come, expires
 /// overdue rows, and settles in-doubt rows whose de-duplication window has passed.
 async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
-    let hold_limits: Vec<HoldLimits> = d
-        .accounts
-        .iter()
-        .map(|(name, runtime)| {
-            let limits = runtime.account.limits;
-            HoldLimits {
+    loop {
+        d.health.maintenance_passed();
+        let now = d.clock.now();
+        let current = periods(now, d.timezone);
+        // Read each pass: a reload (SIGHUP) may have raised a limit.
+        let limits: Vec<_> = d
+            .accounts
+            .iter()
+            .map(|(name, runtime)| (name, runtime.limits()))
+            .collect();
+        let hold_limits: Vec<HoldLimits> = limits
+            .iter()
+            .map(|(name, limits)| HoldLimits {
                 account: name,
                 active_templates: limits
                     .auto_activate_templates
                     .then_some(limits.active_templates),
                 monthly_per_template: limits.monthly_per_template,
                 daily_per_account: limits.daily_per_account,
-            }
-        })
-        .collect();
-    loop {
-        d.health.maintenance_passed();
-        let now = d.clock.now();
-        let current = periods(now, d.timezone);
+            })
+            .collect();
         // Each step on its own: one that fails (a value it cannot handle, a lock timeout) must
         // not keep the others from running.
         let steps = [

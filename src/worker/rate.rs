@@ -10,7 +10,7 @@ use chrono::Utc;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Account;
+use crate::config::{Account, Limits};
 use crate::store::Store;
 
 /// How often a daemon says it is alive; three missed beats and it no longer counts.
@@ -19,9 +19,13 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// What one account needs at send time.
 pub struct AccountRuntime {
     pub account: Account,
+    /// The limits in force: `account.limits` at start, replaced by a reload (SIGHUP).
+    limits: RwLock<Limits>,
     limiter: RwLock<Arc<DefaultDirectRateLimiter>>,
     /// This daemon's share of the rate, whole sends per second rounded up.
     share_per_second: AtomicU32,
+    /// Among how many live daemons the rate is divided now.
+    sharing: AtomicU32,
 }
 
 impl AccountRuntime {
@@ -29,10 +33,23 @@ impl AccountRuntime {
         let limiter = RwLock::new(Arc::new(limiter_for(account.limits.rate_per_second, 1)));
         let share_per_second = AtomicU32::new(account.limits.rate_per_second.max(1));
         AccountRuntime {
+            limits: RwLock::new(account.limits),
             account,
             limiter,
             share_per_second,
+            sharing: AtomicU32::new(1),
         }
+    }
+
+    /// The account's limits in force now.
+    pub fn limits(&self) -> Limits {
+        *self.limits.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts new limits in force, the rate included.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
+        self.share_with(self.sharing.load(Ordering::Relaxed));
     }
 
     /// How many sends per second this daemon may make for the account now.
@@ -47,8 +64,9 @@ impl AccountRuntime {
     }
 
     fn share_with(&self, daemons: u32) {
-        let rate = self.account.limits.rate_per_second.max(1);
+        let rate = self.limits().rate_per_second.max(1);
         let limiter = limiter_for(rate, daemons);
+        self.sharing.store(daemons.max(1), Ordering::Relaxed);
         *self.limiter.write().expect("limiter lock") = Arc::new(limiter);
         self.share_per_second
             .store(rate.div_ceil(daemons.max(1)), Ordering::Relaxed);

@@ -450,6 +450,8 @@ impl Daemon {
 pub struct Process {
     pub child: Child,
     pub stderr_path: PathBuf,
+    /// The configuration file it was started with (a test may rewrite it and send SIGHUP).
+    pub config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -477,6 +479,7 @@ impl Process {
         Process {
             child,
             stderr_path,
+            config_path: config,
             _dir: dir,
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use wechat_outbox::simulator::SimSettings;
 
-use crate::helpers::{Backend, Daemon, Sim, TestDb};
+use crate::helpers::{Backend, Daemon, Process, Sim, TestDb};
 use crate::limits::{insert_for_template, wait_for};
 use crate::on_both_backends;
 
@@ -639,3 +639,43 @@ async fn holds_are_released_up_to_the_room(backend: Backend) {
     store.close().await;
 }
 on_both_backends!(holds_are_released_up_to_the_room);
+
+/// A limit raised in the configuration file takes effect on SIGHUP (`systemctl reload`), without
+/// a restart: the rows held for the month go within seconds. A file that does not load changes
+/// nothing and the daemon keeps running.
+async fn a_limit_raised_by_reload_lets_held_rows_go(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let config = |monthly: u32| {
+        db.config_toml(
+            &sim.url(),
+            &format!("[limits]\nmonthly_per_template = {monthly}"),
+        )
+    };
+    let mut daemon = Process::start(&config(5), &["run"]);
+    daemon.wait_started().await;
+    insert_for_template(&db, "TQ", 8, "q").await;
+    wait_for(&db, "outbox", "status = 'sent'", 5, Duration::from_secs(20)).await;
+    wait_for(&db, "outbox", "status = 'held'", 3, Duration::from_secs(10)).await;
+
+    std::fs::write(&daemon.config_path, "this is not TOML").unwrap();
+    daemon.signal("HUP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(daemon.alive(), "{}", daemon.stderr());
+    assert!(daemon.stderr().contains("configuration not reloaded"));
+    assert_eq!(db.app.count("status = 'held'").await, 3);
+
+    std::fs::write(&daemon.config_path, config(8)).unwrap();
+    daemon.signal("HUP");
+    wait_for(&db, "outbox", "status = 'sent'", 8, Duration::from_secs(10)).await;
+    assert!(daemon.alive());
+    assert_eq!(
+        db.app
+            .count_in("account_limits", "monthly_per_template = 8")
+            .await,
+        1,
+        "report_quota reads the new limit"
+    );
+    drop(daemon);
+}
+on_both_backends!(a_limit_raised_by_reload_lets_held_rows_go);
