@@ -39,8 +39,8 @@ pub struct Running {
 /// Puts the limits of a re-read configuration in force in the running daemon, without a
 /// restart: `monthly_per_template`, `daily_per_account`, `active_templates`,
 /// `auto_activate_templates` and `rate_per_second`, per account. Held rows that the new limits
-/// make room for move on within a second (maintenance). Every other setting, and accounts
-/// added or removed, need a restart; a reload says so in the log.
+/// make room for move on within a second (maintenance). Every other setting is not re-read;
+/// accounts added or removed and a new timezone are named in the log as needing a restart.
 #[derive(Clone)]
 pub struct LimitsReloader {
     store: Store,
@@ -50,9 +50,16 @@ pub struct LimitsReloader {
 }
 
 impl LimitsReloader {
-    /// Applies `config`'s limits; returns how many accounts' limits changed.
-    pub async fn reload(&self, config: &Config) -> Result<usize> {
-        let accounts = config.accounts()?;
+    /// Applies `config`'s limits; returns how many accounts' limits changed. The limits are in
+    /// force even when recording them for `report_quota` fails (the hourly refresh retries).
+    pub async fn reload(&self, config: &Config) -> usize {
+        let accounts = match config.accounts() {
+            Ok(accounts) => accounts,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "SIGHUP: accounts not reloaded");
+                return 0;
+            }
+        };
         let mut changed = 0;
         for runtime in self.runtimes.iter() {
             let name = &runtime.account.name;
@@ -74,35 +81,35 @@ impl LimitsReloader {
         if config.limits.timezone != self.zone_name {
             tracing::warn!("limits.timezone changed: it takes effect with a restart");
         }
-        record_limits(&self.store, &self.runtimes, &self.zone_name, self.timezone).await?;
-        Ok(changed)
+        if let Err(e) =
+            record_limits(&self.store, &self.runtimes, &self.zone_name, self.timezone).await
+        {
+            tracing::warn!(error = %format!("{e:#}"), "limits in force but not recorded for report_quota yet");
+        }
+        changed
     }
 }
 
-/// Re-reads `path` and reloads the limits on every SIGHUP (`systemctl reload`), until
-/// `shutdown`. A file that does not load is refused with the reason, and nothing changes.
+/// Re-reads `path` and reloads the limits on every SIGHUP (`systemctl reload`) that `hangup`
+/// receives, until `shutdown`. A file that does not load is refused with the reason, and
+/// nothing changes.
 pub fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
     path: std::path::PathBuf,
     reloader: LimitsReloader,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => signal,
-            Err(e) => return tracing::error!(error = %e, "cannot listen for SIGHUP"),
-        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = hangup.recv() => {}
             }
-            let reloaded = match Config::load(&path) {
-                Ok(config) => reloader.reload(&config).await,
-                Err(e) => Err(e),
-            };
-            match reloaded {
-                Ok(changed) => tracing::info!(accounts = changed, "SIGHUP: configuration re-read"),
+            match Config::load(&path) {
+                Ok(config) => {
+                    let changed = reloader.reload(&config).await;
+                    tracing::info!(accounts = changed, "SIGHUP: configuration re-read");
+                }
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded")
                 }

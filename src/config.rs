@@ -344,6 +344,22 @@ fn default_schema() -> String {
     "public".into()
 }
 
+/// A TOML error without the lines of the file it quotes: the line at fault may be a secret
+/// (`secret = "…` with its closing quote missing), and errors reach logs and the terminal.
+fn without_source(error: &str) -> String {
+    error
+        .lines()
+        .filter(|line| {
+            let code = line.trim_start();
+            !code.starts_with('|')
+                && !code
+                    .split_once(" |")
+                    .is_some_and(|(number, _)| number.chars().all(|c| c.is_ascii_digit()))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl Config {
     /// Reads the file, applies the environment, resolves secrets and validates everything.
     pub fn load(path: &Path) -> Result<Config> {
@@ -357,7 +373,9 @@ impl Config {
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed(ENV_PREFIX).split("__"))
             .extract()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("invalid configuration: {}", without_source(&e.to_string()))
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -367,7 +385,9 @@ impl Config {
         let config: Config = Figment::new()
             .merge(Toml::string(text))
             .extract()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("invalid configuration: {}", without_source(&e.to_string()))
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -675,6 +695,20 @@ fn read_secret(path: &Path) -> Result<SecretString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_that_does_not_parse_is_refused_without_quoting_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"sqlite:///x.db\"\n[[accounts]]\nname = \"a\"\nsecret = \"s3cr3t-value\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(error.contains("line 4"), "{error}");
+        assert!(!error.contains("s3cr3t"), "{error}");
+    }
 
     const MINIMAL: &str = r#"
         database_url = "sqlite://x.db"

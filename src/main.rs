@@ -40,8 +40,16 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&args.config)?;
             let shutdown = CancellationToken::new();
             app::cancel_on_signal(shutdown.clone());
+            // Taken before the start, so that a SIGHUP during it (migrations, the first
+            // template sync) is kept for later instead of ending the process.
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
             let running = app::start(config, shutdown.clone()).await?;
-            app::reload_on_sighup(args.config.clone(), running.limits.clone(), shutdown);
+            app::reload_on_sighup(
+                hangup,
+                args.config.clone(),
+                running.limits.clone(),
+                shutdown,
+            );
             running.wait().await
         }
         Command::Migrate(args) => {

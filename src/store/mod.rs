@@ -846,12 +846,16 @@ pub fn is_data_error(error: &sqlx::Error) -> bool {
     let Some(code) = e.code() else {
         return false;
     };
-    match code.parse::<i32>() {
-        // SQLite's (extended) result code: TOOBIG, CONSTRAINT (RAISE included), MISMATCH.
-        Ok(sqlite) => matches!(sqlite & 0xff, 18..=20),
-        // Postgres' SQLSTATE: data exception, integrity constraint, raise_exception.
-        Err(_) => code.starts_with("22") || code.starts_with("23") || code == "P0001",
+    if e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        // SQLSTATE: data exception, integrity constraint (23514 check, 23505 unique, …),
+        // raise_exception.
+        return code.starts_with("22") || code.starts_with("23") || code == "P0001";
     }
+    // SQLite's (extended) result code: TOOBIG, CONSTRAINT (RAISE included), MISMATCH.
+    code.parse::<i32>()
+        .is_ok_and(|sqlite| matches!(sqlite & 0xff, 18..=20))
 }
 
 /// What went wrong reading a column, without the value (which may be anything an app wrote).

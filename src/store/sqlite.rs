@@ -77,7 +77,7 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = ?1, lea
 
 /// When a row in flight was claimed, for the start of its doubt: the claim's `updated_at`, or
 /// the time of the statement (`?1`) if an app wrote something that is not a time there.
-const CLAIMED_AT: &str = "CASE WHEN strftime('%s', updated_at) IS NOT NULL AND updated_at <= ?1
+const CLAIMED_AT: &str = "CASE WHEN strftime('%Y-%m-%d %H:%M:%f', updated_at) <= ?1
     THEN strftime('%Y-%m-%d %H:%M:%f', updated_at) ELSE ?1 END";
 
 /// The join pass: each unjoined template event to its sent row by account, msgid and openid

@@ -245,6 +245,12 @@ pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     }
 }
 
+/// How loudly a maintenance step reports the rows it moved.
+enum Noteworthy {
+    Info,
+    Warn,
+}
+
 /// Rescues rows of daemons that died, returns held rows whose time or room has come, expires
 /// overdue rows, and settles in-doubt rows whose de-duplication window has passed.
 async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
@@ -275,16 +281,19 @@ async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
             (
                 "rescue expired leases",
                 "rescued rows whose lease expired",
+                Noteworthy::Warn,
                 d.store.rescue_expired_leases(now).await,
             ),
             (
                 "release due holds",
                 "held rows are due again",
+                Noteworthy::Info,
                 d.store.release_due_holds(now).await,
             ),
             (
                 "release holds with room",
                 "held rows have room again",
+                Noteworthy::Info,
                 d.store
                     .release_holds_with_room(&hold_limits, &current.month, &current.day, now)
                     .await,
@@ -292,11 +301,13 @@ async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
             (
                 "expire overdue rows",
                 "rows expired before they could be sent",
+                Noteworthy::Info,
                 d.store.expire_overdue(now).await,
             ),
             (
                 "settle in-doubt rows",
                 "in-doubt rows past the de-duplication window marked unknown",
+                Noteworthy::Warn,
                 if d.retry.in_doubt == InDoubtPolicy::Unknown {
                     d.store.give_up_in_doubt(now - d.retry.window(), now).await
                 } else {
@@ -305,11 +316,13 @@ async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
             ),
         ];
         let mut failed = None;
-        for (step, done, result) in &steps {
-            match result {
-                Ok(0) => {}
-                Ok(rows) => tracing::info!(rows, "{done}"),
-                Err(e) => {
+        for (step, done, level, result) in &steps {
+            match (result, level) {
+                (Ok(0), _) => {}
+                (Ok(rows), Noteworthy::Info) => tracing::info!(rows, "{done}"),
+                // A daemon died, or messages were given up as unknown: worth an alert.
+                (Ok(rows), Noteworthy::Warn) => tracing::warn!(rows, "{done}"),
+                (Err(e), _) => {
                     tracing::warn!(error = %e, step, "maintenance step failed; trying again");
                     failed.get_or_insert(e);
                 }

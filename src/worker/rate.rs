@@ -26,6 +26,8 @@ pub struct AccountRuntime {
     share_per_second: AtomicU32,
     /// Among how many live daemons the rate is divided now.
     sharing: AtomicU32,
+    /// Held while a limiter is built and stored.
+    rebuilding: std::sync::Mutex<()>,
 }
 
 impl AccountRuntime {
@@ -38,6 +40,7 @@ impl AccountRuntime {
             limiter,
             share_per_second,
             sharing: AtomicU32::new(1),
+            rebuilding: std::sync::Mutex::new(()),
         }
     }
 
@@ -46,10 +49,17 @@ impl AccountRuntime {
         *self.limits.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts new limits in force, the rate included.
+    /// Puts new limits in force; the limiter is rebuilt (losing its state) only when the rate
+    /// changed.
     pub fn set_limits(&self, limits: Limits) {
-        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
-        self.share_with(self.sharing.load(Ordering::Relaxed));
+        let _rebuilding = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::replace(
+            &mut *self.limits.write().unwrap_or_else(|p| p.into_inner()),
+            limits,
+        );
+        if old.rate_per_second != limits.rate_per_second {
+            self.rebuild(self.sharing.load(Ordering::Relaxed));
+        }
     }
 
     /// How many sends per second this daemon may make for the account now.
@@ -64,6 +74,14 @@ impl AccountRuntime {
     }
 
     fn share_with(&self, daemons: u32) {
+        let _rebuilding = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        self.rebuild(daemons);
+    }
+
+    /// Builds the limiter for `daemons` from the rate in force; callers hold `rebuilding`, so
+    /// that a reload and a heartbeat cannot each store a limiter built from what the other
+    /// replaced.
+    fn rebuild(&self, daemons: u32) {
         let rate = self.limits().rate_per_second.max(1);
         let limiter = limiter_for(rate, daemons);
         self.sharing.store(daemons.max(1), Ordering::Relaxed);
