@@ -344,8 +344,9 @@ fn default_schema() -> String {
     "public".into()
 }
 
-/// A TOML error without the lines of the file it quotes: the line at fault may be a secret
-/// (`secret = "…` with its closing quote missing), and errors reach logs and the terminal.
+/// A configuration error without the values it quotes: the lines of the file a TOML error
+/// shows, and the value a type error names (`token = 123456` gives "invalid type: integer
+/// `123456`, expected a string"), may be secrets, and errors reach logs and the terminal.
 fn without_source(error: &str) -> String {
     error
         .lines()
@@ -356,8 +357,21 @@ fn without_source(error: &str) -> String {
                     .split_once(" |")
                     .is_some_and(|(number, _)| number.chars().all(|c| c.is_ascii_digit()))
         })
+        .map(without_found_value)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// "invalid type: <found>, expected …" with the found value left out.
+fn without_found_value(line: &str) -> String {
+    for marker in ["invalid type: ", "invalid value: "] {
+        if let Some((head, rest)) = line.split_once(marker)
+            && let Some((_, expected)) = rest.split_once(", expected")
+        {
+            return format!("{head}{marker}(value not shown), expected{expected}");
+        }
+    }
+    line.to_string()
 }
 
 impl Config {
@@ -708,6 +722,15 @@ mod tests {
         let error = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(error.contains("line 4"), "{error}");
         assert!(!error.contains("s3cr3t"), "{error}");
+        // A secret written as a number is a type error that would name the value.
+        std::fs::write(
+            &path,
+            "database_url = \"sqlite:///x.db\"\n[[accounts]]\nname = \"a\"\nappid = \"wx1\"\nsecret = 987654321\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(error.contains("invalid type"), "{error}");
+        assert!(!error.contains("987654321"), "{error}");
     }
 
     const MINIMAL: &str = r#"

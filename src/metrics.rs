@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 
 use std::collections::BTreeSet;
 
+use crate::domain::status::Status;
 use crate::store::{HeldFor, Outcome, Store};
 
 /// The pushed `Event` / `MsgType` values a label may name; any other value is `other`, since
@@ -37,21 +38,6 @@ pub const UNCONFIGURED: &str = "unconfigured";
 
 /// The label of a value outside its fixed set.
 const OTHER: &str = "other";
-
-/// Row statuses a label may name (the `status` column's values).
-const STATUSES: [&str; 11] = [
-    "pending",
-    "held",
-    "sending",
-    "sent",
-    "delivered",
-    "blocked",
-    "undelivered",
-    "failed",
-    "expired",
-    "cancelled",
-    "unknown",
-];
 
 /// Why a delivery event was not joined to a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -378,7 +364,7 @@ impl Metrics {
             let account = self.account(&c.account);
             let labels = RowLabels {
                 account: account.clone(),
-                status: fixed(&STATUSES, &c.status),
+                status: Status::parse(&c.status).map_or(OTHER, Status::as_str),
             };
             self.rows.get_or_create(&labels).inc_by(c.rows);
             if let Some(reason) = c.held_for.filter(|_| c.status == "held") {

@@ -19,10 +19,17 @@ pub enum Status {
     Unknown,
     /// Waiting on a limit (room among templates in use, a quota period); not failed.
     Held,
+    /// WeChat's delivery event said `success`.
+    Delivered,
+    /// The delivery event said the user blocks the account's messages.
+    Blocked,
+    /// The delivery event said any other failure.
+    Undelivered,
 }
 
 impl Status {
-    pub const ALL: [Status; 8] = [
+    /// Every value the schema's `outbox_status_valid` CHECK admits.
+    pub const ALL: [Status; 11] = [
         Status::Pending,
         Status::Sending,
         Status::Sent,
@@ -31,6 +38,9 @@ impl Status {
         Status::Cancelled,
         Status::Unknown,
         Status::Held,
+        Status::Delivered,
+        Status::Blocked,
+        Status::Undelivered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +53,9 @@ impl Status {
             Status::Cancelled => "cancelled",
             Status::Unknown => "unknown",
             Status::Held => "held",
+            Status::Delivered => "delivered",
+            Status::Blocked => "blocked",
+            Status::Undelivered => "undelivered",
         }
     }
 
@@ -70,7 +83,7 @@ mod tests {
         for status in Status::ALL {
             assert_eq!(Status::parse(status.as_str()), Some(status));
         }
-        assert_eq!(Status::parse("delivered"), None);
+        assert_eq!(Status::parse("shipped"), None);
     }
 
     #[test]

@@ -533,26 +533,16 @@ impl Store {
         on_backend!(self, s => s.release_token_lease(account, owner).await)
     }
 
-    /// Stores a push once (false if it was a retry already stored), and applies subscribe and
-    /// unsubscribe to the suppression list in the same transaction.
-    pub async fn record_inbound(
-        &self,
-        event: &InboundEvent,
-        now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        on_backend!(self, s => s.record_inbound(event, None, now).await)
-            .map(|recorded| recorded == Recorded::New)
-    }
-
-    /// `record_inbound` for a push from the callback endpoint: its signed timestamp and nonce
-    /// are remembered in the same transaction, and a second body under them is refused.
+    /// Stores a push from the callback endpoint once, and applies subscribe and unsubscribe to
+    /// the suppression list, in one transaction; its signed timestamp and nonce are remembered
+    /// in it too, and a second body under them is refused.
     pub async fn record_push(
         &self,
         event: &InboundEvent,
         signed: &SignedPush,
         now: DateTime<Utc>,
     ) -> StoreResult<Recorded> {
-        on_backend!(self, s => s.record_inbound(event, Some(signed), now).await)
+        on_backend!(self, s => s.record_inbound(event, signed, now).await)
     }
 
     /// Joins unjoined TEMPLATESENDJOBFINISH events to their sent rows by account, msgid and

@@ -452,51 +452,49 @@ impl PostgresStore {
     pub(super) async fn record_inbound(
         &self,
         e: &InboundEvent,
-        signed: Option<&super::SignedPush>,
+        signed: &super::SignedPush,
         now: DateTime<Utc>,
     ) -> StoreResult<super::Recorded> {
         let mut tx = self.pool.begin().await?;
-        if let Some(signed) = signed {
-            let first = sqlx::query(
-                "INSERT INTO callback_replays (account, timestamp_param, nonce, body_sha1, received_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (account, timestamp_param, nonce) DO NOTHING",
+        let first = sqlx::query(
+            "INSERT INTO callback_replays (account, timestamp_param, nonce, body_sha1, received_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (account, timestamp_param, nonce) DO NOTHING",
+        )
+        .bind(&e.account)
+        .bind(&signed.timestamp)
+        .bind(&signed.nonce)
+        .bind(&signed.body_sha1)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first {
+            let body_sha1: String = sqlx::query_scalar(
+                "SELECT body_sha1 FROM callback_replays
+                 WHERE account = $1 AND timestamp_param = $2 AND nonce = $3",
             )
             .bind(&e.account)
             .bind(&signed.timestamp)
             .bind(&signed.nonce)
-            .bind(&signed.body_sha1)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !first {
-                let body_sha1: String = sqlx::query_scalar(
-                    "SELECT body_sha1 FROM callback_replays
-                     WHERE account = $1 AND timestamp_param = $2 AND nonce = $3",
-                )
-                .bind(&e.account)
-                .bind(&signed.timestamp)
-                .bind(&signed.nonce)
-                .fetch_one(&mut *tx)
-                .await?;
-                return Ok(if body_sha1 == signed.body_sha1 {
-                    super::Recorded::Repeat
-                } else {
-                    super::Recorded::Replayed
-                });
-            }
-            sqlx::query(
-                "DELETE FROM callback_replays WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM callback_replays WHERE received_at < $1
-                     LIMIT $2 FOR UPDATE SKIP LOCKED))",
-            )
-            .bind(signed.forget_before)
-            .bind(super::REPLAYS_FORGOTTEN_PER_PUSH)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            return Ok(if body_sha1 == signed.body_sha1 {
+                super::Recorded::Repeat
+            } else {
+                super::Recorded::Replayed
+            });
         }
+        sqlx::query(
+            "DELETE FROM callback_replays WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM callback_replays WHERE received_at < $1
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(signed.forget_before)
+        .bind(super::REPLAYS_FORGOTTEN_PER_PUSH)
+        .execute(&mut *tx)
+        .await?;
         let inserted = sqlx::query(
             "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user, to_user,
                     create_time, msgid, status, raw_xml, received_at)
@@ -844,7 +842,9 @@ impl PostgresStore {
 
     /// Two statements: rows held for a template's month, up to the room each template has;
     /// rows held for the account's day or for room among templates, up to that room, and every
-    /// row held for room whose template is in use now. Each in claim order, so that the rows
+    /// row held for room whose template is in use now. Two, not one: the month's rows are
+    /// looked up by template, and one join with an `OR` on the template would walk every held
+    /// row of the account each second. Each in claim order, so that the rows
     /// released are the ones the claim takes, and no more than can go: releasing every held row
     /// whenever one send was given back would make each of them go round the claim once more.
     pub(super) async fn release_holds_with_room(

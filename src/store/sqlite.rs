@@ -398,50 +398,48 @@ impl SqliteStore {
     pub(super) async fn record_inbound(
         &self,
         e: &InboundEvent,
-        signed: Option<&super::SignedPush>,
+        signed: &super::SignedPush,
         now: DateTime<Utc>,
     ) -> StoreResult<super::Recorded> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(signed) = signed {
-            let first = sqlx::query(
-                "INSERT INTO callback_replays (account, timestamp_param, nonce, body_sha1, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (account, timestamp_param, nonce) DO NOTHING",
+        let first = sqlx::query(
+            "INSERT INTO callback_replays (account, timestamp_param, nonce, body_sha1, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (account, timestamp_param, nonce) DO NOTHING",
+        )
+        .bind(&e.account)
+        .bind(&signed.timestamp)
+        .bind(&signed.nonce)
+        .bind(&signed.body_sha1)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first {
+            let body_sha1: String = sqlx::query_scalar(
+                "SELECT body_sha1 FROM callback_replays
+                 WHERE account = ?1 AND timestamp_param = ?2 AND nonce = ?3",
             )
             .bind(&e.account)
             .bind(&signed.timestamp)
             .bind(&signed.nonce)
-            .bind(&signed.body_sha1)
-            .bind(ts(now))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !first {
-                let body_sha1: String = sqlx::query_scalar(
-                    "SELECT body_sha1 FROM callback_replays
-                     WHERE account = ?1 AND timestamp_param = ?2 AND nonce = ?3",
-                )
-                .bind(&e.account)
-                .bind(&signed.timestamp)
-                .bind(&signed.nonce)
-                .fetch_one(&mut *tx)
-                .await?;
-                return Ok(if body_sha1 == signed.body_sha1 {
-                    super::Recorded::Repeat
-                } else {
-                    super::Recorded::Replayed
-                });
-            }
-            sqlx::query(
-                "DELETE FROM callback_replays WHERE rowid IN (SELECT rowid FROM callback_replays
-                     WHERE received_at < ?1 LIMIT ?2)",
-            )
-            .bind(ts(signed.forget_before))
-            .bind(super::REPLAYS_FORGOTTEN_PER_PUSH)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            return Ok(if body_sha1 == signed.body_sha1 {
+                super::Recorded::Repeat
+            } else {
+                super::Recorded::Replayed
+            });
         }
+        sqlx::query(
+            "DELETE FROM callback_replays WHERE rowid IN (SELECT rowid FROM callback_replays
+                 WHERE received_at < ?1 LIMIT ?2)",
+        )
+        .bind(ts(signed.forget_before))
+        .bind(super::REPLAYS_FORGOTTEN_PER_PUSH)
+        .execute(&mut *tx)
+        .await?;
         let inserted = sqlx::query(
             "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user, to_user,
                     create_time, msgid, status, raw_xml, received_at)
