@@ -145,7 +145,7 @@ pub async fn quota(config: &Config) -> Result<()> {
 }
 
 async fn open(config: &Config) -> Result<(Config, Store)> {
-    let store = Store::connect(config).await?;
+    let store = Store::connect(&config.store_settings()).await?;
     store.migrate().await?;
     Ok((config.clone(), store))
 }

@@ -137,7 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running> {
     let accounts = config.accounts()?;
     let accounts_for_callback = accounts.clone();
-    let store = Store::connect(&config).await?;
+    let store = Store::connect(&config.store_settings()).await?;
     let metrics = Arc::new(Metrics::new(accounts.iter().map(|a| a.name.clone())));
     let health = Arc::new(Health::new(Duration::from_secs(
         config.monitor.failing_after_secs,
@@ -359,7 +359,10 @@ async fn record_limits(
         .iter()
         .map(|a| AccountLimitsRow {
             account: a.account.name.clone(),
-            limits: a.limits(),
+            active_templates: a.limits().active_templates,
+            monthly_per_template: a.limits().monthly_per_template,
+            daily_per_account: a.limits().daily_per_account,
+            rate_per_second: a.limits().rate_per_second,
             timezone: zone_name.to_string(),
             utc_offset_minutes: offset.local_minus_utc() / 60,
         })
@@ -370,7 +373,7 @@ async fn record_limits(
 
 /// Applies migrations and returns; `wechat-outbox migrate`.
 pub async fn migrate(config: &Config) -> Result<()> {
-    let store = Store::connect(config).await?;
+    let store = Store::connect(&config.store_settings()).await?;
     store.migrate().await?;
     store.close().await;
     Ok(())

@@ -567,6 +567,16 @@ impl Config {
         Ok(())
     }
 
+    /// What the store needs of the configuration.
+    pub fn store_settings(&self) -> crate::store::StoreSettings {
+        crate::store::StoreSettings {
+            url: self.database_url.clone(),
+            schema: self.database_schema.clone(),
+            max_connections: self.database.max_connections,
+            busy_timeout: std::time::Duration::from_millis(self.database.busy_timeout_ms),
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.database_url.starts_with("postgres:") || self.database_url.starts_with("postgresql:")
     }

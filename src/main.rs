@@ -112,7 +112,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Quota(args) => admin::quota(&Config::load(&args.config)?).await,
         Command::Prune(args) => {
             let config = Config::load(&args.config)?;
-            let store = wechat_outbox::store::Store::connect(&config).await?;
+            let store = wechat_outbox::store::Store::connect(&config.store_settings()).await?;
             store.migrate().await?;
             let clock = wechat_outbox::domain::clock::Clock::default();
             let (rows, pushes) =
@@ -125,7 +125,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Report(args) => {
             let config = Config::load(&args.config.config)?;
-            let store = wechat_outbox::store::Store::connect(&config).await?;
+            let store = wechat_outbox::store::Store::connect(&config.store_settings()).await?;
             store.migrate().await?;
             let report = report::read(&store, &args.name).await?;
             print!("{}", report::render(&report, args.format));

@@ -52,7 +52,7 @@ impl FailureStreak {
                     self.since
                         .compare_exchange(0, now_ms, Ordering::Relaxed, Ordering::Relaxed);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
-                    crate::store::bounded(&e.to_string());
+                    crate::domain::lifecycle::reason::bounded(&e.to_string());
             }
         }
     }

@@ -30,10 +30,7 @@ pub enum Format {
 }
 
 /// A report's column names and rows, values as JSON.
-pub struct Report {
-    pub columns: Vec<String>,
-    pub rows: Vec<Vec<Value>>,
-}
+pub type Report = crate::store::ViewRows;
 
 /// Reads a report by its name, with or without the `report_` prefix.
 pub async fn read(store: &Store, name: &str) -> Result<Report> {

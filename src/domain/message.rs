@@ -554,11 +554,11 @@ mod properties {
         /// Times from SQLite text: any text is read or refused; what the daemon writes reads back.
         #[test]
         fn sqlite_time_text_is_read_or_refused_without_panic(text in ".{0,40}", millis in any::<i64>()) {
-            let _ = crate::store::sqlite::parse_ts(&text);
+            let _ = crate::store::time::parse_ts(&text);
             if let Some(time) = DateTime::<Utc>::from_timestamp_millis(millis) {
-                let written = crate::store::sqlite::ts(time);
+                let written = crate::store::time::ts(time);
                 // Years outside 0..=9999 have no 4-digit form; those must not read back wrong.
-                if let Some(read) = crate::store::sqlite::parse_ts(&written) {
+                if let Some(read) = crate::store::time::parse_ts(&written) {
                     prop_assert_eq!(read, time);
                 }
             }

@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod errcode;
+pub mod lifecycle;
 pub mod message;
 pub mod quota;
 pub mod retry;

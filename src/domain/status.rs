@@ -63,8 +63,22 @@ impl Status {
         Status::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
+    /// Whether the row never leaves this status: what retention may delete and what the
+    /// reports count as done. `sent` counts, as a row whose delivery event never comes stays
+    /// `sent`; the delivery event may still move it on to delivered, blocked or undelivered.
     pub fn is_terminal(self) -> bool {
         !matches!(self, Status::Pending | Status::Sending | Status::Held)
+    }
+
+    /// The terminal statuses as an SQL list, `('sent', 'failed', …)`, for statements that
+    /// select final rows.
+    pub fn terminal_sql_list() -> String {
+        let quoted: Vec<String> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!("({})", quoted.join(", "))
     }
 }
 
@@ -87,11 +101,23 @@ mod tests {
     }
 
     #[test]
-    fn only_pending_and_sending_are_open() {
+    fn only_pending_sending_and_held_are_open() {
         let open: Vec<_> = Status::ALL
             .into_iter()
             .filter(|s| !s.is_terminal())
             .collect();
         assert_eq!(open, vec![Status::Pending, Status::Sending, Status::Held]);
+    }
+
+    #[test]
+    fn the_terminal_list_names_every_final_status_and_no_other() {
+        let list = Status::terminal_sql_list();
+        for status in Status::ALL {
+            assert_eq!(
+                list.contains(&format!("'{status}'")),
+                status.is_terminal(),
+                "{status}"
+            );
+        }
     }
 }

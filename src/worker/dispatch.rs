@@ -181,14 +181,14 @@ impl Dispatcher {
         if raw.suppressed {
             return Err(Outcome::Failed {
                 errcode: None,
-                reason: crate::store::SUPPRESSED.into(),
+                reason: crate::domain::lifecycle::reason::SUPPRESSED.into(),
             });
         }
         // Judged at the claim, as `countable` judged it: a row the claim counted is never
         // expired here.
         if raw.expires_at.is_some_and(|at| at <= claimed_at) {
             return Err(Outcome::Expired {
-                reason: crate::store::EXPIRED.into(),
+                reason: crate::domain::lifecycle::reason::EXPIRED.into(),
             });
         }
         // Doubt that arises in this attempt began when it was claimed.
@@ -196,7 +196,7 @@ impl Dispatcher {
         if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, self.clock.now()) {
             return Err(Outcome::Unknown {
                 errcode: None,
-                reason: crate::store::GAVE_UP_IN_DOUBT.into(),
+                reason: crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT.into(),
             });
         }
         Ok((runtime, message, doubt_since))
@@ -358,7 +358,10 @@ impl Dispatcher {
             },
             RetryDecision::Unknown => Outcome::Unknown {
                 errcode,
-                reason: format!("{}; last error: {reason}", crate::store::GAVE_UP_IN_DOUBT),
+                reason: format!(
+                    "{}; last error: {reason}",
+                    crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT
+                ),
             },
         }
     }

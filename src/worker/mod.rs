@@ -209,7 +209,7 @@ impl Pool {
                         _ = dispatcher.handle(raw, reserved, now, started.clone()) => {}
                         _ = hard_stop.cancelled() => {
                             let in_doubt = started.load(std::sync::atomic::Ordering::SeqCst);
-                            let reason = if in_doubt { crate::store::RELEASED_AT_SHUTDOWN } else { "released at shutdown before it was sent" };
+                            let reason = if in_doubt { crate::domain::lifecycle::reason::RELEASED_AT_SHUTDOWN } else { "released at shutdown before it was sent" };
                             dispatcher.record(id, &account, Outcome::Release { errcode: None, reason: reason.into(), in_doubt }, now).await;
                         }
                     }

@@ -268,9 +268,11 @@ impl TestDb {
 
     /// The daemon's own store on this database, for tests that call it directly (no WeChat).
     pub async fn store(&self) -> wechat_outbox::store::Store {
-        wechat_outbox::store::Store::connect(&self.config("http://127.0.0.1:9", ""))
-            .await
-            .expect("connect the store")
+        wechat_outbox::store::Store::connect(
+            &self.config("http://127.0.0.1:9", "").store_settings(),
+        )
+        .await
+        .expect("connect the store")
     }
 }
 

@@ -9,6 +9,7 @@ mod delivery;
 mod faults;
 mod helpers;
 mod hostile_callback;
+mod lifecycle;
 mod limits;
 mod limits_of_input;
 mod monitor;

@@ -1,0 +1,78 @@
+//! The claim of due rows, and the leases that make a claimed row one daemon's.
+
+use chrono::{DateTime, Utc};
+
+use super::{Reserved, Store, StoreResult, Time, on_backend};
+use crate::domain::message::RawMessage;
+
+/// One claim: whose, how many rows at most, until when, and the quota periods of `now` (the
+/// ones its counted rows are counted in).
+pub struct ClaimRequest<'a> {
+    pub owner: &'a str,
+    pub limit: usize,
+    pub lease_until: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+    pub month: &'a str,
+    pub day: &'a str,
+}
+
+/// What a claimed row is counted against when the claim may count it at once.
+pub struct CountTerms {
+    pub template_id: String,
+    pub monthly_limit: u32,
+    pub daily_limit: u32,
+}
+
+/// Decides, for each claimed row, whether the claim counts it (see `Store::claim`).
+pub type Countable<'f> = &'f (dyn Fn(&RawMessage) -> Option<CountTerms> + Sync);
+
+/// A claimed row, and its reservation when the claim counted it.
+pub struct Claimed {
+    pub raw: RawMessage,
+    pub reserved: Option<Reserved>,
+}
+
+impl Store {
+    /// Claims up to `limit` due rows for `owner` until `lease_until`, counting an attempt each,
+    /// and in the same transaction reserves quota for each row `countable` gives terms for
+    /// (as `reserve_quota_many` would; all or nothing per row). One commit for both: a
+    /// message ready to go waits for one commit fewer, and a busy pool writes one transaction
+    /// fewer per group. Rows without terms come back with `None` and are counted later.
+    pub async fn claim(
+        &self,
+        request: &ClaimRequest<'_>,
+        countable: Countable<'_>,
+    ) -> StoreResult<Vec<Claimed>> {
+        on_backend!(self, |pool, dialect| dialect::claim(
+            pool, request, countable
+        )
+        .await)
+    }
+
+    /// How the database would run the claim now (its `EXPLAIN`), to check that it reads the
+    /// claim index rather than the table, however many rows wait.
+    pub async fn claim_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
+        on_backend!(self, |pool, dialect| dialect::claim_plan(pool, now).await)
+    }
+
+    /// Extends the lease of a row `owner` still holds; false if it no longer does.
+    pub async fn extend_lease(
+        &self,
+        owner: &str,
+        id: i64,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        on_backend!(self, |pool, _d| {
+            let done = sqlx::query(
+                "UPDATE outbox SET lease_expires_at = $1
+                 WHERE id = $2 AND status = 'sending' AND lease_owner = $3",
+            )
+            .bind(Time(lease_until))
+            .bind(id)
+            .bind(owner)
+            .execute(pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! What becomes of a claimed row: its attempt's outcome, and the rows maintenance moves on
+//! (leases that expired, rows past `expires_at`, doubt that lasted too long, paused accounts).
+
+use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
+
+use super::{Outcome, Store, StoreResult, Time, bounded, on_backend};
+use crate::domain::lifecycle::reason;
+
+/// One outcome to write: the row, what happened, when, and when its attempt began.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: i64,
+    pub outcome: Outcome,
+    pub now: DateTime<Utc>,
+    pub attempt_began: DateTime<Utc>,
+}
+
+/// Puts rows in flight back to `pending` in doubt (`$1` now, `$2` the reason), for rows
+/// matching `rows` ; their doubt began when they were claimed (the dialect's `CLAIMED_AT`).
+fn back_in_doubt(claimed_at: &str, rows: &str) -> AssertSqlSafe<String> {
+    AssertSqlSafe(format!(
+        "UPDATE outbox SET status = 'pending', in_doubt = true,
+                in_doubt_since = COALESCE(in_doubt_since, {claimed_at}), lease_owner = NULL,
+                lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
+         WHERE status = 'sending' AND {rows}"
+    ))
+}
+
+impl Store {
+    /// Writes attempts' outcomes, each only if `owner` still holds the row's lease, in one
+    /// transaction (one commit, one fsync); for each, whether the row was still ours. All or
+    /// none: on an error nothing was written. `attempt_began` is when an attempt was claimed: if
+    /// its outcome leaves the row in doubt for the first time, the de-duplication window
+    /// started then.
+    pub async fn finish_many(&self, owner: &str, items: &[Finish]) -> StoreResult<Vec<bool>> {
+        on_backend!(self, |pool, dialect| dialect::finish_many(
+            pool, owner, items
+        )
+        .await)
+    }
+
+    /// Returns rows whose lease expired (their daemon died) to `pending`, marked in doubt.
+    pub async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, |pool, dialect| {
+            let done = sqlx::query(back_in_doubt(dialect::CLAIMED_AT, "lease_expires_at < $1"))
+                .bind(Time(now))
+                .bind(reason::LEASE_EXPIRED)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// Releases every row `owner` still holds, marked in doubt; for shutdown.
+    pub async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, |pool, dialect| {
+            let done = sqlx::query(back_in_doubt(dialect::CLAIMED_AT, "lease_owner = $3"))
+                .bind(Time(now))
+                .bind(reason::RELEASED_AT_SHUTDOWN)
+                .bind(owner)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// Marks waiting rows whose `expires_at` has passed as `expired`.
+    pub async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_backend!(self, |pool, _d| {
+            let done = sqlx::query(
+                "UPDATE outbox SET status = 'expired', last_error = $2, updated_at = $1
+                 WHERE status IN ('pending', 'held') AND expires_at <= $1",
+            )
+            .bind(Time(now))
+            .bind(reason::EXPIRED)
+            .execute(pool)
+            .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// Marks pending in-doubt rows first attempted before `first_attempt_before` as `unknown`.
+    pub async fn give_up_in_doubt(
+        &self,
+        first_attempt_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        on_backend!(self, |pool, dialect| {
+            let done = sqlx::query(dialect::GIVE_UP_IN_DOUBT)
+                .bind(Time(now))
+                .bind(Time(first_attempt_before))
+                .bind(reason::GAVE_UP_IN_DOUBT)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// Stops claims of `account`'s rows until `until` (WeChat refused the account as a whole).
+    pub async fn pause_account(
+        &self,
+        account: &str,
+        until: DateTime<Utc>,
+        errcode: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, |pool, _d| {
+            sqlx::query(
+                "INSERT INTO account_pauses (account, paused_until, errcode, reason, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (account) DO UPDATE SET paused_until = excluded.paused_until,
+                    errcode = excluded.errcode, reason = excluded.reason,
+                    created_at = excluded.created_at",
+            )
+            .bind(account)
+            .bind(Time(until))
+            .bind(errcode_column(errcode))
+            .bind(bounded(reason))
+            .bind(Time(now))
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+/// errcodes are small integers; the columns are INTEGER (32 bits on Postgres).
+pub(crate) fn errcode_column(errcode: i64) -> i32 {
+    i32::try_from(errcode).unwrap_or(i32::MAX)
+}

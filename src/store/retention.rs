@@ -1,0 +1,41 @@
+//! Deleting what is old and final, in bounded batches.
+
+use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
+
+use super::{Store, StoreResult, Time, on_backend};
+use crate::domain::status::Status;
+
+impl Store {
+    /// Deletes up to `batch` terminal rows last changed before `cutoff`, and as many stored
+    /// pushes received before it; returns how many of each. A waiting row is never deleted,
+    /// however old. Quota rows of the last 400 days stay for the reports. Call again until it
+    /// returns (0, 0).
+    pub async fn prune(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<(u64, u64)> {
+        let batch = i64::from(batch);
+        let terminal = Status::terminal_sql_list();
+        on_backend!(self, |pool, _d| {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
+                     WHERE status IN {terminal} AND updated_at < $1 LIMIT $2)"
+            )))
+            .bind(Time(cutoff))
+            .bind(batch)
+            .execute(pool)
+            .await?;
+            let events = sqlx::query(
+                "DELETE FROM inbound_events WHERE id IN (SELECT id FROM inbound_events
+                     WHERE received_at < $1 LIMIT $2)",
+            )
+            .bind(Time(cutoff))
+            .bind(batch)
+            .execute(pool)
+            .await?;
+            sqlx::query("DELETE FROM quota_usage WHERE updated_at < $1")
+                .bind(Time(cutoff - chrono::Duration::days(400)))
+                .execute(pool)
+                .await?;
+            Ok((rows.rows_affected(), events.rows_affected()))
+        })
+    }
+}
