@@ -19,3 +19,4 @@ mod processes;
 mod reports;
 mod retries;
 mod simulator_pushes;
+mod store_contract;
