@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use wechat_outbox::store::{
-    AccountLimitsRow, ClaimRequest, Claimed, CountTerms, Finish, HeldFor, HoldLimits,
-    InboundEvent, JoinCounts, JoinPass, Outcome, QuotaReservation, Recorded, Reserved,
-    SignedPush, Store, StoredToken, SyncedTemplate, TemplateUse, TokenLease,
+    AccountLimitsRow, ClaimRequest, Claimed, CountTerms, Finish, HeldFor, HoldLimits, InboundEvent,
+    JoinCounts, JoinPass, Outcome, QuotaReservation, Recorded, Reserved, SignedPush, Store,
+    StoredToken, SyncedTemplate, TemplateUse, TokenLease,
 };
 
 use crate::helpers::{AppDb, Backend, TestDb};
@@ -91,9 +91,9 @@ impl Fx {
     /// A time column as Unix milliseconds, in this backend's SQL.
     fn millis(&self, column: &str) -> String {
         match self.db.backend {
-            Backend::Sqlite => format!(
-                "CAST(round((julianday({column}) - 2440587.5) * 86400000.0) AS INTEGER)"
-            ),
+            Backend::Sqlite => {
+                format!("CAST(round((julianday({column}) - 2440587.5) * 86400000.0) AS INTEGER)")
+            }
             Backend::Postgres => {
                 format!("CAST(round(extract(epoch FROM {column}) * 1000) AS BIGINT)")
             }
@@ -221,7 +221,12 @@ impl Fx {
         }
     }
 
-    fn reservation<'a>(&self, owner: &'a str, id: i64, template_id: &'a str) -> QuotaReservation<'a> {
+    fn reservation<'a>(
+        &self,
+        owner: &'a str,
+        id: i64,
+        template_id: &'a str,
+    ) -> QuotaReservation<'a> {
         reservation(owner, id, template_id, 10, 100, self.now)
     }
 }
@@ -272,7 +277,8 @@ async fn claim_takes_only_due_rows(backend: Backend) {
     for status in ["held", "sending", "sent", "failed", "cancelled", "unknown"] {
         fx.insert_in(&format!("o{status}"), status, &[]).await;
     }
-    fx.insert("oPaused", &[("account", "'paused'".into())]).await;
+    fx.insert("oPaused", &[("account", "'paused'".into())])
+        .await;
     fx.store
         .pause_account("paused", fx.t(60), 45009, "daily limit", fx.now)
         .await
@@ -287,7 +293,9 @@ on_both_backends!(claim_takes_only_due_rows);
 async fn claim_takes_rows_by_priority_up_to_the_limit(backend: Backend) {
     let fx = Fx::new(backend).await;
     let old = fx.insert("oOld", &[("next_attempt_at", fx.at(-20))]).await;
-    let newer = fx.insert("oNewer", &[("next_attempt_at", fx.at(-10))]).await;
+    let newer = fx
+        .insert("oNewer", &[("next_attempt_at", fx.at(-10))])
+        .await;
     let urgent = fx
         .insert(
             "oUrgent",
@@ -345,8 +353,11 @@ on_both_backends!(claim_writes_the_lease_and_counts_the_attempt);
 async fn concurrent_claims_never_share_a_row(backend: Backend) {
     let fx = Fx::new(backend).await;
     fx.db.app.insert_good(300, "race").await;
-    fx.exec(&format!("UPDATE outbox SET next_attempt_at = {}", fx.at(-1)))
-        .await;
+    fx.exec(&format!(
+        "UPDATE outbox SET next_attempt_at = {}",
+        fx.at(-1)
+    ))
+    .await;
     let second = fx.db.store().await;
     let mut tasks = Vec::new();
     for n in 0..6 {
@@ -474,7 +485,11 @@ async fn finish_many_writes_each_outcome(backend: Backend) {
         s.push(fx.snap(id).await);
     }
     for (n, s) in s.iter().enumerate() {
-        assert_eq!((&s.lease_owner, s.lease_ms), (&None, None), "row {n}: {s:?}");
+        assert_eq!(
+            (&s.lease_owner, s.lease_ms),
+            (&None, None),
+            "row {n}: {s:?}"
+        );
         assert_eq!(s.updated_ms, ms(fx.now), "row {n}: {s:?}");
     }
     let sent = &s[0];
@@ -510,7 +525,11 @@ async fn finish_many_writes_each_outcome(backend: Backend) {
     let released = &s[5];
     assert_eq!(released.status, "pending", "{released:?}");
     assert_eq!(released.attempts, 0, "a release refunds the attempt");
-    assert_eq!(released.next_ms, ms(fx.now), "released rows are due at once");
+    assert_eq!(
+        released.next_ms,
+        ms(fx.now),
+        "released rows are due at once"
+    );
     assert_eq!((released.in_doubt, released.doubt_ms), (0, None));
     assert_eq!(released.last_errcode, Some(45009));
 
@@ -563,7 +582,11 @@ async fn finish_many_skips_rows_whose_lease_was_lost(backend: Backend) {
         "{t:?}"
     );
     let r = fx.snap(rescued).await;
-    assert_eq!((r.status.as_str(), r.msgid, r.sent_ms), ("pending", None, None), "{r:?}");
+    assert_eq!(
+        (r.status.as_str(), r.msgid, r.sent_ms),
+        ("pending", None, None),
+        "{r:?}"
+    );
     // An empty group writes nothing.
     assert!(fx.store.finish_many("me", &[]).await.unwrap().is_empty());
 }
@@ -574,7 +597,9 @@ on_both_backends!(finish_many_skips_rows_whose_lease_was_lost);
 /// rescued lease.
 async fn in_doubt_since_keeps_the_first_attempts_start(backend: Backend) {
     let fx = Fx::new(backend).await;
-    let id = fx.insert("oDoubt", &[("next_attempt_at", fx.at(-1000))]).await;
+    let id = fx
+        .insert("oDoubt", &[("next_attempt_at", fx.at(-1000))])
+        .await;
     let retry = |at| Outcome::Retry {
         at,
         errcode: None,
@@ -624,7 +649,12 @@ async fn extend_lease_only_for_the_holder(backend: Backend) {
     let done = fx.finish(id, Outcome::Sent { msgid: Some(1) });
     fx.store.finish_many("me", &[done]).await.unwrap();
     assert!(!fx.store.extend_lease("me", id, fx.t(900)).await.unwrap());
-    assert!(!fx.store.extend_lease("me", id + 1000, fx.t(900)).await.unwrap());
+    assert!(
+        !fx.store
+            .extend_lease("me", id + 1000, fx.t(900))
+            .await
+            .unwrap()
+    );
 }
 on_both_backends!(extend_lease_only_for_the_holder);
 
@@ -679,7 +709,10 @@ async fn release_owned_releases_only_our_rows(backend: Backend) {
         assert!(s.last_error.unwrap().contains("released at shutdown"));
     }
     let s = fx.snap(theirs[0]).await;
-    assert_eq!((s.status.as_str(), s.lease_owner.as_deref()), ("sending", Some("other")));
+    assert_eq!(
+        (s.status.as_str(), s.lease_owner.as_deref()),
+        ("sending", Some("other"))
+    );
     assert_eq!(fx.store.release_owned("me", fx.t(5)).await.unwrap(), 0);
 }
 on_both_backends!(release_owned_releases_only_our_rows);
@@ -694,7 +727,10 @@ async fn expire_overdue_takes_only_waiting_rows_past_expiry(backend: Backend) {
         .insert_in(
             "oHeld",
             "held",
-            &[("expires_at", fx.at(-1)), ("held_for", "'daily quota'".into())],
+            &[
+                ("expires_at", fx.at(-1)),
+                ("held_for", "'daily quota'".into()),
+            ],
         )
         .await;
     let sending = fx.insert_in("oSending", "sending", &past()).await;
@@ -737,10 +773,20 @@ async fn give_up_in_doubt_takes_only_old_doubt(backend: Backend) {
     let sending = fx.insert_in("oSending", "sending", &doubt(-7200)).await;
     let sure = fx.insert_in("oSure", "pending", &[]).await;
 
-    assert_eq!(fx.store.give_up_in_doubt(fx.t(-3600), fx.now).await.unwrap(), 1);
+    assert_eq!(
+        fx.store
+            .give_up_in_doubt(fx.t(-3600), fx.now)
+            .await
+            .unwrap(),
+        1
+    );
     let s = fx.snap(old).await;
     assert_eq!(s.status, "unknown", "{s:?}");
-    assert!(s.last_error.unwrap().contains("de-duplication window has passed"));
+    assert!(
+        s.last_error
+            .unwrap()
+            .contains("de-duplication window has passed")
+    );
     for id in [recent, sure] {
         assert_eq!(fx.snap(id).await.status, "pending");
     }
@@ -766,11 +812,36 @@ fn lease<'a>(owner: &'a str, now: DateTime<Utc>, failing: Option<&'a str>) -> To
 async fn the_token_refresh_lease_is_exclusive(backend: Backend) {
     let fx = Fx::new(backend).await;
     assert!(fx.store.load_token("default").await.unwrap().is_none());
-    assert!(fx.store.lease_token_refresh(&lease("a", fx.now, None)).await.unwrap());
-    assert!(!fx.store.lease_token_refresh(&lease("b", fx.now, None)).await.unwrap());
-    assert!(!fx.store.lease_token_refresh(&lease("b", fx.t(29), None)).await.unwrap());
-    assert!(!fx.store.lease_token_refresh(&lease("a", fx.t(1), None)).await.unwrap());
-    assert!(fx.store.lease_token_refresh(&lease("b", fx.t(31), None)).await.unwrap());
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("a", fx.now, None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !fx.store
+            .lease_token_refresh(&lease("b", fx.now, None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !fx.store
+            .lease_token_refresh(&lease("b", fx.t(29), None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !fx.store
+            .lease_token_refresh(&lease("a", fx.t(1), None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("b", fx.t(31), None))
+            .await
+            .unwrap()
+    );
     // Accounts lease apart.
     let other = TokenLease {
         account: "other",
@@ -816,7 +887,12 @@ async fn save_token_only_by_the_lease_holder(backend: Backend) {
         token: text.into(),
         expires_at: fx.t(7200),
     };
-    assert!(fx.store.lease_token_refresh(&lease("a", fx.now, None)).await.unwrap());
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("a", fx.now, None))
+            .await
+            .unwrap()
+    );
     fx.store
         .save_token("default", "b", &token("from-b"), fx.now)
         .await
@@ -826,14 +902,25 @@ async fn save_token_only_by_the_lease_holder(backend: Backend) {
         .save_token("default", "a", &token("from-a"), fx.now)
         .await
         .unwrap();
-    let loaded = fx.store.load_token("default").await.unwrap().expect("saved");
-    assert_eq!((loaded.token.as_str(), loaded.expires_at), ("from-a", fx.t(7200)));
+    let loaded = fx
+        .store
+        .load_token("default")
+        .await
+        .unwrap()
+        .expect("saved");
+    assert_eq!(
+        (loaded.token.as_str(), loaded.expires_at),
+        ("from-a", fx.t(7200))
+    );
     // The save ended a's lease: a second save by a is not its to make.
     fx.store
         .save_token("default", "a", &token("again"), fx.now)
         .await
         .unwrap();
-    assert_eq!(fx.store.load_token("default").await.unwrap().unwrap().token, "from-a");
+    assert_eq!(
+        fx.store.load_token("default").await.unwrap().unwrap().token,
+        "from-a"
+    );
     assert!(fx.store.load_token("other").await.unwrap().is_none());
 }
 on_both_backends!(save_token_only_by_the_lease_holder);
@@ -842,14 +929,27 @@ on_both_backends!(save_token_only_by_the_lease_holder);
 /// one about to expire is refreshed.
 async fn a_fresh_token_is_refreshed_only_when_failing(backend: Backend) {
     let fx = Fx::new(backend).await;
-    assert!(fx.store.lease_token_refresh(&lease("a", fx.now, None)).await.unwrap());
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("a", fx.now, None))
+            .await
+            .unwrap()
+    );
     let fresh = StoredToken {
         token: "tok-1".into(),
         expires_at: fx.t(7200),
     };
-    fx.store.save_token("default", "a", &fresh, fx.now).await.unwrap();
+    fx.store
+        .save_token("default", "a", &fresh, fx.now)
+        .await
+        .unwrap();
 
-    assert!(!fx.store.lease_token_refresh(&lease("b", fx.now, None)).await.unwrap());
+    assert!(
+        !fx.store
+            .lease_token_refresh(&lease("b", fx.now, None))
+            .await
+            .unwrap()
+    );
     assert!(
         !fx.store
             .lease_token_refresh(&lease("b", fx.now, Some("tok-0")))
@@ -865,18 +965,38 @@ async fn a_fresh_token_is_refreshed_only_when_failing(backend: Backend) {
     );
     fx.store.release_token_lease("default", "b").await.unwrap();
     // Expiring within refresh_before (300 s) of now: refreshed.
-    assert!(fx.store.lease_token_refresh(&lease("c", fx.t(6950), None)).await.unwrap());
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("c", fx.t(6950), None))
+            .await
+            .unwrap()
+    );
 }
 on_both_backends!(a_fresh_token_is_refreshed_only_when_failing);
 
 /// Releasing the lease frees it at once, but only the holder's release counts.
 async fn release_token_lease_frees_only_the_holders_lease(backend: Backend) {
     let fx = Fx::new(backend).await;
-    assert!(fx.store.lease_token_refresh(&lease("a", fx.now, None)).await.unwrap());
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("a", fx.now, None))
+            .await
+            .unwrap()
+    );
     fx.store.release_token_lease("default", "b").await.unwrap();
-    assert!(!fx.store.lease_token_refresh(&lease("c", fx.now, None)).await.unwrap());
+    assert!(
+        !fx.store
+            .lease_token_refresh(&lease("c", fx.now, None))
+            .await
+            .unwrap()
+    );
     fx.store.release_token_lease("default", "a").await.unwrap();
-    assert!(fx.store.lease_token_refresh(&lease("c", fx.now, None)).await.unwrap());
+    assert!(
+        fx.store
+            .lease_token_refresh(&lease("c", fx.now, None))
+            .await
+            .unwrap()
+    );
 }
 on_both_backends!(release_token_lease_frees_only_the_holders_lease);
 
@@ -946,8 +1066,11 @@ async fn racing_reservations_never_exceed_the_limit(backend: Backend) {
     const LIMIT: u32 = 25;
     let fx = Fx::new(backend).await;
     fx.db.app.insert_good(80, "quota").await;
-    fx.exec(&format!("UPDATE outbox SET next_attempt_at = {}", fx.at(-1)))
-        .await;
+    fx.exec(&format!(
+        "UPDATE outbox SET next_attempt_at = {}",
+        fx.at(-1)
+    ))
+    .await;
     let second = fx.db.store().await;
     let mut tasks = Vec::new();
     for n in 0..4 {
@@ -977,14 +1100,17 @@ async fn racing_reservations_never_exceed_the_limit(backend: Backend) {
         results.extend(task.await.unwrap());
     }
     let granted = results.iter().filter(|r| **r == Reserved::Granted).count();
-    let full = results.iter().filter(|r| **r == Reserved::MonthFull).count();
+    let full = results
+        .iter()
+        .filter(|r| **r == Reserved::MonthFull)
+        .count();
     assert_eq!((granted, full), (LIMIT as usize, 80 - LIMIT as usize));
-    assert_eq!(used(&fx, "template:TRACE", MONTH).await, Some(i64::from(LIMIT)));
-    assert_eq!(used(&fx, "account", DAY).await, Some(i64::from(LIMIT)));
     assert_eq!(
-        fx.count("quota_month IS NOT NULL").await,
-        i64::from(LIMIT)
+        used(&fx, "template:TRACE", MONTH).await,
+        Some(i64::from(LIMIT))
     );
+    assert_eq!(used(&fx, "account", DAY).await, Some(i64::from(LIMIT)));
+    assert_eq!(fx.count("quota_month IS NOT NULL").await, i64::from(LIMIT));
 }
 on_both_backends!(racing_reservations_never_exceed_the_limit);
 
@@ -1051,11 +1177,18 @@ async fn claim_counts_rows_it_is_given_terms_for(backend: Backend) {
     results.sort_by_key(|r| format!("{r:?}"));
     assert_eq!(
         results,
-        [Some(Reserved::Granted), Some(Reserved::Granted), Some(Reserved::MonthFull)]
+        [
+            Some(Reserved::Granted),
+            Some(Reserved::Granted),
+            Some(Reserved::MonthFull)
+        ]
     );
     assert_eq!(used(&fx, "template:TPL", MONTH).await, Some(2));
     assert_eq!(fx.count(&format!("quota_month = '{MONTH}'")).await, 2);
-    assert_eq!(fx.count("status = 'sending' AND quota_month IS NULL").await, 1);
+    assert_eq!(
+        fx.count("status = 'sending' AND quota_month IS NULL").await,
+        1
+    );
 }
 on_both_backends!(claim_counts_rows_it_is_given_terms_for);
 
@@ -1170,7 +1303,11 @@ async fn sync_templates_notes_the_missing_ones(backend: Backend) {
         content: format!("{{{{{id}.DATA}}}}"),
     };
     fx.store
-        .sync_templates("default", &[synced("A", "Alpha"), synced("B", "Beta")], fx.t(-60))
+        .sync_templates(
+            "default",
+            &[synced("A", "Alpha"), synced("B", "Beta")],
+            fx.t(-60),
+        )
         .await
         .unwrap();
     fx.store
@@ -1196,10 +1333,21 @@ async fn sync_templates_notes_the_missing_ones(backend: Backend) {
         1
     );
     fx.store
-        .sync_templates("default", &[synced("A", "Alpha"), synced("B", "Beta")], fx.t(60))
+        .sync_templates(
+            "default",
+            &[synced("A", "Alpha"), synced("B", "Beta")],
+            fx.t(60),
+        )
         .await
         .unwrap();
-    assert!(fx.store.list_templates().await.unwrap().iter().all(|t| t.note.is_none()));
+    assert!(
+        fx.store
+            .list_templates()
+            .await
+            .unwrap()
+            .iter()
+            .all(|t| t.note.is_none())
+    );
 }
 on_both_backends!(sync_templates_notes_the_missing_ones);
 
@@ -1220,7 +1368,11 @@ async fn release_due_holds_takes_only_due_rows(backend: Backend) {
     let pending = fx.insert_in("oPending", "pending", &[]).await;
     assert_eq!(fx.store.release_due_holds(fx.now).await.unwrap(), 1);
     let s = fx.snap(due).await;
-    assert_eq!((s.status.as_str(), s.held_for.as_deref()), ("pending", None), "{s:?}");
+    assert_eq!(
+        (s.status.as_str(), s.held_for.as_deref()),
+        ("pending", None),
+        "{s:?}"
+    );
     assert_eq!(fx.snap(later).await.status, "held");
     assert_eq!(fx.snap(pending).await.status, "pending");
 }
@@ -1240,22 +1392,42 @@ async fn release_holds_with_room_releases_up_to_the_room_by_priority(backend: Ba
         ]
     };
     // Month of TM: 9 of 10 used, room for 1.
-    let m_low = fx.insert_in("oM1", "held", &held("monthly quota", "TM", 0)).await;
-    let m_high = fx.insert_in("oM2", "held", &held("monthly quota", "TM", 3)).await;
+    let m_low = fx
+        .insert_in("oM1", "held", &held("monthly quota", "TM", 0))
+        .await;
+    let m_high = fx
+        .insert_in("oM2", "held", &held("monthly quota", "TM", 3))
+        .await;
     // Day: 8 of 10 used, room for 2.
-    let d_low = fx.insert_in("oD1", "held", &held("daily quota", "TD", 0)).await;
-    let d_mid = fx.insert_in("oD2", "held", &held("daily quota", "TD", 1)).await;
-    let d_high = fx.insert_in("oD3", "held", &held("daily quota", "TD", 5)).await;
+    let d_low = fx
+        .insert_in("oD1", "held", &held("daily quota", "TD", 0))
+        .await;
+    let d_mid = fx
+        .insert_in("oD2", "held", &held("daily quota", "TD", 1))
+        .await;
+    let d_high = fx
+        .insert_in("oD3", "held", &held("daily quota", "TD", 5))
+        .await;
     // Templates: 1 of 2 in use (TU), room for 1; a row of TU itself goes regardless.
-    let t_low = fx.insert_in("oT1", "held", &held("template", "TX", 0)).await;
-    let t_high = fx.insert_in("oT2", "held", &held("template", "TY", 2)).await;
-    let t_own = fx.insert_in("oT3", "held", &held("template", "TU", -1)).await;
+    let t_low = fx
+        .insert_in("oT1", "held", &held("template", "TX", 0))
+        .await;
+    let t_high = fx
+        .insert_in("oT2", "held", &held("template", "TY", 2))
+        .await;
+    let t_own = fx
+        .insert_in("oT3", "held", &held("template", "TU", -1))
+        .await;
     // Another account's row, not in the limits given.
     let elsewhere = fx
         .insert_in(
             "oE",
             "held",
-            &[held("daily quota", "TD", 9), vec![("account", "'other'".into())]].concat(),
+            &[
+                held("daily quota", "TD", 9),
+                vec![("account", "'other'".into())],
+            ]
+            .concat(),
         )
         .await;
     fx.exec(&format!(
@@ -1302,7 +1474,10 @@ async fn release_holds_with_room_releases_up_to_the_room_by_priority(backend: Ba
         "UPDATE quota_usage SET used = 10 WHERE period IN ('{MONTH}', '{DAY}')"
     ))
     .await;
-    fx.store.take_template_into_use("default", "TY", 2, fx.now).await.unwrap();
+    fx.store
+        .take_template_into_use("default", "TY", 2, fx.now)
+        .await
+        .unwrap();
     assert_eq!(
         fx.store
             .release_holds_with_room(&limits, MONTH, DAY, fx.now)
@@ -1351,18 +1526,36 @@ async fn record_push_stores_each_push_once(backend: Backend) {
         let now = fx.now;
         async move { store.record_push(&e, &s, now).await.unwrap() }
     };
-    assert_eq!(record(event.clone(), push("100", "n1", "h1")).await, Recorded::New);
-    assert_eq!(record(event.clone(), push("100", "n1", "h1")).await, Recorded::Repeat);
-    assert_eq!(record(event.clone(), push("100", "n1", "h2")).await, Recorded::Replayed);
-    assert_eq!(record(event.clone(), push("101", "n2", "h1")).await, Recorded::Repeat);
+    assert_eq!(
+        record(event.clone(), push("100", "n1", "h1")).await,
+        Recorded::New
+    );
+    assert_eq!(
+        record(event.clone(), push("100", "n1", "h1")).await,
+        Recorded::Repeat
+    );
+    assert_eq!(
+        record(event.clone(), push("100", "n1", "h2")).await,
+        Recorded::Replayed
+    );
+    assert_eq!(
+        record(event.clone(), push("101", "n2", "h1")).await,
+        Recorded::Repeat
+    );
     // A forged body under the same signature is refused even with a new dedup key.
     let forged = template_event("default", "k-forged", 2, "oB", "success");
-    assert_eq!(record(forged, push("100", "n1", "h9")).await, Recorded::Replayed);
+    assert_eq!(
+        record(forged, push("100", "n1", "h9")).await,
+        Recorded::Replayed
+    );
     // Another account's push with the same key is its own.
     let other = template_event("other", "k1", 1, "oA", "success");
     assert_eq!(record(other, push("100", "n1", "h1")).await, Recorded::New);
 
-    assert_eq!(fx.count_in("inbound_events", "account = 'default'").await, 1);
+    assert_eq!(
+        fx.count_in("inbound_events", "account = 'default'").await,
+        1
+    );
     assert_eq!(fx.count_in("inbound_events", "account = 'other'").await, 1);
     assert_eq!(
         fx.count_in(
@@ -1402,7 +1595,14 @@ async fn subscribe_and_unsubscribe_change_the_suppression_list(backend: Backend)
     let id = fx.insert("oFan", &[]).await;
     let other = fx.insert("oOther", &[]).await;
     let claimed = fx.claim_at("me", 10, fx.now).await;
-    let flag = |id: i64| claimed.iter().find(|c| c.raw.id == id).unwrap().raw.suppressed;
+    let flag = |id: i64| {
+        claimed
+            .iter()
+            .find(|c| c.raw.id == id)
+            .unwrap()
+            .raw
+            .suppressed
+    };
     assert!(flag(id));
     assert!(!flag(other));
 
@@ -1429,18 +1629,17 @@ on_both_backends!(subscribe_and_unsubscribe_change_the_suppression_list);
 /// row is given up only once older than the window.
 async fn delivery_events_join_by_account_msgid_and_openid(backend: Backend) {
     let fx = Fx::new(backend).await;
-    let sent = |msgid: i64| {
-        vec![
-            ("msgid", msgid.to_string()),
-            ("sent_at", fx.at(-30)),
-        ]
-    };
+    let sent = |msgid: i64| vec![("msgid", msgid.to_string()), ("sent_at", fx.at(-30))];
     let delivered = fx.insert_in("oA", "sent", &sent(101)).await;
     let blocked = fx.insert_in("oB", "sent", &sent(102)).await;
     let undelivered = fx.insert_in("oC", "sent", &sent(103)).await;
     let mismatched = fx.insert_in("oD", "sent", &sent(104)).await;
     let elsewhere = fx
-        .insert_in("oE", "sent", &[sent(105), vec![("account", "'other'".into())]].concat())
+        .insert_in(
+            "oE",
+            "sent",
+            &[sent(105), vec![("account", "'other'".into())]].concat(),
+        )
         .await;
 
     let events = [
@@ -1496,7 +1695,11 @@ async fn delivery_events_join_by_account_msgid_and_openid(backend: Backend) {
         );
     }
     let s = fx.snap(mismatched).await;
-    assert_eq!((s.status.as_str(), s.delivery_status.as_deref()), ("sent", None), "{s:?}");
+    assert_eq!(
+        (s.status.as_str(), s.delivery_status.as_deref()),
+        ("sent", None),
+        "{s:?}"
+    );
     assert_eq!(
         fx.count_in(
             "inbound_events",
@@ -1518,7 +1721,9 @@ async fn delivery_events_join_by_account_msgid_and_openid(backend: Backend) {
     );
     // The other account's msgid waits inside the window, and is all that waits.
     let waiting = fx.store.unjoined_events(10).await.unwrap();
-    let e5 = fx.scalar("SELECT id FROM inbound_events WHERE dedup_key = 'e5'").await;
+    let e5 = fx
+        .scalar("SELECT id FROM inbound_events WHERE dedup_key = 'e5'")
+        .await;
     assert_eq!(waiting, [e5]);
     // A second pass finds nothing new.
     assert_eq!(
@@ -1586,7 +1791,10 @@ async fn unjoined_events_oldest_first_and_given_up_one_by_one(backend: Backend) 
         window: "0 seconds",
         only: Some(ids[2]),
     };
-    assert_eq!(fx.store.join_delivery_events(&pass).await.unwrap().given_up, 1);
+    assert_eq!(
+        fx.store.join_delivery_events(&pass).await.unwrap().given_up,
+        1
+    );
     assert_eq!(fx.store.unjoined_events(10).await.unwrap(), [ids[1]]);
 }
 on_both_backends!(unjoined_events_oldest_first_and_given_up_one_by_one);
@@ -1601,8 +1809,17 @@ async fn heartbeat_counts_live_daemons(backend: Backend) {
     let since = fx.t(-30);
     assert_eq!(fx.store.heartbeat("a", fx.now, since).await.unwrap(), 1);
     assert_eq!(fx.store.heartbeat("b", fx.now, since).await.unwrap(), 2);
-    assert_eq!(fx.store.heartbeat("stale", fx.t(-60), since).await.unwrap(), 2);
-    assert_eq!(fx.store.heartbeat("ancient", fx.t(-7200), since).await.unwrap(), 2);
+    assert_eq!(
+        fx.store.heartbeat("stale", fx.t(-60), since).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        fx.store
+            .heartbeat("ancient", fx.t(-7200), since)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(fx.count_in("daemons", "owner = 'ancient'").await, 0);
     assert_eq!(fx.count_in("daemons", "owner = 'stale'").await, 1);
     assert_eq!(fx.store.heartbeat("a", fx.t(1), since).await.unwrap(), 2);
@@ -1637,7 +1854,10 @@ async fn prune_deletes_only_old_terminal_rows_up_to_the_batch(backend: Backend) 
     for status in ["pending", "held", "sending"] {
         waiting.push(fx.insert_in(&format!("w{status}"), status, &old()).await);
     }
-    for (n, secs) in [-10 * 86400, -9 * 86400, -8 * 86400, -60].into_iter().enumerate() {
+    for (n, secs) in [-10 * 86400, -9 * 86400, -8 * 86400, -60]
+        .into_iter()
+        .enumerate()
+    {
         let event = template_event("default", &format!("e{n}"), n as i64, "oA", "success");
         let n = n.to_string();
         fx.store
@@ -1681,8 +1901,14 @@ async fn recorded_limits_show_in_the_quota_report(backend: Backend) {
         timezone: "UTC".into(),
         utc_offset_minutes: 0,
     };
-    fx.store.record_limits(&[limits(1000)], fx.t(-60)).await.unwrap();
-    fx.store.record_limits(&[limits(100)], fx.now).await.unwrap();
+    fx.store
+        .record_limits(&[limits(1000)], fx.t(-60))
+        .await
+        .unwrap();
+    fx.store
+        .record_limits(&[limits(100)], fx.now)
+        .await
+        .unwrap();
     assert_eq!(
         fx.count_in(
             "account_limits",
@@ -1703,7 +1929,11 @@ async fn recorded_limits_show_in_the_quota_report(backend: Backend) {
     ))
     .await;
 
-    let report = fx.store.read_view("report_quota", "account, template_id").await.unwrap();
+    let report = fx
+        .store
+        .read_view("report_quota", "account, template_id")
+        .await
+        .unwrap();
     assert_eq!(report.rows.len(), 1, "{:?}", report.rows);
     let value = |column: &str| {
         let i = report
@@ -1727,13 +1957,17 @@ async fn recorded_limits_show_in_the_quota_report(backend: Backend) {
 on_both_backends!(recorded_limits_show_in_the_quota_report);
 
 /// `row_counts` groups by account, status and held reason; `status_counts` by status, sorted;
-/// `ping` answers; migrating again changes nothing; `close` ends the store.
+/// `ping` answers; `setting_warnings` names only a Postgres server without autovacuum;
+/// migrating again changes nothing; `close` ends the store.
 async fn counts_ping_and_close(backend: Backend) {
     let fx = Fx::new(backend).await;
-    assert_eq!(fx.store.backend_name(), match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Postgres => "postgres",
-    });
+    assert_eq!(
+        fx.store.backend_name(),
+        match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    );
     assert!(fx.store.status_counts().await.unwrap().is_empty());
     fx.insert("o1", &[]).await;
     fx.insert("o2", &[]).await;
@@ -1741,7 +1975,10 @@ async fn counts_ping_and_close(backend: Backend) {
     fx.insert_in(
         "o4",
         "held",
-        &[("account", "'other'".into()), ("held_for", "'daily quota'".into())],
+        &[
+            ("account", "'other'".into()),
+            ("held_for", "'daily quota'".into()),
+        ],
     )
     .await;
     let mut rows: Vec<(String, String, Option<String>, i64)> = fx
@@ -1773,10 +2010,23 @@ async fn counts_ping_and_close(backend: Backend) {
         ]
     );
     fx.store.ping().await.unwrap();
+    // Only a Postgres server without autovacuum is warned about.
+    let warnings = fx.store.setting_warnings().await.unwrap();
+    let autovacuum_off = match backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => {
+            fx.count_in("pg_settings", "name = 'autovacuum' AND setting = 'off'")
+                .await
+        }
+    };
+    assert_eq!(warnings.len() as i64, autovacuum_off, "{warnings:?}");
     fx.store.migrate().await.unwrap();
     assert_eq!(fx.count("1 = 1").await, 4);
     fx.store.close().await;
-    assert!(fx.store.ping().await.is_err(), "a closed store answers no more");
+    assert!(
+        fx.store.ping().await.is_err(),
+        "a closed store answers no more"
+    );
 }
 on_both_backends!(counts_ping_and_close);
 
