@@ -345,6 +345,7 @@ async fn claim_writes_the_lease_and_counts_the_attempt(backend: Backend) {
     assert_eq!(s.lease_owner.as_deref(), Some("me"));
     assert_eq!(s.lease_ms, Some(ms(fx.t(LEASE_SECS))));
     assert_eq!(s.updated_ms, ms(fx.now));
+    assert_eq!((s.quota_month, s.quota_day), (None, None), "not counted");
 }
 on_both_backends!(claim_writes_the_lease_and_counts_the_attempt);
 
@@ -1311,11 +1312,16 @@ async fn sync_templates_notes_the_missing_ones(backend: Backend) {
         .await
         .unwrap();
     fx.store
+        .sync_templates("other", &[synced("C", "Gamma")], fx.t(-60))
+        .await
+        .unwrap();
+    fx.store
         .sync_templates("default", &[synced("A", "Alpha 2")], fx.now)
         .await
         .unwrap();
     let listed = fx.store.list_templates().await.unwrap();
     let find = |id: &str| listed.iter().find(|t| t.template_id == id).unwrap();
+    assert_eq!(find("C").note, None, "another account's list is its own");
     assert_eq!(find("A").title.as_deref(), Some("Alpha 2"));
     assert_eq!(find("A").note, None);
     assert!(
@@ -1551,10 +1557,35 @@ async fn record_push_stores_each_push_once(backend: Backend) {
     // Another account's push with the same key is its own.
     let other = template_event("other", "k1", 1, "oA", "success");
     assert_eq!(record(other, push("100", "n1", "h1")).await, Recorded::New);
+    // Signatures remembered before `forget_before` are forgotten by a later push.
+    let old = SignedPush {
+        forget_before: fx.t(-7200),
+        ..signed("old", "n0", "h0", fx.t(-3600))
+    };
+    let old_event = template_event("default", "k-old", 3, "oC", "success");
+    assert_eq!(
+        fx.store
+            .record_push(&old_event, &old, fx.t(-3600))
+            .await
+            .unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        fx.count_in("callback_replays", "timestamp_param = 'old'")
+            .await,
+        1
+    );
+    let late = template_event("default", "k-late", 4, "oD", "success");
+    assert_eq!(record(late, push("102", "n3", "h3")).await, Recorded::New);
+    assert_eq!(
+        fx.count_in("callback_replays", "timestamp_param = 'old'")
+            .await,
+        0
+    );
 
     assert_eq!(
         fx.count_in("inbound_events", "account = 'default'").await,
-        1
+        3
     );
     assert_eq!(fx.count_in("inbound_events", "account = 'other'").await, 1);
     assert_eq!(
@@ -1730,8 +1761,75 @@ async fn delivery_events_join_by_account_msgid_and_openid(backend: Backend) {
         fx.store.join_delivery_events(&pass).await.unwrap(),
         JoinCounts::default()
     );
+    // A joined event is never given up afterwards.
+    let e1 = fx
+        .scalar("SELECT id FROM inbound_events WHERE dedup_key = 'e1'")
+        .await;
+    fx.store.give_up_event(e1, "late", fx.now).await.unwrap();
+    assert_eq!(
+        fx.count_in(
+            "inbound_events",
+            &format!("id = {e1} AND given_up_at IS NULL AND join_problem IS NULL")
+        )
+        .await,
+        1
+    );
 }
 on_both_backends!(delivery_events_join_by_account_msgid_and_openid);
+
+/// Join passes from several daemons at once (the method says it is safe): none fails, each row
+/// joins once, and every event is joined.
+async fn concurrent_join_passes_join_each_row_once(backend: Backend) {
+    const ROWS: i64 = 60;
+    let fx = Fx::new(backend).await;
+    for n in 0..ROWS {
+        let user = format!("oJ{n}");
+        fx.insert_in(&user, "sent", &[("msgid", (1000 + n).to_string())])
+            .await;
+        let event = template_event("default", &format!("j{n}"), 1000 + n, &user, "success");
+        let key = n.to_string();
+        fx.store
+            .record_push(&event, &signed(&key, &key, &key, fx.now), fx.now)
+            .await
+            .unwrap();
+    }
+    let second = fx.db.store().await;
+    let mut tasks = Vec::new();
+    for n in 0..6 {
+        let store = if n % 2 == 0 {
+            fx.store.clone()
+        } else {
+            second.clone()
+        };
+        let now = fx.now;
+        tasks.push(tokio::spawn(async move {
+            let pass = JoinPass {
+                now,
+                received_before: now - chrono::Duration::seconds(600),
+                window: "10 minutes",
+                only: None,
+            };
+            store.join_delivery_events(&pass).await
+        }));
+    }
+    let mut joined = 0;
+    for task in tasks {
+        let counts = task.await.unwrap().expect("a concurrent join pass failed");
+        assert_eq!((counts.mismatched, counts.given_up), (0, 0));
+        joined += counts.joined;
+    }
+    assert_eq!(joined, ROWS as u64, "each row joined once");
+    assert_eq!(fx.count("status = 'delivered'").await, ROWS);
+    assert_eq!(
+        fx.count_in(
+            "inbound_events",
+            "joined_at IS NOT NULL AND outbox_id IS NOT NULL"
+        )
+        .await,
+        ROWS
+    );
+}
+on_both_backends!(concurrent_join_passes_join_each_row_once);
 
 /// `unjoined_events` lists waiting template events oldest first, up to the limit;
 /// `give_up_event` ends one with its reason; a pass limited to one event touches only it.
