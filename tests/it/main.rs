@@ -20,3 +20,4 @@ mod processes;
 mod reports;
 mod retries;
 mod simulator_pushes;
+mod store_contract;
