@@ -191,7 +191,7 @@ impl Health {
     }
 
     /// Why a service is not well, if one is not: the first one found, in the order started.
-    fn services_problem(&self) -> Option<String> {
+    pub(crate) fn services_problem(&self) -> Option<String> {
         let now = self.now_ms();
         let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         services.iter().find_map(|s| s.problem(now))
@@ -287,5 +287,46 @@ mod tests {
             None,
             "a new streak starts over"
         );
+    }
+
+    fn service(name: &'static str, allowance_secs: u64) -> ServiceHealth {
+        ServiceHealth {
+            name,
+            allowance: Duration::from_secs(allowance_secs),
+            last_success: AtomicU64::new(1_000),
+            streak: FailureStreak::default(),
+        }
+    }
+
+    #[test]
+    fn a_service_is_a_problem_once_its_last_success_is_older_than_its_allowance() {
+        let join = service("join", 30);
+        assert_eq!(join.problem(31_000), None, "30 s is within the allowance");
+        assert_eq!(
+            join.problem(31_001).as_deref(),
+            Some("join: no successful pass for 30 s"),
+            "a pass that never ends is a problem too"
+        );
+        join.streak.record(5_000, Err(&"database is locked"));
+        assert_eq!(
+            join.problem(43_000).as_deref(),
+            Some("join: no successful pass for 42 s: database is locked")
+        );
+        join.last_success.store(43_500, Ordering::Relaxed);
+        join.streak.record(43_500, Ok(()));
+        assert_eq!(join.problem(60_000), None);
+    }
+
+    #[test]
+    fn a_service_may_miss_a_few_intervals_and_at_least_failing_after() {
+        let health = Health::new(Duration::from_secs(30));
+        let join = health.register_service("join", Duration::from_secs(1));
+        let prune = health.register_service("prune", Duration::from_secs(3600));
+        assert_eq!(join.allowance, Duration::from_secs(30));
+        assert_eq!(prune.allowance, Duration::from_secs(3 * 3600));
+        assert_eq!(health.services_problem(), None, "healthy when started");
+        let error: &dyn std::fmt::Display = &"refused";
+        health.service_result(&join, Err(error));
+        assert_eq!(health.services_problem(), None, "a failure is not yet a problem");
     }
 }

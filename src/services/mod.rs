@@ -202,3 +202,120 @@ async fn pass<S: Service>(
 pub fn loggable_error(error: &anyhow::Error) -> String {
     escape_control(&crate::store::bounded(&format!("{error:#}"))).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts its passes and stops; fails every pass when told to.
+    struct Counting {
+        passes: Arc<AtomicUsize>,
+        stopped: Arc<AtomicUsize>,
+        fail: bool,
+        interval: Duration,
+        wake: Option<Arc<Notify>>,
+    }
+
+    impl Counting {
+        fn new(fail: bool, interval: Duration) -> Counting {
+            Counting {
+                passes: Arc::default(),
+                stopped: Arc::default(),
+                fail,
+                interval,
+                wake: None,
+            }
+        }
+    }
+
+    impl Service for Counting {
+        type Report = usize;
+
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
+        fn interval(&self) -> Duration {
+            self.interval
+        }
+
+        fn failure_message(&self) -> &'static str {
+            "counting failed"
+        }
+
+        fn wake(&self) -> Option<Arc<Notify>> {
+            self.wake.clone()
+        }
+
+        async fn run_once(&self, _now: DateTime<Utc>) -> anyhow::Result<usize> {
+            let n = self.passes.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.fail {
+                anyhow::bail!("pass {n} refused\nwith a second line");
+            }
+            Ok(n)
+        }
+
+        async fn stop(&self) {
+            self.stopped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn runner(failing_after: Duration) -> (Runner, Arc<Health>, CancellationToken) {
+        let health = Arc::new(Health::new(failing_after));
+        let shutdown = CancellationToken::new();
+        let runner = Runner::new(health.clone(), Arc::default(), shutdown.clone());
+        (runner, health, shutdown)
+    }
+
+    #[tokio::test]
+    async fn a_service_that_keeps_failing_is_retried_and_named_by_health() {
+        let (runner, health, shutdown) = runner(Duration::from_millis(50));
+        let service = Counting::new(true, Duration::from_millis(10));
+        let (passes, stopped) = (service.passes.clone(), service.stopped.clone());
+        runner.start(service);
+        assert_eq!(health.services_problem(), None, "not yet past its allowance");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let problem = health.services_problem().expect("failing for 200 ms");
+        assert!(
+            problem.starts_with("counting: no successful pass for 0 s: pass "),
+            "{problem}"
+        );
+        assert!(problem.ends_with(r"refused\nwith a second line"), "escaped: {problem}");
+        assert!(passes.load(Ordering::SeqCst) >= 5, "retried each interval");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), runner.wait())
+            .await
+            .expect("services stop at shutdown");
+        assert_eq!(stopped.load(Ordering::SeqCst), 1, "stop called once");
+    }
+
+    #[tokio::test]
+    async fn a_service_that_succeeds_stays_healthy() {
+        let (runner, health, shutdown) = runner(Duration::from_millis(50));
+        runner.start(Counting::new(false, Duration::from_millis(10)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(health.services_problem(), None);
+        shutdown.cancel();
+        runner.wait().await;
+    }
+
+    #[tokio::test]
+    async fn the_first_pass_can_run_before_start_returns_and_a_wake_runs_another() {
+        let (runner, _health, shutdown) = runner(Duration::from_secs(30));
+        let mut service = Counting::new(false, Duration::from_secs(3600));
+        let wake = Arc::new(Notify::new());
+        service.wake = Some(wake.clone());
+        let passes = service.passes.clone();
+        runner.start_after_first_pass(service).await;
+        assert_eq!(passes.load(Ordering::SeqCst), 1, "one pass before returning");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(passes.load(Ordering::SeqCst), 1, "then it waits its interval");
+        wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(passes.load(Ordering::SeqCst), 2, "a wake-up runs a pass at once");
+        shutdown.cancel();
+        runner.wait().await;
+    }
+}

@@ -18,4 +18,5 @@ mod poison;
 mod processes;
 mod reports;
 mod retries;
+mod services;
 mod simulator_pushes;
