@@ -13,17 +13,17 @@ use tokio_util::sync::CancellationToken;
 use crate::callback::{self, CallbackState};
 use crate::config::Config;
 use crate::domain::clock::Clock;
+use crate::domain::retry::InDoubtPolicy;
 use crate::metrics::Metrics;
 use crate::monitor::{self, Health};
-use crate::store::Store;
-use crate::wechat::api::WechatApi;
-use crate::wechat::token::TokenManager;
-use crate::domain::retry::InDoubtPolicy;
 use crate::services::limits::record_limits;
 use crate::services::{
     ExpireOverdue, Heartbeat, JoinEvents, Prune, RecordLimits, ReleaseHeld, RescueLeases, Runner,
     SettleInDoubt, TemplateSync,
 };
+use crate::store::Store;
+use crate::wechat::api::WechatApi;
+use crate::wechat::token::TokenManager;
 use crate::worker::{AccountRuntime, Completions, Dispatcher, Pool, PoolSettings, Reservations};
 
 /// A started daemon.
@@ -329,7 +329,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // Migrations ran, the endpoint listens, the workers start now: ready.
     crate::worker::notify_systemd(sd_notify::NotifyState::Ready);
     health.set_ready(true);
-    let servers: Vec<_> = callback.into_iter().chain(monitor).map(|(_, task)| task).collect();
+    let servers: Vec<_> = callback
+        .into_iter()
+        .chain(monitor)
+        .map(|(_, task)| task)
+        .collect();
     let done = tokio::spawn(async move {
         Pool::new(dispatcher, settings, wake).run(shutdown).await;
         services.wait().await;

@@ -70,8 +70,12 @@ impl FailureStreak {
     }
 
     fn last_error(&self) -> Option<String> {
-        (self.since.load(Ordering::Relaxed) != 0)
-            .then(|| self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        (self.since.load(Ordering::Relaxed) != 0).then(|| {
+            self.last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
     }
 }
 
@@ -327,6 +331,10 @@ mod tests {
         assert_eq!(health.services_problem(), None, "healthy when started");
         let error: &dyn std::fmt::Display = &"refused";
         health.service_result(&join, Err(error));
-        assert_eq!(health.services_problem(), None, "a failure is not yet a problem");
+        assert_eq!(
+            health.services_problem(),
+            None,
+            "a failure is not yet a problem"
+        );
     }
 }

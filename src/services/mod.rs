@@ -275,14 +275,21 @@ mod tests {
         let service = Counting::new(true, Duration::from_millis(10));
         let (passes, stopped) = (service.passes.clone(), service.stopped.clone());
         runner.start(service);
-        assert_eq!(health.services_problem(), None, "not yet past its allowance");
+        assert_eq!(
+            health.services_problem(),
+            None,
+            "not yet past its allowance"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
         let problem = health.services_problem().expect("failing for 200 ms");
         assert!(
             problem.starts_with("counting: no successful pass for 0 s: pass "),
             "{problem}"
         );
-        assert!(problem.ends_with(r"refused\nwith a second line"), "escaped: {problem}");
+        assert!(
+            problem.ends_with(r"refused\nwith a second line"),
+            "escaped: {problem}"
+        );
         assert!(passes.load(Ordering::SeqCst) >= 5, "retried each interval");
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(1), runner.wait())
@@ -309,12 +316,24 @@ mod tests {
         service.wake = Some(wake.clone());
         let passes = service.passes.clone();
         runner.start_after_first_pass(service).await;
-        assert_eq!(passes.load(Ordering::SeqCst), 1, "one pass before returning");
+        assert_eq!(
+            passes.load(Ordering::SeqCst),
+            1,
+            "one pass before returning"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(passes.load(Ordering::SeqCst), 1, "then it waits its interval");
+        assert_eq!(
+            passes.load(Ordering::SeqCst),
+            1,
+            "then it waits its interval"
+        );
         wake.notify_one();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(passes.load(Ordering::SeqCst), 2, "a wake-up runs a pass at once");
+        assert_eq!(
+            passes.load(Ordering::SeqCst),
+            2,
+            "a wake-up runs a pass at once"
+        );
         shutdown.cancel();
         runner.wait().await;
     }

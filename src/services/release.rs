@@ -72,9 +72,9 @@ impl Service for ReleaseHeld {
             }
             Err(e) => failed.push(format!("release due holds: {e}")),
         }
-        let with_room = self
-            .store
-            .release_holds_with_room(&hold_limits, &current.month, &current.day, now);
+        let with_room =
+            self.store
+                .release_holds_with_room(&hold_limits, &current.month, &current.day, now);
         match with_room.await {
             Ok(rows) => {
                 if rows > 0 {

@@ -31,7 +31,9 @@ impl Service for SettleInDoubt {
     }
 
     async fn run_once(&self, now: DateTime<Utc>) -> anyhow::Result<u64> {
-        let before = now.checked_sub_signed(self.window).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let before = now
+            .checked_sub_signed(self.window)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let rows = self.store.give_up_in_doubt(before, now).await?;
         if rows > 0 {
             // Messages given up as unknown: worth an alert.

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 
 use super::Service;
 use crate::domain::clock::Clock;
-use crate::templates::sync_account;
 use crate::store::Store;
+use crate::templates::sync_account;
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
 

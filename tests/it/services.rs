@@ -10,8 +10,7 @@ use wechat_outbox::config::RetentionSettings;
 use wechat_outbox::metrics::Metrics;
 use wechat_outbox::services::release::Released;
 use wechat_outbox::services::{
-    ExpireOverdue, Heartbeat, JoinEvents, Prune, ReleaseHeld, RescueLeases, Service,
-    SettleInDoubt,
+    ExpireOverdue, Heartbeat, JoinEvents, Prune, ReleaseHeld, RescueLeases, Service, SettleInDoubt,
 };
 use wechat_outbox::simulator::SimSettings;
 use wechat_outbox::worker::AccountRuntime;
@@ -120,7 +119,12 @@ async fn release_moves_held_rows_that_are_due(backend: Backend) {
     let accounts = config.accounts().unwrap();
     let release = ReleaseHeld {
         store: db.store().await,
-        accounts: Arc::new(accounts.into_iter().map(|a| Arc::new(AccountRuntime::new(a))).collect()),
+        accounts: Arc::new(
+            accounts
+                .into_iter()
+                .map(|a| Arc::new(AccountRuntime::new(a)))
+                .collect(),
+        ),
         timezone: config.timezone().unwrap(),
     };
     let released = release.run_once(Utc::now()).await.unwrap();
@@ -263,11 +267,17 @@ async fn healthz_names_a_service_that_keeps_failing(backend: Backend) {
         if status == 503 {
             break body;
         }
-        assert!(tokio::time::Instant::now() < deadline, "/healthz stayed 200");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz stayed 200"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(body.starts_with("join: no successful pass for "), "{body}");
-    assert!(body.contains("inbound_events"), "the error is named: {body}");
+    assert!(
+        body.contains("inbound_events"),
+        "the error is named: {body}"
+    );
     db.app.insert_good(2, "s").await;
     db.app.wait_settled(Duration::from_secs(20)).await;
     db.app
@@ -276,7 +286,10 @@ async fn healthz_names_a_service_that_keeps_failing(backend: Backend) {
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while get(healthz.clone()).await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "/healthz stayed 503");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz stayed 503"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     daemon.stop().await;
