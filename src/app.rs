@@ -1,5 +1,5 @@
-//! Wiring: the store, the WeChat client, the token manager and the worker pool, under one
-//! cancellation token.
+//! Wiring: the store, the WeChat client, the token manager, the worker pool and the background
+//! services (src/services/), under one cancellation token.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,15 +13,18 @@ use tokio_util::sync::CancellationToken;
 use crate::callback::{self, CallbackState};
 use crate::config::Config;
 use crate::domain::clock::Clock;
+use crate::domain::retry::InDoubtPolicy;
 use crate::metrics::Metrics;
 use crate::monitor::{self, Health};
-use crate::store::{AccountLimitsRow, Store};
+use crate::services::limits::record_limits;
+use crate::services::{
+    ExpireOverdue, Heartbeat, JoinEvents, Prune, RecordLimits, ReleaseHeld, RescueLeases, Runner,
+    SettleInDoubt, TemplateSync,
+};
+use crate::store::Store;
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
-use crate::worker::{
-    AccountRuntime, Completions, Dispatcher, Pool, PoolSettings, Reservations, rate,
-};
-use crate::{retention, templates};
+use crate::worker::{AccountRuntime, Completions, Dispatcher, Pool, PoolSettings, Reservations};
 
 /// A started daemon.
 pub struct Running {
@@ -81,9 +84,14 @@ impl LimitsReloader {
         if config.limits.timezone != self.zone_name {
             tracing::warn!("limits.timezone changed: it takes effect with a restart");
         }
-        if let Err(e) =
-            record_limits(&self.store, &self.runtimes, &self.zone_name, self.timezone).await
-        {
+        let recorded = record_limits(
+            &self.store,
+            &self.runtimes,
+            &self.zone_name,
+            self.timezone,
+            chrono::Utc::now(),
+        );
+        if let Err(e) = recorded.await {
             tracing::warn!(error = %format!("{e:#}"), "limits in force but not recorded for report_quota yet");
         }
         changed
@@ -187,40 +195,41 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         metrics.clone(),
     ));
     let clock = Arc::new(Clock::default());
-    let runtimes: Vec<Arc<AccountRuntime>> = accounts
-        .into_iter()
-        .map(|a| Arc::new(AccountRuntime::new(a)))
-        .collect();
-    let names: Vec<String> = runtimes.iter().map(|r| r.account.name.clone()).collect();
-    templates::sync_all(&store, &api, &tokens, &names, &clock).await;
-    let template_sync = tokio::spawn(templates::sync_loop(
-        store.clone(),
-        api.clone(),
-        tokens.clone(),
-        names,
-        clock.clone(),
-        Duration::from_secs(config.templates.sync_interval_secs),
-        shutdown.clone(),
-    ));
-    let pruner = tokio::spawn(retention::prune_loop(
-        store.clone(),
-        config.retention.clone(),
-        clock.clone(),
-        shutdown.clone(),
-    ));
-    let rate_share = tokio::spawn(rate::share_rate(
+    let runtimes: Arc<Vec<Arc<AccountRuntime>>> = Arc::new(
+        accounts
+            .into_iter()
+            .map(|a| Arc::new(AccountRuntime::new(a)))
+            .collect(),
+    );
+    let services = Runner::new(health.clone(), clock.clone(), shutdown.clone());
+    // Once before the workers start, so that no row skips the data check because it raced
+    // the first sync; then every interval.
+    services
+        .start_after_first_pass(TemplateSync {
+            store: store.clone(),
+            api: api.clone(),
+            tokens: tokens.clone(),
+            accounts: runtimes.iter().map(|r| r.account.name.clone()).collect(),
+            clock: clock.clone(),
+            interval: Duration::from_secs(config.templates.sync_interval_secs),
+        })
+        .await;
+    services.start(Prune {
+        store: store.clone(),
+        settings: config.retention.clone(),
+    });
+    services.start(Heartbeat::new(
         store.clone(),
         owner.clone(),
-        Arc::new(runtimes.clone()),
-        shutdown.clone(),
+        runtimes.clone(),
     ));
     let dispatcher = Arc::new(Dispatcher {
         store: store.clone(),
         api,
         tokens,
         accounts: runtimes
-            .into_iter()
-            .map(|r| (r.account.name.clone(), r))
+            .iter()
+            .map(|r| (r.account.name.clone(), r.clone()))
             .collect::<HashMap<_, _>>(),
         timezone,
         clock: clock.clone(),
@@ -257,41 +266,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     } else {
         None
     };
-    let joiner = tokio::spawn(callback::join_loop(
+    services.start(JoinEvents::new(
         store.clone(),
         joined,
         metrics.clone(),
         Duration::from_secs(config.callback.join_window_secs),
-        shutdown.clone(),
     ));
     let reloader = LimitsReloader {
         store: store.clone(),
-        runtimes: Arc::new(dispatcher.accounts.values().cloned().collect()),
+        runtimes: runtimes.clone(),
         zone_name: config.limits.timezone.clone(),
         timezone,
     };
-    let limits_refresh = {
-        let (store, accounts, shutdown) =
-            (store.clone(), reloader.runtimes.clone(), shutdown.clone());
-        let zone_name = config.limits.timezone.clone();
-        // Only reports read these, so a database that refuses the write (locked by another
-        // process, say) must not stop the daemon: try again soon, then hourly.
-        tokio::spawn(async move {
-            loop {
-                let wait = match record_limits(&store, &accounts, &zone_name, timezone).await {
-                    Ok(()) => LIMITS_REFRESH,
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot record the account limits yet");
-                        LIMITS_RETRY
-                    }
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        })
-    };
+    services.start(RecordLimits {
+        store: store.clone(),
+        accounts: runtimes.clone(),
+        zone_name: config.limits.timezone.clone(),
+        timezone,
+    });
     let wake = Arc::new(Notify::new());
     let watcher = {
         let (store, wake, shutdown) = (store.clone(), wake.clone(), shutdown.clone());
@@ -315,18 +307,37 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     );
     let callback_addr = callback.as_ref().map(|(addr, _)| *addr);
     let monitor_addr = monitor.as_ref().map(|(addr, _)| *addr);
+    // The table's upkeep, each step on its own: one that fails (a value it cannot handle, a
+    // lock timeout) must not keep the others from running.
+    services.start(RescueLeases {
+        store: store.clone(),
+    });
+    services.start(ReleaseHeld {
+        store: store.clone(),
+        accounts: runtimes.clone(),
+        timezone,
+    });
+    services.start(ExpireOverdue {
+        store: store.clone(),
+    });
+    if dispatcher.retry.in_doubt == InDoubtPolicy::Unknown {
+        services.start(SettleInDoubt {
+            store: store.clone(),
+            window: dispatcher.retry.window(),
+        });
+    }
     // Migrations ran, the endpoint listens, the workers start now: ready.
     crate::worker::notify_systemd(sd_notify::NotifyState::Ready);
     health.set_ready(true);
+    let servers: Vec<_> = callback
+        .into_iter()
+        .chain(monitor)
+        .map(|(_, task)| task)
+        .collect();
     let done = tokio::spawn(async move {
         Pool::new(dispatcher, settings, wake).run(shutdown).await;
-        let _ = limits_refresh.await;
-        let _ = watcher.await;
-        let _ = joiner.await;
-        let _ = template_sync.await;
-        let _ = rate_share.await;
-        let _ = pruner.await;
-        for (_, task) in callback.into_iter().chain(monitor) {
+        services.wait().await;
+        for task in std::iter::once(watcher).chain(servers) {
             let _ = task.await;
         }
         store.close().await;
@@ -339,36 +350,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         limits: reloader,
         done,
     })
-}
-
-/// How often the timezone offset in `account_limits` is brought up to date (a DST change).
-const LIMITS_REFRESH: Duration = Duration::from_secs(3600);
-const LIMITS_RETRY: Duration = Duration::from_secs(10);
-
-/// Writes the limits the accounts run with, for `report_quota`.
-async fn record_limits(
-    store: &Store,
-    accounts: &[Arc<AccountRuntime>],
-    zone_name: &str,
-    timezone: chrono_tz::Tz,
-) -> Result<()> {
-    use chrono::{Offset, TimeZone};
-    let now = chrono::Utc::now();
-    let offset = timezone.offset_from_utc_datetime(&now.naive_utc()).fix();
-    let rows: Vec<AccountLimitsRow> = accounts
-        .iter()
-        .map(|a| AccountLimitsRow {
-            account: a.account.name.clone(),
-            active_templates: a.limits().active_templates,
-            monthly_per_template: a.limits().monthly_per_template,
-            daily_per_account: a.limits().daily_per_account,
-            rate_per_second: a.limits().rate_per_second,
-            timezone: zone_name.to_string(),
-            utc_offset_minutes: offset.local_minus_utc() / 60,
-        })
-        .collect();
-    store.record_limits(&rows, now).await?;
-    Ok(())
 }
 
 /// Applies migrations and returns; `wechat-outbox migrate`.

@@ -265,7 +265,8 @@ pub struct MonitorSettings {
     pub listen: String,
     /// Open connections at once (the timeouts are `[callback]`'s).
     pub max_connections: usize,
-    /// `/healthz` fails once every claim (or every maintenance pass) has failed for this long.
+    /// `/healthz` fails once every claim has failed for this long, or a background service has
+    /// had no successful pass for this long (or three of its intervals, if longer).
     pub failing_after_secs: u64,
 }
 

@@ -7,7 +7,9 @@
 //! - [`domain`]: pure rules: row validation, statuses, errcode classes, retry policy.
 //! - [`worker`]: the pool that claims rows and the dispatch of one message.
 //! - [`wechat`]: the WeChat HTTP API client, the shared access token, crypto and XML.
-//! - [`callback`]: the endpoint for WeChat's pushes, and the join of delivery events.
+//! - [`callback`]: the endpoint for WeChat's pushes.
+//! - [`services`]: the background jobs (upkeep of the table, the join of delivery events,
+//!   retention, template sync, heartbeat) and the one runner that schedules them.
 //! - [`templates`]: syncing WeChat's template list into the `templates` table.
 //! - [`app`]: wiring and shutdown; [`admin`]: the operator's `templates` and `quota` commands.
 //! - [`simulator`]: a WeChat stand-in for tests and staging.
@@ -29,6 +31,7 @@ pub mod monitor;
 mod proptest_support;
 pub mod report;
 pub mod retention;
+pub mod services;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;

@@ -114,9 +114,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&args.config)?;
             let store = wechat_outbox::store::Store::connect(&config.store_settings()).await?;
             store.migrate().await?;
-            let clock = wechat_outbox::domain::clock::Clock::default();
+            let now = chrono::Utc::now();
             let (rows, pushes) =
-                wechat_outbox::retention::prune_due(&store, &config.retention, &clock).await?;
+                wechat_outbox::retention::prune_due(&store, &config.retention, now).await?;
             println!(
                 "deleted {rows} rows and {pushes} pushes older than {} days",
                 config.retention.keep_days

@@ -1,25 +1,24 @@
 //! Retention: terminal rows and stored pushes older than `retention.keep_days` are deleted in
 //! small batches, so that pruning never blocks sends for long. Waiting rows are never deleted.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use chrono::{DateTime, Utc};
 
 use crate::config::RetentionSettings;
-use crate::domain::clock::Clock;
 use crate::store::{Store, StoreResult};
 
 /// A pause between batches, leaving the database to the senders.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(50);
 
-/// Deletes everything due now, batch by batch; returns (rows, pushes) deleted.
+/// Deletes everything due at `now`, batch by batch; returns (rows, pushes) deleted. The
+/// daemon runs it every `interval_secs` (services/prune.rs); `wechat-outbox prune` once.
 pub async fn prune_due(
     store: &Store,
     settings: &RetentionSettings,
-    clock: &Clock,
+    now: DateTime<Utc>,
 ) -> StoreResult<(u64, u64)> {
-    let cutoff = clock.now() - chrono::Duration::days(i64::from(settings.keep_days));
+    let cutoff = now - chrono::Duration::days(i64::from(settings.keep_days));
     let mut total = (0, 0);
     loop {
         let (rows, pushes) = store.prune(cutoff, settings.batch_size).await?;
@@ -28,30 +27,5 @@ pub async fn prune_due(
             return Ok(total);
         }
         tokio::time::sleep(BETWEEN_BATCHES).await;
-    }
-}
-
-/// Prunes every `interval_secs` until `shutdown`.
-pub async fn prune_loop(
-    store: Store,
-    settings: RetentionSettings,
-    clock: Arc<Clock>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match prune_due(&store, &settings, &clock).await {
-            Ok((0, 0)) => {}
-            Ok((rows, pushes)) => tracing::info!(
-                rows,
-                pushes,
-                keep_days = settings.keep_days,
-                "pruned old rows and pushes"
-            ),
-            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(settings.interval_secs)) => {}
-        }
     }
 }

@@ -31,10 +31,8 @@ use crate::config::{Account, MessageMode};
 use crate::domain::text::LOGGED_CHARS;
 use crate::domain::text::loggable;
 use crate::http_server::{BodyDeadline, ConnectionLimits};
-use crate::metrics::{Metrics, NotJoined};
-use crate::store::{
-    InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush, Store, is_data_error,
-};
+use crate::metrics::Metrics;
+use crate::store::{InboundEvent, Recorded, SignedPush, Store};
 use crate::wechat::crypto::{MessageCrypto, signature_matches};
 use crate::wechat::xml;
 
@@ -456,98 +454,4 @@ pub fn inbound_event(
         msgid,
         raw_xml: without_nul(&raw_xml),
     })
-}
-
-/// Joins stored template events to their rows: at once when one arrives, and every second for
-/// events that came before their send was recorded (the push can race the HTTP answer). Events
-/// that cannot join are given up on with a reason; if the pass as a whole fails (a value no
-/// statement can handle), the events are tried one at a time so that one event fails alone.
-pub async fn join_loop(
-    store: Store,
-    wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
-    window: std::time::Duration,
-    shutdown: CancellationToken,
-) {
-    let window_text = format!("{}s", window.as_secs());
-    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-    loop {
-        let now = Utc::now();
-        let pass = JoinPass {
-            now,
-            received_before: now.checked_sub_signed(window).unwrap_or(now),
-            window: &window_text,
-            only: None,
-        };
-        match store.join_delivery_events(&pass).await {
-            Ok(counts) => count_join(&metrics, counts),
-            Err(e) => {
-                tracing::warn!(error = %e, "the join pass failed; joining events one at a time");
-                join_one_at_a_time(&store, &metrics, &pass).await;
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-/// Most events a pass tries one at a time; the rest wait for the next pass.
-const ONE_AT_A_TIME: i64 = 1000;
-
-/// Each waiting event in its own transaction; one whose join the database refuses (a value it
-/// cannot handle) is given up on with the error, so that the others still join. Any other
-/// failure (a lock, a timeout, a lost connection) stops the pass without giving anything up.
-async fn join_one_at_a_time(store: &Store, metrics: &Metrics, pass: &JoinPass<'_>) {
-    let ids = match store.unjoined_events(ONE_AT_A_TIME).await {
-        Ok(ids) => ids,
-        Err(e) => return tracing::warn!(error = %e, "cannot list the events waiting to join"),
-    };
-    for id in ids {
-        let one = JoinPass {
-            only: Some(id),
-            ..*pass
-        };
-        match store.join_delivery_events(&one).await {
-            Ok(counts) => count_join(metrics, counts),
-            // A lock, a timeout, a lost connection: the event is fine; the next pass tries again.
-            Err(e) if !is_data_error(&e) => {
-                return tracing::warn!(error = %e, "cannot join delivery events now; trying again");
-            }
-            Err(e) => {
-                let problem = format!("the join failed for this event: {e}");
-                if let Err(e) = store.give_up_event(id, &problem, pass.now).await {
-                    return tracing::warn!(error = %e, "cannot give up on an unjoinable event");
-                }
-                tracing::warn!(
-                    event = id,
-                    "a delivery event could not be joined; given up on"
-                );
-                metrics.events_not_joined(NotJoined::Unjoinable, 1);
-            }
-        }
-    }
-}
-
-fn count_join(metrics: &Metrics, counts: JoinCounts) {
-    if counts.joined > 0 {
-        metrics.events_joined(counts.joined);
-        tracing::debug!(rows = counts.joined, "delivery events joined");
-    }
-    if counts.mismatched > 0 {
-        metrics.events_not_joined(NotJoined::OpenidMismatch, counts.mismatched);
-        tracing::warn!(
-            events = counts.mismatched,
-            "delivery events whose FromUserName is not the row's touser; rows left as they were"
-        );
-    }
-    if counts.given_up > 0 {
-        metrics.events_not_joined(NotJoined::NoSentRow, counts.given_up);
-        tracing::info!(
-            events = counts.given_up,
-            "delivery events with no sent row within the join window; given up on"
-        );
-    }
 }

@@ -90,6 +90,8 @@ pub struct OutcomeColumns {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub errcode: Option<i64>,
     pub error: Option<String>,
+    /// Whether this attempt may have reached WeChat. `false` does not clear the doubt of an
+    /// earlier attempt while the row waits: `finish_many` keeps it.
     pub in_doubt: bool,
     /// 1 when the attempt the claim counted is given back.
     pub refund_attempt: i32,

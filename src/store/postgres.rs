@@ -321,10 +321,11 @@ pub(super) async fn finish_many(
         "UPDATE outbox AS o SET status = v.status, msgid = COALESCE(v.msgid, o.msgid),
                 sent_at = CASE WHEN v.sent THEN v.now ELSE o.sent_at END,
                 next_attempt_at = COALESCE(v.next_attempt_at, o.next_attempt_at),
-                last_errcode = v.errcode, last_error = v.error, in_doubt = v.in_doubt,
+                last_errcode = v.errcode, last_error = v.error,
+                in_doubt = (v.in_doubt OR (o.in_doubt AND v.status IN ('pending', 'held'))),
                 attempts = o.attempts - v.refund, lease_owner = NULL, lease_expires_at = NULL,
                 updated_at = v.now, held_for = v.held_for,
-                in_doubt_since = CASE WHEN v.in_doubt
+                in_doubt_since = CASE WHEN (v.in_doubt OR (o.in_doubt AND v.status IN ('pending', 'held')))
                                       THEN COALESCE(o.in_doubt_since, v.began) END
          FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::boolean[],
                      $5::timestamptz[], $6::integer[], $7::text[], $8::boolean[],

@@ -32,7 +32,8 @@ impl Store {
     /// transaction (one commit, one fsync); for each, whether the row was still ours. All or
     /// none: on an error nothing was written. `attempt_began` is when an attempt was claimed: if
     /// its outcome leaves the row in doubt for the first time, the de-duplication window
-    /// started then.
+    /// started then. Doubt an earlier attempt left is kept while the row waits (pending or
+    /// held), whatever the outcome says; only a final outcome ends it.
     pub async fn finish_many(&self, owner: &str, items: &[Finish]) -> StoreResult<Vec<bool>> {
         on_backend!(self, |pool, dialect| dialect::finish_many(
             pool, owner, items
@@ -69,7 +70,8 @@ impl Store {
     pub async fn expire_overdue(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         on_backend!(self, |pool, _d| {
             let done = sqlx::query(
-                "UPDATE outbox SET status = 'expired', last_error = $2, updated_at = $1
+                "UPDATE outbox SET status = 'expired', held_for = NULL, last_error = $2,
+                        updated_at = $1
                  WHERE status IN ('pending', 'held') AND expires_at <= $1",
             )
             .bind(Time(now))

@@ -304,10 +304,11 @@ pub(super) async fn finish_many(
         "UPDATE outbox SET status = v.status, msgid = COALESCE(v.msgid, outbox.msgid),
                 sent_at = CASE WHEN v.sent THEN v.now ELSE outbox.sent_at END,
                 next_attempt_at = COALESCE(v.next_attempt_at, outbox.next_attempt_at),
-                last_errcode = v.errcode, last_error = v.error, in_doubt = v.in_doubt,
+                last_errcode = v.errcode, last_error = v.error,
+                in_doubt = (v.in_doubt OR (outbox.in_doubt = 1 AND v.status IN ('pending', 'held'))),
                 attempts = outbox.attempts - v.refund, lease_owner = NULL,
                 lease_expires_at = NULL, updated_at = v.now, held_for = v.held_for,
-                in_doubt_since = CASE WHEN v.in_doubt
+                in_doubt_since = CASE WHEN (v.in_doubt OR (outbox.in_doubt = 1 AND v.status IN ('pending', 'held')))
                                       THEN COALESCE(outbox.in_doubt_since, v.began) END
          FROM (SELECT value ->> 'id' AS id, value ->> 'status' AS status,
                       value ->> 'msgid' AS msgid, value ->> 'sent' AS sent,

@@ -1,7 +1,8 @@
 //! The worker pool: claims due rows in batches, holds up to `concurrency + claim_ahead` of them
 //! (at most `concurrency` with a request to WeChat in flight; the others are having their quota
-//! counted or their outcome written, so a free request slot never waits for a commit), and keeps
-//! the table healthy (rescues expired leases, expires overdue rows).
+//! counted or their outcome written, so a free request slot never waits for a commit). The
+//! table's upkeep (rescuing expired leases, expiring overdue rows, releasing held rows) is done
+//! by services (src/services/).
 //!
 //! No transaction or lock is held across an HTTP call: a claim is one short transaction that
 //! sets a lease (and counts the quota of the rows it can tell are ready), and each outcome is
@@ -26,11 +27,8 @@ pub use rate::AccountRuntime;
 
 use crate::domain::message::RawMessage;
 use crate::domain::quota::periods;
-use crate::domain::retry::InDoubtPolicy;
-use crate::store::{ClaimRequest, Claimed, HoldLimits, Outcome};
+use crate::store::{ClaimRequest, Claimed, Outcome};
 
-/// How often expired leases are rescued and overdue rows expired.
-const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest the claim loop waits before passing again, so that `/healthz` can tell a
 /// waiting loop from a stuck one.
 pub const CLAIM_LOOP_MAX_WAIT: Duration = Duration::from_secs(5);
@@ -69,8 +67,6 @@ impl Pool {
     pub async fn run(&self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
-        let maintenance = tokio::spawn(maintain(self.dispatcher.clone(), shutdown.clone()));
-
         self.claim_loop(&tracker, &hard_stop, &shutdown).await;
         self.dispatcher.health.set_ready(false);
         notify_systemd(sd_notify::NotifyState::Stopping);
@@ -91,7 +87,6 @@ impl Pool {
             hard_stop.cancel();
             tracker.wait().await;
         }
-        let _ = maintenance.await;
         // Anything a task could not release itself (say, the database was down) goes back too.
         match self
             .dispatcher
@@ -242,99 +237,5 @@ impl Drop for NotifyOnDrop {
 pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     if let Err(e) = sd_notify::notify(&[state]) {
         tracing::warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// How loudly a maintenance step reports the rows it moved.
-enum Noteworthy {
-    Info,
-    Warn,
-}
-
-/// Rescues rows of daemons that died, returns held rows whose time or room has come, expires
-/// overdue rows, and settles in-doubt rows whose de-duplication window has passed.
-async fn maintain(d: Arc<Dispatcher>, shutdown: CancellationToken) {
-    loop {
-        d.health.maintenance_passed();
-        let now = d.clock.now();
-        let current = periods(now, d.timezone);
-        // Read each pass: a reload (SIGHUP) may have raised a limit.
-        let limits: Vec<_> = d
-            .accounts
-            .iter()
-            .map(|(name, runtime)| (name, runtime.limits()))
-            .collect();
-        let hold_limits: Vec<HoldLimits> = limits
-            .iter()
-            .map(|(name, limits)| HoldLimits {
-                account: name,
-                active_templates: limits
-                    .auto_activate_templates
-                    .then_some(limits.active_templates),
-                monthly_per_template: limits.monthly_per_template,
-                daily_per_account: limits.daily_per_account,
-            })
-            .collect();
-        // Each step on its own: one that fails (a value it cannot handle, a lock timeout) must
-        // not keep the others from running.
-        let steps = [
-            (
-                "rescue expired leases",
-                "rescued rows whose lease expired",
-                Noteworthy::Warn,
-                d.store.rescue_expired_leases(now).await,
-            ),
-            (
-                "release due holds",
-                "held rows are due again",
-                Noteworthy::Info,
-                d.store.release_due_holds(now).await,
-            ),
-            (
-                "release holds with room",
-                "held rows have room again",
-                Noteworthy::Info,
-                d.store
-                    .release_holds_with_room(&hold_limits, &current.month, &current.day, now)
-                    .await,
-            ),
-            (
-                "expire overdue rows",
-                "rows expired before they could be sent",
-                Noteworthy::Info,
-                d.store.expire_overdue(now).await,
-            ),
-            (
-                "settle in-doubt rows",
-                "in-doubt rows past the de-duplication window marked unknown",
-                Noteworthy::Warn,
-                if d.retry.in_doubt == InDoubtPolicy::Unknown {
-                    d.store.give_up_in_doubt(now - d.retry.window(), now).await
-                } else {
-                    Ok(0)
-                },
-            ),
-        ];
-        let mut failed = None;
-        for (step, done, level, result) in &steps {
-            match (result, level) {
-                (Ok(0), _) => {}
-                (Ok(rows), Noteworthy::Info) => tracing::info!(rows, "{done}"),
-                // A daemon died, or messages were given up as unknown: worth an alert.
-                (Ok(rows), Noteworthy::Warn) => tracing::warn!(rows, "{done}"),
-                (Err(e), _) => {
-                    tracing::warn!(error = %e, step, "maintenance step failed; trying again");
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        d.health.maintenance_result(match failed {
-            None => Ok(()),
-            Some(e) => Err(e as &dyn std::fmt::Display),
-        });
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
-        }
     }
 }

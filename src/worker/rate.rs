@@ -1,17 +1,15 @@
 //! The per-account send rate, shared by the cluster: each live daemon (a heartbeat row in the
-//! database) takes an equal share of `rate_per_second`, re-divided when one joins or dies.
+//! database, beaten by services/heartbeat.rs) takes an equal share of `rate_per_second`,
+//! re-divided when one joins or dies.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use chrono::Utc;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Account, Limits};
-use crate::store::Store;
 
 /// How often a daemon says it is alive; three missed beats and it no longer counts.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -73,7 +71,8 @@ impl AccountRuntime {
         limiter.until_ready().await;
     }
 
-    fn share_with(&self, daemons: u32) {
+    /// Divides the rate among `daemons` live daemons (the heartbeat, services/heartbeat.rs).
+    pub(crate) fn share_with(&self, daemons: u32) {
         let _rebuilding = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
         self.rebuild(daemons);
     }
@@ -100,47 +99,6 @@ fn limiter_for(rate: u32, daemons: u32) -> DefaultDirectRateLimiter {
         .expect("a positive period")
         .allow_burst(burst);
     RateLimiter::direct(quota)
-}
-
-/// Beats the heartbeat and re-divides the rate when the number of live daemons changes;
-/// removes this daemon's row when it stops.
-pub async fn share_rate(
-    store: Store,
-    owner: String,
-    accounts: Arc<Vec<Arc<AccountRuntime>>>,
-    shutdown: CancellationToken,
-) {
-    let mut sharing = 1;
-    loop {
-        let now = Utc::now();
-        let alive_since =
-            now - chrono::Duration::from_std(HEARTBEAT_INTERVAL * 3).unwrap_or_default();
-        match store.heartbeat(&owner, now, alive_since).await {
-            Ok(alive) => {
-                let alive = u32::try_from(alive.max(1)).unwrap_or(u32::MAX);
-                if alive != sharing {
-                    tracing::info!(
-                        daemons = alive,
-                        "re-dividing the send rate among live daemons"
-                    );
-                    for account in accounts.iter() {
-                        account.share_with(alive);
-                    }
-                    sharing = alive;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed; keeping the current rate share")
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
-        }
-    }
-    if let Err(e) = store.remove_daemon(&owner).await {
-        tracing::warn!(error = %e, "could not remove this daemon's heartbeat row");
-    }
 }
 
 #[cfg(test)]

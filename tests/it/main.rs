@@ -19,5 +19,6 @@ mod poison;
 mod processes;
 mod reports;
 mod retries;
+mod services;
 mod simulator_pushes;
 mod store_contract;

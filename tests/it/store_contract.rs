@@ -78,7 +78,7 @@ impl Fx {
     /// A time as an SQL literal of this backend.
     fn lit(&self, t: DateTime<Utc>) -> String {
         match self.db.backend {
-            Backend::Sqlite => format!("'{}'", wechat_outbox::store::sqlite::ts(t)),
+            Backend::Sqlite => format!("'{}'", wechat_outbox::store::time::ts(t)),
             Backend::Postgres => format!("'{}'", t.to_rfc3339_opts(SecondsFormat::Millis, true)),
         }
     }
@@ -635,6 +635,84 @@ async fn in_doubt_since_keeps_the_first_attempts_start(backend: Backend) {
 }
 on_both_backends!(in_doubt_since_keeps_the_first_attempts_start);
 
+/// Doubt an earlier attempt left is kept while the row waits, whatever a later outcome says:
+/// a release (daemon stopping, lease lost) or a hold writes `in_doubt: false`, yet the earlier
+/// request may have reached WeChat, and dropping the doubt would let a resend after the
+/// de-duplication window reach the user twice. Only a final outcome ends it.
+async fn doubt_is_kept_while_the_row_waits(backend: Backend) {
+    let fx = Fx::new(backend).await;
+    let id = fx
+        .insert("oDoubt", &[("next_attempt_at", fx.at(-1000))])
+        .await;
+    let finish = |outcome, claimed: i64| Finish {
+        id,
+        outcome,
+        now: fx.t(claimed + 5),
+        attempt_began: fx.t(claimed),
+    };
+    let first_doubt = ms(fx.t(-100));
+    assert_eq!(ids(&fx.claim_at("me", 1, fx.t(-100)).await), [id]);
+    let in_doubt = Outcome::Retry {
+        at: fx.t(-90),
+        errcode: None,
+        reason: "timed out".into(),
+        in_doubt: true,
+    };
+    fx.store
+        .finish_many("me", &[finish(in_doubt, -100)])
+        .await
+        .unwrap();
+
+    assert_eq!(ids(&fx.claim_at("me", 1, fx.t(-80)).await), [id]);
+    let released = Outcome::Release {
+        errcode: None,
+        reason: "released at shutdown before it was sent".into(),
+        in_doubt: false,
+    };
+    fx.store
+        .finish_many("me", &[finish(released, -80)])
+        .await
+        .unwrap();
+    let s = fx.snap(id).await;
+    assert_eq!(
+        (s.status.as_str(), s.in_doubt, s.doubt_ms),
+        ("pending", 1, Some(first_doubt))
+    );
+
+    assert_eq!(ids(&fx.claim_at("me", 1, fx.t(-60)).await), [id]);
+    let held = Outcome::Hold {
+        until: fx.t(-50),
+        held_for: HeldFor::Template,
+        reason: "no room".into(),
+    };
+    fx.store
+        .finish_many("me", &[finish(held, -60)])
+        .await
+        .unwrap();
+    let s = fx.snap(id).await;
+    assert_eq!(
+        (s.status.as_str(), s.in_doubt, s.doubt_ms),
+        ("held", 1, Some(first_doubt))
+    );
+
+    fx.store.release_due_holds(fx.t(-40)).await.unwrap();
+    assert_eq!(ids(&fx.claim_at("me", 1, fx.t(-40)).await), [id]);
+    let failed = Outcome::Failed {
+        errcode: Some(40003),
+        reason: "invalid openid".into(),
+    };
+    fx.store
+        .finish_many("me", &[finish(failed, -40)])
+        .await
+        .unwrap();
+    let s = fx.snap(id).await;
+    assert_eq!(
+        (s.status.as_str(), s.in_doubt, s.doubt_ms),
+        ("failed", 0, None)
+    );
+}
+on_both_backends!(doubt_is_kept_while_the_row_waits);
+
 // ---------------------------------------------------------------------------------------------
 // leases
 
@@ -745,6 +823,7 @@ async fn expire_overdue_takes_only_waiting_rows_past_expiry(backend: Backend) {
     for id in [pending, held] {
         let s = fx.snap(id).await;
         assert_eq!(s.status, "expired", "{s:?}");
+        assert_eq!(s.held_for, None, "an expired row waits for nothing: {s:?}");
         assert!(s.last_error.unwrap().contains("expires_at passed"));
         assert_eq!(s.updated_ms, ms(fx.now));
     }
@@ -1989,13 +2068,10 @@ async fn recorded_limits_show_in_the_quota_report(backend: Backend) {
     let fx = Fx::new(backend).await;
     let limits = |monthly| AccountLimitsRow {
         account: "default".into(),
-        limits: wechat_outbox::config::Limits {
-            active_templates: 10,
-            auto_activate_templates: true,
-            monthly_per_template: monthly,
-            daily_per_account: 50,
-            rate_per_second: 20,
-        },
+        active_templates: 10,
+        monthly_per_template: monthly,
+        daily_per_account: 50,
+        rate_per_second: 20,
         timezone: "UTC".into(),
         utc_offset_minutes: 0,
     };
