@@ -1,6 +1,6 @@
 //! The life of one claimed message: check it, hold it on a limit or count it in the quota,
 //! wait for the account's rate, send it, and write down what happened. Every path ends in
-//! `Store::finish_many` (through the grouped writer) with a readable reason.
+//! `Store::finish_many` (through `record.rs`, which writes in groups) with a readable reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;

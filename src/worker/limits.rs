@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::Dispatcher;
-use super::grouped::ReservationRequest;
+use super::record::ReservationRequest;
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::{Periods, periods};
 use crate::domain::template::check_data;

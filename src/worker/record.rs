@@ -1,10 +1,11 @@
+//! Recording what happens to a message: its quota reservation before the request leaves
+//! (`Reservations`) and its outcome after (`Completions`).
+//!
 //! Writes that many message tasks make at once are done in groups: one task takes every
 //! request waiting and runs them in one transaction, so a busy pool pays one commit (one
 //! fsync) per group instead of one per message. Nothing waits for a group to fill: while one
 //! transaction runs, the next group gathers; an idle daemon writes each request at once. Each
 //! task still waits for its own result, durable, before it goes on. docs/benchmarks.md.
-//!
-//! Two writers use it: quota reservations (before a request leaves) and outcomes (after).
 
 use std::future::Future;
 
