@@ -283,8 +283,11 @@ pub(super) async fn claim(
     let items = reserve::claim_reservations(request, &rows, &terms);
     // Every row is ours and already marked by the claim: count them.
     let marked = vec![true; items.len()];
-    let now = request.now;
-    let results = reserve::count(&mut PgCounters { tx: &mut tx, now }, &items, &marked).await?;
+    let mut counters = PgCounters {
+        tx: &mut tx,
+        now: request.now,
+    };
+    let results = reserve::count(&mut counters, &items, &marked).await?;
     let claimed = reserve::claimed(rows, &terms, results);
     // The claim's marks stay only on the rows it counted.
     let unmark: Vec<i64> = claimed
@@ -293,10 +296,7 @@ pub(super) async fn claim(
         .map(|c| c.raw.id)
         .collect();
     if !unmark.is_empty() {
-        sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)")
-            .bind(unmark)
-            .execute(&mut *tx)
-            .await?;
+        reserve::Counters::unmark(&mut counters, unmark).await?;
     }
     tx.commit().await?;
     Ok(claimed)
@@ -373,47 +373,47 @@ pub(super) async fn finish_many(
     Ok(super::written(items, |i| i.id, updated))
 }
 
-/// Reserves quota for `items` inside `tx` (see `reserve_quota_many`).
+/// Reserves quota for `items` inside `tx` (see `Store::reserve_quota_many`).
 pub(super) async fn reserve_in(
     tx: &mut Transaction<'_, Postgres>,
     items: &[QuotaReservation<'_>],
 ) -> StoreResult<Vec<Reserved>> {
-    let Some(first) = items.first() else {
-        return Ok(Vec::new());
-    };
-    let now = first.now;
-    // Every row still ours gets its periods; the others lost their lease.
-    let marked_ids: Vec<i64> = sqlx::query_scalar(
-        "UPDATE outbox AS o SET quota_month = v.month, quota_day = v.day
-         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-              AS v(id, month, day, owner)
-         WHERE o.id = v.id AND (o.status = 'sending') IS TRUE AND o.lease_owner = v.owner
-         RETURNING o.id",
-    )
-    .bind(items.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind(items.iter().map(|r| r.month).collect::<Vec<_>>())
-    .bind(items.iter().map(|r| r.day).collect::<Vec<_>>())
-    .bind(items.iter().map(|r| r.owner).collect::<Vec<_>>())
-    .fetch_all(&mut **tx)
-    .await?;
-    let marked = super::written(items, |r| r.id, marked_ids);
-    let results = reserve::count(&mut PgCounters { tx, now }, items, &marked).await?;
-    let waiting = reserve::waiting(items, &results);
-    if !waiting.is_empty() {
-        sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)")
-            .bind(waiting)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(results)
+    let now = items.first().map_or_else(Utc::now, |r| r.now);
+    reserve::reserve(&mut PgCounters { tx, now }, items).await
 }
 
+/// Each statement takes the whole group as arrays: one round trip however many rows and
+/// counters it touches.
 struct PgCounters<'t, 'c> {
     tx: &'t mut Transaction<'c, Postgres>,
     now: DateTime<Utc>,
 }
 
 impl reserve::Counters for PgCounters<'_, '_> {
+    async fn mark(&mut self, items: &[QuotaReservation<'_>]) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar(
+            "UPDATE outbox AS o SET quota_month = v.month, quota_day = v.day
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+                  AS v(id, month, day, owner)
+             WHERE o.id = v.id AND (o.status = 'sending') IS TRUE AND o.lease_owner = v.owner
+             RETURNING o.id",
+        )
+        .bind(items.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(items.iter().map(|r| r.month).collect::<Vec<_>>())
+        .bind(items.iter().map(|r| r.day).collect::<Vec<_>>())
+        .bind(items.iter().map(|r| r.owner).collect::<Vec<_>>())
+        .fetch_all(&mut **self.tx)
+        .await
+    }
+
+    async fn unmark(&mut self, ids: Vec<i64>) -> StoreResult<()> {
+        sqlx::query("UPDATE outbox SET quota_month = NULL, quota_day = NULL WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut **self.tx)
+            .await?;
+        Ok(())
+    }
+
     async fn lock_all(&mut self, keys: &[CounterKey]) -> StoreResult<HashMap<CounterKey, i64>> {
         // Rows are inserted (or found and locked) in the order of `ord`.
         let rows: Vec<(String, String, String, i64)> = sqlx::query_as(

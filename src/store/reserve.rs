@@ -63,14 +63,39 @@ impl CounterKey {
     }
 }
 
-/// The two statements a backend runs inside its reservation transaction, each one round trip
-/// however many counters the group touches.
+/// The statements a backend runs inside its reservation transaction (each dialect's
+/// `Counters`), the group's rows marked and unmarked and its counters locked and added to.
 pub(crate) trait Counters {
+    /// Writes each row's periods if it is still in flight under its owner's lease; the ids
+    /// written.
+    async fn mark(&mut self, items: &[QuotaReservation<'_>]) -> StoreResult<Vec<i64>>;
+    /// Takes the periods off rows that were not counted after all.
+    async fn unmark(&mut self, ids: Vec<i64>) -> StoreResult<()>;
     /// Locks counter rows (creating each at 0) in the order given, for the rest of the
     /// transaction; each one's count.
     async fn lock_all(&mut self, keys: &[CounterKey]) -> StoreResult<HashMap<CounterKey, i64>>;
     /// Adds to counters this transaction has locked.
     async fn add_all(&mut self, adds: &[(CounterKey, i64)]) -> StoreResult<()>;
+}
+
+/// Reserves quota for a group of rows inside one transaction (see
+/// `Store::reserve_quota_many`): mark the rows still ours, count them, unmark those that must
+/// wait.
+pub(crate) async fn reserve<C: Counters>(
+    counters: &mut C,
+    items: &[QuotaReservation<'_>],
+) -> StoreResult<Vec<Reserved>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let marked_ids = counters.mark(items).await?;
+    let marked = super::written(items, |r| r.id, marked_ids);
+    let results = count(counters, items, &marked).await?;
+    let waiting = waiting(items, &results);
+    if !waiting.is_empty() {
+        counters.unmark(waiting).await?;
+    }
+    Ok(results)
 }
 
 /// Counts the rows still ours (`marked`) against their counters: locks every counter the
