@@ -14,6 +14,8 @@ use wechat_outbox::store::{
     StoredToken, SyncedTemplate, TemplateUse, TokenLease,
 };
 
+use wechat_outbox::domain::status::Status;
+
 use crate::helpers::{AppDb, Backend, TestDb};
 use crate::on_both_backends;
 
@@ -2012,16 +2014,8 @@ on_both_backends!(heartbeat_counts_live_daemons);
 async fn prune_deletes_only_old_terminal_rows_up_to_the_batch(backend: Backend) {
     let fx = Fx::new(backend).await;
     let old = || vec![("updated_at", fx.at(-10 * 86400))];
-    for status in [
-        "sent",
-        "failed",
-        "expired",
-        "cancelled",
-        "unknown",
-        "delivered",
-        "blocked",
-        "undelivered",
-    ] {
+    let terminal = Status::ALL.into_iter().filter(|s| s.is_terminal());
+    for status in terminal.map(Status::as_str) {
         fx.insert_in(&format!("o{status}"), status, &old()).await;
     }
     let recent = fx
