@@ -55,7 +55,13 @@ pub const LOGGED_CHARS: usize = 64;
 /// characters escaped, so that no row, push or request can write a line of its own (or ANSI
 /// codes) into a text log.
 pub fn loggable(text: &str) -> String {
-    escape_control(&cut(text, LOGGED_CHARS)).into_owned()
+    loggable_within(text, LOGGED_CHARS)
+}
+
+/// [`loggable`] with a bound of the caller's: for an error, whose text may echo outside input
+/// but needs more than a value's room to be read.
+pub fn loggable_within(text: &str, max_chars: usize) -> String {
+    escape_control(&cut(text, max_chars)).into_owned()
 }
 
 /// Characters that can forge or disguise a log line.

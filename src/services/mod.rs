@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::clock::Clock;
-use crate::domain::text::escape_control;
+use crate::domain::lifecycle::reason;
+use crate::domain::text::loggable_within;
 use crate::monitor::{Health, ServiceHealth};
 
 pub use expire::ExpireOverdue;
@@ -200,7 +201,7 @@ async fn pass<S: Service>(
 /// An error as a log line may carry it: errors can echo outside input (a value a database
 /// refused, WeChat's errmsg), so it is bounded and its control characters escaped.
 pub fn loggable_error(error: &anyhow::Error) -> String {
-    escape_control(&crate::store::bounded(&format!("{error:#}"))).into_owned()
+    loggable_within(&format!("{error:#}"), reason::MAX_CHARS)
 }
 
 #[cfg(test)]

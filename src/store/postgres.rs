@@ -378,8 +378,10 @@ pub(super) async fn reserve_in(
     tx: &mut Transaction<'_, Postgres>,
     items: &[QuotaReservation<'_>],
 ) -> StoreResult<Vec<Reserved>> {
-    let now = items.first().map_or_else(Utc::now, |r| r.now);
-    reserve::reserve(&mut PgCounters { tx, now }, items).await
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    reserve::reserve(&mut PgCounters { tx, now: first.now }, items).await
 }
 
 /// Each statement takes the whole group as arrays: one round trip however many rows and

@@ -85,9 +85,6 @@ pub(crate) async fn reserve<C: Counters>(
     counters: &mut C,
     items: &[QuotaReservation<'_>],
 ) -> StoreResult<Vec<Reserved>> {
-    if items.is_empty() {
-        return Ok(Vec::new());
-    }
     let marked_ids = counters.mark(items).await?;
     let marked = super::written(items, |r| r.id, marked_ids);
     let results = count(counters, items, &marked).await?;

@@ -333,8 +333,10 @@ pub(super) async fn reserve_in(
     tx: &mut Transaction<'_, Sqlite>,
     items: &[QuotaReservation<'_>],
 ) -> StoreResult<Vec<Reserved>> {
-    let now = items.first().map_or_else(Utc::now, |r| r.now);
-    reserve::reserve(&mut SqliteCounters { tx, now }, items).await
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    reserve::reserve(&mut SqliteCounters { tx, now: first.now }, items).await
 }
 
 /// The two statements of `Store::release_holds_with_room`, with the limits as one JSON array.
