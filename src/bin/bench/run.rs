@@ -1,0 +1,319 @@
+//! One run: a fresh database (SQLite file or Postgres database), a stand-in for WeChat (the
+//! simulator in this process, or an outside stub), and the daemon as a child process.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Result, bail};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, SqliteConnection};
+use tokio_util::sync::CancellationToken;
+use wechat_outbox::config::Config;
+use wechat_outbox::simulator::{self, SimSettings, Simulator};
+
+use crate::db::{Db, Workload, db_work};
+use crate::host::{HostCpu, cpu_secs, epoch_ms, free_port, peak_rss_mib};
+use crate::{Args, Backend};
+
+/// What stands in for WeChat in a run.
+pub enum StandIn {
+    /// The project's simulator, in this process, with these settings.
+    Simulator(Box<SimSettings>),
+    /// A server outside the bench (the peer kit's stubs), at this base URL.
+    External(String),
+}
+
+/// What a drain measured.
+pub struct Drained {
+    /// Messages per second from the daemon's `/readyz` to the last row ended.
+    pub from_ready: f64,
+    /// Messages per second from the first row's `sent_at` to the last row ended: the peer
+    /// kit's headline (from its first job to the last).
+    pub from_first: f64,
+    /// The whole machine's busy CPU per message over the run (daemon, database, stand-in,
+    /// this bench), in ms.
+    pub host_cpu_ms: f64,
+}
+
+pub struct Run<'a> {
+    args: &'a Args,
+    backend: Backend,
+    sim: Option<(Arc<Simulator>, CancellationToken)>,
+    workload: Workload,
+    dir: PathBuf,
+    database_url: String,
+    pg_name: Option<String>,
+    config: PathBuf,
+    monitor: String,
+}
+
+impl<'a> Run<'a> {
+    pub async fn new(args: &'a Args, backend: Backend, stand_in: StandIn) -> Result<Run<'a>> {
+        let (sim, base_url, workload) = match stand_in {
+            StandIn::Simulator(settings) => {
+                let sim = Simulator::new(*settings);
+                let stop = CancellationToken::new();
+                let addr =
+                    simulator::spawn("127.0.0.1:0".parse()?, sim.clone(), stop.clone()).await?;
+                (
+                    Some((sim, stop)),
+                    format!("http://{addr}"),
+                    Workload::Simulator,
+                )
+            }
+            StandIn::External(url) => (None, url, Workload::KitStub),
+        };
+        let dir = std::env::temp_dir().join(format!("wo-bench-{:08x}", fastrand::u32(..)));
+        std::fs::create_dir_all(&dir)?;
+        let (database_url, pg_name) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}", dir.join("outbox.db").display()),
+                None,
+            ),
+            Backend::Postgres => {
+                let name = format!("wo_bench_{:08x}", fastrand::u32(..));
+                let mut admin = PgConnection::connect(&args.postgres_url).await?;
+                sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut admin)
+                    .await?;
+                let mut url: reqwest::Url = args.postgres_url.parse()?;
+                url.set_path(&format!("/{name}"));
+                (url.to_string(), Some(name))
+            }
+        };
+        let monitor = free_port()?;
+        let toml = format!(
+            r#"
+            database_url = "{database_url}"
+            [api]
+            base_url = "{base_url}"
+            [workers]
+            concurrency = {concurrency}
+            claim_ahead = {claim_ahead}
+            batch_size = {batch}
+            [limits]
+            rate_per_second = 1000000
+            monthly_per_template = 100000000
+            daily_per_account = 100000000
+            [retention]
+            interval_secs = 86400
+            [callback]
+            enabled = false
+            [monitor]
+            listen = "{monitor}"
+            [[accounts]]
+            name = "default"
+            appid = "wxbench000000001"
+            secret = "bench-secret"
+            "#,
+            concurrency = args.concurrency,
+            claim_ahead = args.claim_ahead,
+            batch = args.batch_size,
+        );
+        let config = dir.join("config.toml");
+        std::fs::write(&config, &toml)?;
+        wechat_outbox::app::migrate(&Config::from_toml(&toml)?).await?;
+        Ok(Run {
+            args,
+            backend,
+            sim,
+            workload,
+            dir,
+            database_url,
+            pg_name,
+            config,
+            monitor,
+        })
+    }
+
+    /// Starts the daemon and waits for `/readyz`.
+    async fn start_daemon(&self) -> Result<Child> {
+        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--daemon")
+            .arg(&self.config)
+            .env("RUST_LOG", &self.args.daemon_log)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let readyz = format!("http://{}/readyz", self.monitor);
+        let http = wechat_outbox::wechat::api::http_client(reqwest::Client::builder())?;
+        loop {
+            if let Ok(r) = http.get(&readyz).send().await
+                && r.status() == 200
+            {
+                return Ok(child);
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                let _ = stop(&mut child);
+                bail!(
+                    "daemon not ready; see {}",
+                    self.dir.join("daemon.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn sql(&self) -> Result<Db> {
+        Ok(match self.backend {
+            Backend::Sqlite => Db::Sqlite(SqliteConnection::connect(&self.database_url).await?),
+            Backend::Postgres => Db::Postgres(PgConnection::connect(&self.database_url).await?),
+        })
+    }
+
+    /// Deliveries the stand-in counted twice: the simulator knows; an outside stub does not,
+    /// so there a row attempted more than once counts (it may have reached the user twice).
+    async fn duplicates(&self, db: &mut Db) -> Result<u64> {
+        Ok(match &self.sim {
+            Some((sim, _)) => sim.stats().duplicate_deliveries,
+            None => db.count("attempts > 1").await? as u64,
+        })
+    }
+
+    /// Inserts `n` rows, starts the daemon, times until every row has ended.
+    pub async fn drain(self, n: u64, label: &str) -> Result<Drained> {
+        let mut db = self.sql().await?;
+        let insert_began = Instant::now();
+        db.insert_many(n, self.workload).await?;
+        let insert_secs = insert_began.elapsed().as_secs_f64();
+        let db_before = db.work().await?;
+        let mut child = self.start_daemon().await?;
+        let pid = child.id();
+        let cpu_before = cpu_secs(pid)?;
+        let host_before = HostCpu::now()?;
+        let began = Instant::now();
+        // Polled as the peer kit polls its queue (every 25 ms there): one cheap probe.
+        while db.any_open().await? {
+            if let Some(status) = child.try_wait()? {
+                bail!("the daemon exited ({status}); see {}", self.dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let done_ms = epoch_ms(SystemTime::now());
+        let secs = began.elapsed().as_secs_f64();
+        let (host_busy_secs, host_busy) = HostCpu::now()?.since(host_before);
+        let cpu = cpu_secs(pid)? - cpu_before;
+        let rss = peak_rss_mib(pid)?;
+        stop(&mut child)?;
+        let db_after = db.work().await?;
+        let sent = db.count("status = 'sent'").await?;
+        let first_sent = db.first_sent_ms().await?;
+        let duplicates = self.duplicates(&mut db).await?;
+        let drained = Drained {
+            from_ready: n as f64 / secs,
+            from_first: n as f64 / ((done_ms - first_sent) / 1000.0),
+            host_cpu_ms: 1000.0 * host_busy_secs / n as f64,
+        };
+        println!(
+            "{:<8} {label:<8} n={n:<8} {:>8.0} msg/s  {secs:>7.2} s  (from the first sent: {:.0} msg/s)  cpu {:.3} ms/msg  host cpu {:.3} ms/msg ({:.0}% busy)  peak rss {rss:.1} MiB  {}  (insert {insert_secs:.1} s; {sent} sent, {duplicates} duplicate deliveries)",
+            self.backend.name(),
+            drained.from_ready,
+            drained.from_first,
+            1000.0 * cpu / n as f64,
+            drained.host_cpu_ms,
+            100.0 * host_busy,
+            db_work(&db_before, &db_after, n),
+        );
+        if sent != n as i64 {
+            bail!("{sent} of {n} rows sent");
+        }
+        if duplicates > 0 {
+            bail!("{duplicates} duplicate deliveries");
+        }
+        self.finish().await?;
+        Ok(drained)
+    }
+
+    /// Inserts one row at a time at `rate` per second for `secs`; prints insert-to-sent latency
+    /// and returns (p50, p99) in ms.
+    pub async fn latency(self, rate: u64, secs: u64) -> Result<(f64, f64)> {
+        let mut child = self.start_daemon().await?;
+        let pid = child.id();
+        // The daemon idle for two seconds: what waiting for rows costs.
+        let idle_before = cpu_secs(pid)?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = (cpu_secs(pid)? - idle_before) / 2.0;
+        let mut db = self.sql().await?;
+        let db_before = db.work().await?;
+        let cpu_before = cpu_secs(pid)?;
+        let host_before = HostCpu::now()?;
+        let total = rate * secs;
+        let mut starts = Vec::with_capacity(total as usize);
+        let began = tokio::time::Instant::now();
+        for i in 0..total {
+            tokio::time::sleep_until(began + Duration::from_secs_f64(i as f64 / rate as f64)).await;
+            starts.push(epoch_ms(SystemTime::now()));
+            db.insert_one(i, self.workload).await?;
+        }
+        let achieved = total as f64 / began.elapsed().as_secs_f64();
+        while db.any_open().await? {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (host_busy_secs, _) = HostCpu::now()?.since(host_before);
+        let sent = db.count("status = 'sent'").await?;
+        if sent != total as i64 {
+            stop(&mut child)?;
+            bail!("{sent} of {total} rows sent");
+        }
+        let cpu = cpu_secs(pid)? - cpu_before;
+        let rss = peak_rss_mib(pid)?;
+        let db_after = db.work().await?;
+        let sent_at = db.sent_at_ms().await?;
+        stop(&mut child)?;
+        let mut latencies: Vec<f64> = sent_at
+            .iter()
+            .map(|(i, at)| at - starts[*i as usize])
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let p = |q: f64| {
+            latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1]
+        };
+        println!(
+            "{:<8} latency  rate={rate:<5} (achieved {achieved:.0}/s)  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms  cpu {:.3} ms/msg  host cpu {:.3} ms/msg  idle cpu {:.1}%  peak rss {rss:.1} MiB  {}",
+            self.backend.name(),
+            p(0.50),
+            p(0.95),
+            p(0.99),
+            latencies.last().copied().unwrap_or_default(),
+            1000.0 * cpu / total as f64,
+            1000.0 * host_busy_secs / total as f64,
+            100.0 * idle,
+            db_work(&db_before, &db_after, total),
+        );
+        let percentiles = (p(0.50), p(0.99));
+        self.finish().await?;
+        Ok(percentiles)
+    }
+
+    async fn finish(self) -> Result<()> {
+        if let Some((_, stop)) = &self.sim {
+            stop.cancel();
+        }
+        // The last run's daemon log outlives its folder, to read what `--daemon-log` asked for.
+        let _ = std::fs::copy(
+            self.dir.join("daemon.log"),
+            std::env::temp_dir().join(format!("wo-bench-last-{}.log", self.backend.name())),
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(name) = &self.pg_name {
+            let mut admin = PgConnection::connect(&self.args.postgres_url).await?;
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn stop(child: &mut Child) -> Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    child.wait()?;
+    Ok(())
+}
