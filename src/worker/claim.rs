@@ -155,9 +155,17 @@ impl Pool {
                 day: &periods.day,
             };
             let countable = |raw: &RawMessage| d.countable(raw, now);
+            let claim_began = std::time::Instant::now();
             let claimed = d.store.claim(&request, &countable);
             let rows = match claimed.await {
                 Ok(rows) => {
+                    tracing::debug!(
+                        wanted,
+                        rows = rows.len(),
+                        held = held_now,
+                        took_us = claim_began.elapsed().as_micros() as u64,
+                        "claimed"
+                    );
                     db_backoff = Duration::from_millis(100);
                     d.health.claim_result(Ok(()));
                     rows

@@ -37,7 +37,15 @@ impl<T: Send + 'static, R: Send + 'static> Grouped<T, R> {
             let mut group = Vec::with_capacity(MAX_GROUP);
             while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
                 let (items, answers): (Vec<T>, Vec<_>) = group.drain(..).unzip();
-                match write(items).await {
+                let began = std::time::Instant::now();
+                let size = items.len();
+                let written = write(items).await;
+                tracing::debug!(
+                    size,
+                    took_us = began.elapsed().as_micros() as u64,
+                    "group written"
+                );
+                match written {
                     Ok(results) => {
                         for (answer, result) in answers.into_iter().zip(results) {
                             let _ = answer.send(Ok(result));
