@@ -43,10 +43,11 @@ impl Store {
         request: &ClaimRequest<'_>,
         countable: Countable<'_>,
     ) -> StoreResult<Vec<Claimed>> {
-        on_backend!(self, |pool, dialect| dialect::claim(
-            pool, request, countable
+        on_backend!(
+            self,
+            backend | backend,
+            dialect | dialect::claim(backend, request, countable).await
         )
-        .await)
     }
 
     /// How the database would run the claim now (its `EXPLAIN`), to check that it reads the

@@ -98,6 +98,22 @@ pub enum Store {
 /// (`sqlite` or `postgres`), compiled once for each: the code is written once, and each copy
 /// is checked against its driver's types. `$dialect::` reaches what differs.
 macro_rules! on_backend {
+    // The backend itself rather than its pool, for the statements that need more of it (the
+    // SQLite writers' gate).
+    ($store:expr, backend |$backend:ident, $dialect:ident| $body:expr) => {
+        match $store {
+            $crate::store::Store::Sqlite($backend) => {
+                #[allow(unused_imports)]
+                use $crate::store::sqlite as $dialect;
+                $body
+            }
+            $crate::store::Store::Postgres($backend) => {
+                #[allow(unused_imports)]
+                use $crate::store::postgres as $dialect;
+                $body
+            }
+        }
+    };
     ($store:expr, |$pool:ident, $dialect:ident| $body:expr) => {
         match $store {
             $crate::store::Store::Sqlite(backend) => {

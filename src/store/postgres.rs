@@ -261,11 +261,11 @@ pub(super) async fn join_plan(pool: &PgPool, now: DateTime<Utc>) -> StoreResult<
 }
 
 pub(super) async fn claim(
-    pool: &PgPool,
+    store: &PostgresStore,
     request: &ClaimRequest<'_>,
     countable: Countable<'_>,
 ) -> StoreResult<Vec<Claimed>> {
-    let mut tx = begin_write(pool).await?;
+    let mut tx = begin_write(&store.pool).await?;
     let rows = sqlx::query(CLAIM)
         .bind(request.owner)
         .bind(request.lease_until)
@@ -312,7 +312,7 @@ pub(super) async fn claim(
 /// step of a drain. Hidden, each id is looked up by primary key: 0.75 ms
 /// (docs/benchmarks.md).
 pub(super) async fn finish_many(
-    pool: &PgPool,
+    store: &PostgresStore,
     owner: &str,
     items: &[Finish],
 ) -> StoreResult<Vec<bool>> {
@@ -368,7 +368,7 @@ pub(super) async fn finish_many(
     )
     .bind(items.iter().map(|i| i.attempt_began).collect::<Vec<_>>())
     .bind(owner)
-    .fetch_all(pool)
+    .fetch_all(&store.pool)
     .await?;
     Ok(super::written(items, |i| i.id, updated))
 }

@@ -35,10 +35,11 @@ impl Store {
     /// started then. Doubt an earlier attempt left is kept while the row waits (pending or
     /// held), whatever the outcome says; only a final outcome ends it.
     pub async fn finish_many(&self, owner: &str, items: &[Finish]) -> StoreResult<Vec<bool>> {
-        on_backend!(self, |pool, dialect| dialect::finish_many(
-            pool, owner, items
+        on_backend!(
+            self,
+            backend | backend,
+            dialect | dialect::finish_many(backend, owner, items).await
         )
-        .await)
     }
 
     /// Returns rows whose lease expired (their daemon died) to `pending`, marked in doubt.

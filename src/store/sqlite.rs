@@ -42,6 +42,14 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// For the watcher's own connection; boxed to keep `Store` small.
     options: Arc<SqliteConnectOptions>,
+    /// The connection of the daemon's busiest writers (the claim and the grouped outcomes),
+    /// taken in turn; `None` until first used or after an error. One connection, not the
+    /// pool's: SQLite empties a connection's page cache whenever another connection has
+    /// written since its last transaction, so writers taking turns on pooled connections
+    /// each read their pages again (from the WAL, copied) for every group. And queued here,
+    /// the next writer starts the moment the last commits, where SQLite's busy handler would
+    /// sleep 1, 2, 5, 10 … ms between looks. Apps and the services still meet the busy handler.
+    writer: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
 }
 
 impl SqliteStore {
@@ -63,6 +71,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             options: Arc::new(options),
+            writer: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -130,6 +139,26 @@ impl SqliteStore {
                 }
             }
         }
+    }
+}
+
+impl SqliteStore {
+    /// Runs `write` on the writers' connection, opening it first if needed. After an error the
+    /// connection is closed, so that one left in a bad state is not used again.
+    async fn with_writer<T>(
+        &self,
+        write: impl AsyncFnOnce(&mut SqliteConnection) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut writer = self.writer.lock().await;
+        let conn = match writer.as_mut() {
+            Some(conn) => conn,
+            None => writer.insert(SqliteConnection::connect_with(&self.options).await?),
+        };
+        let result = write(conn).await;
+        if result.is_err() {
+            *writer = None;
+        }
+        result
     }
 }
 
@@ -247,27 +276,31 @@ pub(super) const MARK_EVENTS_JOINED: &str = "UPDATE inbound_events SET joined_at
 /// App-written text comes back as bytes so that one row with invalid UTF-8 cannot break the
 /// claim of the others: it is failed with a reason instead.
 pub(super) async fn claim(
-    pool: &SqlitePool,
+    store: &SqliteStore,
     request: &ClaimRequest<'_>,
     countable: Countable<'_>,
 ) -> StoreResult<Vec<Claimed>> {
-    let mut tx = begin_write(pool).await?;
-    let rows = sqlx::query(CLAIM)
-        .bind(request.owner)
-        .bind(Time(request.lease_until))
-        .bind(Time(request.now))
-        .bind(request.limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-    let rows: Vec<RawMessage> = rows
-        .into_iter()
-        .map(raw_message)
-        .collect::<StoreResult<_>>()?;
-    let terms = reserve::terms(&rows, countable);
-    let items = reserve::claim_reservations(request, &rows, &terms);
-    let results = reserve_in(&mut tx, &items).await?;
-    tx.commit().await?;
-    Ok(reserve::claimed(rows, &terms, results))
+    store
+        .with_writer(async |conn| {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let rows = sqlx::query(CLAIM)
+                .bind(request.owner)
+                .bind(Time(request.lease_until))
+                .bind(Time(request.now))
+                .bind(request.limit as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rows: Vec<RawMessage> = rows
+                .into_iter()
+                .map(raw_message)
+                .collect::<StoreResult<_>>()?;
+            let terms = reserve::terms(&rows, countable);
+            let items = reserve::claim_reservations(request, &rows, &terms);
+            let results = reserve_in(&mut tx, &items).await?;
+            tx.commit().await?;
+            Ok(reserve::claimed(rows, &terms, results))
+        })
+        .await
 }
 
 pub(super) async fn claim_plan(pool: &SqlitePool, now: DateTime<Utc>) -> StoreResult<String> {
@@ -295,12 +328,14 @@ pub(super) async fn join_plan(pool: &SqlitePool, now: DateTime<Utc>) -> StoreRes
 /// `jsonb_each`, so the group costs one call into SQLite (and one hand-off to its thread)
 /// rather than one per row.
 pub(super) async fn finish_many(
-    pool: &SqlitePool,
+    store: &SqliteStore,
     owner: &str,
     items: &[Finish],
 ) -> StoreResult<Vec<bool>> {
-    let rows: Vec<FinishRow> = items.iter().map(FinishRow::new).collect();
-    let updated: Vec<i64> = sqlx::query_scalar(
+    let rows = json_array(&items.iter().map(FinishRow::new).collect::<Vec<_>>());
+    let updated: Vec<i64> = store
+        .with_writer(async |conn| {
+            sqlx::query_scalar(
         "UPDATE outbox SET status = v.status, msgid = COALESCE(v.msgid, outbox.msgid),
                 sent_at = CASE WHEN v.sent THEN v.now ELSE outbox.sent_at END,
                 next_attempt_at = COALESCE(v.next_attempt_at, outbox.next_attempt_at),
@@ -320,11 +355,13 @@ pub(super) async fn finish_many(
                FROM jsonb_each($1)) AS v
          WHERE outbox.id = v.id AND outbox.status = 'sending' AND outbox.lease_owner = $2
          RETURNING id",
-    )
-    .bind(json_array(&rows))
-    .bind(owner)
-    .fetch_all(pool)
-    .await?;
+            )
+            .bind(&rows)
+            .bind(owner)
+            .fetch_all(conn)
+            .await
+        })
+        .await?;
     Ok(super::written(items, |i| i.id, updated))
 }
 
