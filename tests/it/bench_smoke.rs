@@ -40,3 +40,56 @@ fn the_benchmark_runs_and_prints_its_figures() {
     }
     assert!(stdout.contains("p99") && stdout.contains("peak rss") && stdout.contains("commits"));
 }
+
+/// `--api-url`: the daemon sends to a stand-in outside the bench (here the project's own
+/// simulator as a separate process, as the peer kit's nginx stub would be), and the run is
+/// judged by the rows alone.
+#[test]
+fn the_benchmark_drains_against_an_outside_stand_in() {
+    let listen = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut simulator = Command::new(env!("CARGO_BIN_EXE_wechat-outbox"))
+        .args(["simulate", "--listen", &listen])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("simulator starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "simulator not listening"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--backend", "both", "--drain", "300", "--rates", "0"])
+        .args(["--api-url", &format!("http://{listen}")])
+        .output()
+        .expect("bench runs");
+    let _ = simulator.kill();
+    let _ = simulator.wait();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for backend in ["sqlite", "postgres"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(backend)
+                && l.contains("drain    n=300")
+                && l.contains("host cpu")
+                && l.contains("from the first sent")
+                && l.contains("300 sent, 0 duplicate deliveries")),
+            "no {backend} drain line in:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains(&format!("WeChat: http://{listen}")));
+    assert!(
+        !stdout.contains("latency  rate="),
+        "--rates 0 skips the latency runs"
+    );
+}

@@ -31,7 +31,8 @@ pub struct Args {
     /// sqlite, postgres or both.
     #[arg(long, default_value = "both")]
     pub backend: String,
-    /// Rows pre-inserted for each drain run (comma-separated); add 1000000 for the 1M run.
+    /// Rows pre-inserted for each drain run (comma-separated; 0 skips them); add 1000000 for
+    /// the 1M run.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     pub drain: Vec<u64>,
     /// Insert rates for the latency runs, rows per second (comma-separated; 0 skips them).
@@ -47,13 +48,13 @@ pub struct Args {
     #[arg(long, default_value_t = 16000)]
     pub slow_rows: u64,
     /// workers.claim_ahead of the daemon.
-    #[arg(long, default_value_t = 192)]
+    #[arg(long, default_value_t = 512)]
     pub claim_ahead: usize,
     /// workers.concurrency of the daemon.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// workers.batch_size of the daemon.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
     /// RUST_LOG of the daemon (`info` logs a line per message).
     #[arg(long, default_value = "warn")]
@@ -134,7 +135,7 @@ async fn bench(args: Args) -> Result<()> {
         None => StandIn::Simulator(Box::new(settings)),
     };
     for backend in backends {
-        for &n in &args.drain {
+        for &n in args.drain.iter().filter(|&&n| n > 0) {
             let run = Run::new(&args, backend, stand_in(SimSettings::default())).await?;
             run.drain(n, "drain").await?;
         }

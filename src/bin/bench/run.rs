@@ -128,15 +128,17 @@ impl<'a> Run<'a> {
     }
 
     /// Starts the daemon and waits for `/readyz`.
-    async fn start_daemon(&self) -> Result<Child> {
+    async fn start_daemon(&self) -> Result<Daemon> {
         let log = std::fs::File::create(self.dir.join("daemon.log"))?;
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("--daemon")
-            .arg(&self.config)
-            .env("RUST_LOG", &self.args.daemon_log)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let mut child = Daemon(
+            Command::new(std::env::current_exe()?)
+                .arg("--daemon")
+                .arg(&self.config)
+                .env("RUST_LOG", &self.args.daemon_log)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         let readyz = format!("http://{}/readyz", self.monitor);
         let http = wechat_outbox::wechat::api::http_client(reqwest::Client::builder())?;
@@ -146,8 +148,7 @@ impl<'a> Run<'a> {
             {
                 return Ok(child);
             }
-            if Instant::now() > deadline || child.try_wait()?.is_some() {
-                let _ = stop(&mut child);
+            if Instant::now() > deadline || child.0.try_wait()?.is_some() {
                 bail!(
                     "daemon not ready; see {}",
                     self.dir.join("daemon.log").display()
@@ -181,13 +182,13 @@ impl<'a> Run<'a> {
         let insert_secs = insert_began.elapsed().as_secs_f64();
         let db_before = db.work().await?;
         let mut child = self.start_daemon().await?;
-        let pid = child.id();
+        let pid = child.0.id();
         let cpu_before = cpu_secs(pid)?;
         let host_before = HostCpu::now()?;
         let began = Instant::now();
         // Polled as the peer kit polls its queue (every 25 ms there): one cheap probe.
         while db.any_open().await? {
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = child.0.try_wait()? {
                 bail!("the daemon exited ({status}); see {}", self.dir.display());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -197,7 +198,7 @@ impl<'a> Run<'a> {
         let (host_busy_secs, host_busy) = HostCpu::now()?.since(host_before);
         let cpu = cpu_secs(pid)? - cpu_before;
         let rss = peak_rss_mib(pid)?;
-        stop(&mut child)?;
+        child.stop()?;
         let db_after = db.work().await?;
         let sent = db.count("status = 'sent'").await?;
         let first_sent = db.first_sent_ms().await?;
@@ -231,7 +232,7 @@ impl<'a> Run<'a> {
     /// and returns (p50, p99) in ms.
     pub async fn latency(self, rate: u64, secs: u64) -> Result<(f64, f64)> {
         let mut child = self.start_daemon().await?;
-        let pid = child.id();
+        let pid = child.0.id();
         // The daemon idle for two seconds: what waiting for rows costs.
         let idle_before = cpu_secs(pid)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -255,14 +256,14 @@ impl<'a> Run<'a> {
         let (host_busy_secs, _) = HostCpu::now()?.since(host_before);
         let sent = db.count("status = 'sent'").await?;
         if sent != total as i64 {
-            stop(&mut child)?;
+            child.stop()?;
             bail!("{sent} of {total} rows sent");
         }
         let cpu = cpu_secs(pid)? - cpu_before;
         let rss = peak_rss_mib(pid)?;
         let db_after = db.work().await?;
         let sent_at = db.sent_at_ms().await?;
-        stop(&mut child)?;
+        child.stop()?;
         let mut latencies: Vec<f64> = sent_at
             .iter()
             .map(|(i, at)| at - starts[*i as usize])
@@ -310,10 +311,24 @@ impl<'a> Run<'a> {
     }
 }
 
-fn stop(child: &mut Child) -> Result<()> {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    child.wait()?;
-    Ok(())
+/// The daemon's process, stopped (SIGTERM, then waited for) when the run ends however it
+/// ends: a failed run must not leave a daemon behind to load the next one.
+struct Daemon(Child);
+
+impl Daemon {
+    fn stop(&mut self) -> Result<()> {
+        if self.0.try_wait()?.is_none() {
+            Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status()?;
+            self.0.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
 }
