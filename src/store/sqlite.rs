@@ -60,7 +60,11 @@ impl SqliteStore {
             // FULL: a row marked sent survives a power cut, so it is never sent again.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(settings.busy_timeout)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // A claim's rows come back in one go rather than 50 at a time, each 50 a hand-off
+            // between SQLite's thread and the claim's task while the writer is held (issue 16:
+            // +2 to +14 % drain in three alternated pairs).
+            .row_buffer_size(1024);
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
             // Nothing to ping: the database is a local file, and a ping is one more hand-off
@@ -149,7 +153,9 @@ impl SqliteStore {
         &self,
         write: impl AsyncFnOnce(&mut SqliteConnection) -> StoreResult<T>,
     ) -> StoreResult<T> {
+        let asked = std::time::Instant::now();
         let mut writer = self.writer.lock().await;
+        let waited_us = asked.elapsed().as_micros() as u64;
         let conn = match writer.as_mut() {
             Some(conn) => conn,
             None => writer.insert(SqliteConnection::connect_with(&self.options).await?),
@@ -158,6 +164,8 @@ impl SqliteStore {
         if result.is_err() {
             *writer = None;
         }
+        let held_us = asked.elapsed().as_micros() as u64 - waited_us;
+        tracing::debug!(waited_us, held_us, "writer turn");
         result
     }
 }
