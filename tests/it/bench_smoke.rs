@@ -41,9 +41,9 @@ fn the_benchmark_runs_and_prints_its_figures() {
     assert!(stdout.contains("p99") && stdout.contains("peak rss") && stdout.contains("commits"));
 }
 
-/// `--api-url`: the daemon sends to a stand-in outside the bench (here the project's own
+/// `--api-url`: the daemons send to a stand-in outside the bench (here the project's own
 /// simulator as a separate process, as the peer kit's nginx stub would be), and the run is
-/// judged by the rows alone.
+/// judged by the rows alone; `--daemons 2` starts two on the run's database.
 #[test]
 fn the_benchmark_drains_against_an_outside_stand_in() {
     let listen = {
@@ -66,7 +66,7 @@ fn the_benchmark_drains_against_an_outside_stand_in() {
     }
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["--backend", "both", "--drain", "300", "--rates", "0"])
-        .args(["--api-url", &format!("http://{listen}")])
+        .args(["--api-url", &format!("http://{listen}"), "--daemons", "2"])
         .output()
         .expect("bench runs");
     let _ = simulator.kill();
@@ -83,7 +83,8 @@ fn the_benchmark_drains_against_an_outside_stand_in() {
                 && l.contains("drain    n=300")
                 && l.contains("host cpu")
                 && l.contains("from the first sent")
-                && l.contains("300 sent, 0 duplicate deliveries")),
+                && l.contains("300 sent, 0 duplicate deliveries")
+                && l.contains("[2 daemons")),
             "no {backend} drain line in:\n{stdout}"
         );
     }

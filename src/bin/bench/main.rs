@@ -59,6 +59,10 @@ pub struct Args {
     /// RUST_LOG of the daemon (`info` logs a line per message).
     #[arg(long, default_value = "warn")]
     pub daemon_log: String,
+    /// Daemons started on the run's database, each with the settings above (scale-out; on
+    /// SQLite they share the one file).
+    #[arg(long, default_value_t = 1)]
+    pub daemons: usize,
     /// Server for the Postgres runs (a database is created and dropped per run).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub postgres_url: String,

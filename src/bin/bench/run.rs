@@ -44,8 +44,8 @@ pub struct Run<'a> {
     dir: PathBuf,
     database_url: String,
     pg_name: Option<String>,
-    config: PathBuf,
-    monitor: String,
+    /// Each daemon's config file and monitor address (`--daemons`; one by default).
+    daemons: Vec<(PathBuf, String)>,
 }
 
 impl<'a> Run<'a> {
@@ -82,9 +82,12 @@ impl<'a> Run<'a> {
                 (url.to_string(), Some(name))
             }
         };
-        let monitor = free_port()?;
-        let toml = format!(
-            r#"
+        let mut daemons = Vec::new();
+        let mut first_toml = None;
+        for i in 0..args.daemons.max(1) {
+            let monitor = free_port()?;
+            let toml = format!(
+                r#"
             database_url = "{database_url}"
             [api]
             base_url = "{base_url}"
@@ -107,12 +110,16 @@ impl<'a> Run<'a> {
             appid = "wxbench000000001"
             secret = "bench-secret"
             "#,
-            concurrency = args.concurrency,
-            claim_ahead = args.claim_ahead,
-            batch = args.batch_size,
-        );
-        let config = dir.join("config.toml");
-        std::fs::write(&config, &toml)?;
+                concurrency = args.concurrency,
+                claim_ahead = args.claim_ahead,
+                batch = args.batch_size,
+            );
+            let config = dir.join(format!("config-{i}.toml"));
+            std::fs::write(&config, &toml)?;
+            first_toml.get_or_insert(toml);
+            daemons.push((config, monitor));
+        }
+        let toml = first_toml.expect("at least one daemon");
         wechat_outbox::app::migrate(&Config::from_toml(&toml)?).await?;
         Ok(Run {
             args,
@@ -122,40 +129,42 @@ impl<'a> Run<'a> {
             dir,
             database_url,
             pg_name,
-            config,
-            monitor,
+            daemons,
         })
     }
 
-    /// Starts the daemon and waits for `/readyz`.
-    async fn start_daemon(&self) -> Result<Daemon> {
-        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
-        let mut child = Daemon(
-            Command::new(std::env::current_exe()?)
-                .arg("--daemon")
-                .arg(&self.config)
-                .env("RUST_LOG", &self.args.daemon_log)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()?,
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let readyz = format!("http://{}/readyz", self.monitor);
-        let http = wechat_outbox::wechat::api::http_client(reqwest::Client::builder())?;
-        loop {
-            if let Ok(r) = http.get(&readyz).send().await
-                && r.status() == 200
-            {
-                return Ok(child);
-            }
-            if Instant::now() > deadline || child.0.try_wait()?.is_some() {
-                bail!(
-                    "daemon not ready; see {}",
-                    self.dir.join("daemon.log").display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// Starts the daemons and waits for each one's `/readyz`.
+    async fn start_daemons(&self) -> Result<Daemons> {
+        let mut started = Daemons(Vec::new());
+        for (i, (config, _)) in self.daemons.iter().enumerate() {
+            let log = std::fs::File::create(self.dir.join(format!("daemon-{i}.log")))?;
+            started.0.push(Daemon(
+                Command::new(std::env::current_exe()?)
+                    .arg("--daemon")
+                    .arg(config)
+                    .env("RUST_LOG", &self.args.daemon_log)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()?,
+            ));
         }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = wechat_outbox::wechat::api::http_client(reqwest::Client::builder())?;
+        for ((_, monitor), daemon) in self.daemons.iter().zip(&mut started.0) {
+            let readyz = format!("http://{monitor}/readyz");
+            loop {
+                if let Ok(r) = http.get(&readyz).send().await
+                    && r.status() == 200
+                {
+                    break;
+                }
+                if Instant::now() > deadline || daemon.0.try_wait()?.is_some() {
+                    bail!("daemon not ready; see {}", self.dir.display());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(started)
     }
 
     async fn sql(&self) -> Result<Db> {
@@ -181,24 +190,21 @@ impl<'a> Run<'a> {
         db.insert_many(n, self.workload).await?;
         let insert_secs = insert_began.elapsed().as_secs_f64();
         let db_before = db.work().await?;
-        let mut child = self.start_daemon().await?;
-        let pid = child.0.id();
-        let cpu_before = cpu_secs(pid)?;
+        let mut daemons = self.start_daemons().await?;
+        let cpu_before = daemons.cpu_secs()?;
         let host_before = HostCpu::now()?;
         let began = Instant::now();
         // Polled as the peer kit polls its queue (every 25 ms there): one cheap probe.
         while db.any_open().await? {
-            if let Some(status) = child.0.try_wait()? {
-                bail!("the daemon exited ({status}); see {}", self.dir.display());
-            }
+            daemons.check_running(&self.dir)?;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let done_ms = epoch_ms(SystemTime::now());
         let secs = began.elapsed().as_secs_f64();
         let (host_busy_secs, host_busy) = HostCpu::now()?.since(host_before);
-        let cpu = cpu_secs(pid)? - cpu_before;
-        let rss = peak_rss_mib(pid)?;
-        child.stop()?;
+        let cpu = daemons.cpu_secs()? - cpu_before;
+        let rss = daemons.peak_rss_mib()?;
+        daemons.stop()?;
         let db_after = db.work().await?;
         let sent = db.count("status = 'sent'").await?;
         let first_sent = db.first_sent_ms().await?;
@@ -209,7 +215,7 @@ impl<'a> Run<'a> {
             host_cpu_ms: 1000.0 * host_busy_secs / n as f64,
         };
         println!(
-            "{:<8} {label:<8} n={n:<8} {:>8.0} msg/s  {secs:>7.2} s  (from the first sent: {:.0} msg/s)  cpu {:.3} ms/msg  host cpu {:.3} ms/msg ({:.0}% busy)  peak rss {rss:.1} MiB  {}  (insert {insert_secs:.1} s; {sent} sent, {duplicates} duplicate deliveries)",
+            "{:<8} {label:<8} n={n:<8} {:>8.0} msg/s  {secs:>7.2} s  (from the first sent: {:.0} msg/s)  cpu {:.3} ms/msg  host cpu {:.3} ms/msg ({:.0}% busy)  peak rss {rss:.1} MiB  {}  (insert {insert_secs:.1} s; {sent} sent, {duplicates} duplicate deliveries){}",
             self.backend.name(),
             drained.from_ready,
             drained.from_first,
@@ -217,6 +223,7 @@ impl<'a> Run<'a> {
             drained.host_cpu_ms,
             100.0 * host_busy,
             db_work(&db_before, &db_after, n),
+            daemons.described(),
         );
         if sent != n as i64 {
             bail!("{sent} of {n} rows sent");
@@ -231,15 +238,14 @@ impl<'a> Run<'a> {
     /// Inserts one row at a time at `rate` per second for `secs`; prints insert-to-sent latency
     /// and returns (p50, p99) in ms.
     pub async fn latency(self, rate: u64, secs: u64) -> Result<(f64, f64)> {
-        let mut child = self.start_daemon().await?;
-        let pid = child.0.id();
-        // The daemon idle for two seconds: what waiting for rows costs.
-        let idle_before = cpu_secs(pid)?;
+        let mut daemons = self.start_daemons().await?;
+        // The daemons idle for two seconds: what waiting for rows costs.
+        let idle_before = daemons.cpu_secs()?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let idle = (cpu_secs(pid)? - idle_before) / 2.0;
+        let idle = (daemons.cpu_secs()? - idle_before) / 2.0;
         let mut db = self.sql().await?;
         let db_before = db.work().await?;
-        let cpu_before = cpu_secs(pid)?;
+        let cpu_before = daemons.cpu_secs()?;
         let host_before = HostCpu::now()?;
         let total = rate * secs;
         let mut starts = Vec::with_capacity(total as usize);
@@ -256,14 +262,13 @@ impl<'a> Run<'a> {
         let (host_busy_secs, _) = HostCpu::now()?.since(host_before);
         let sent = db.count("status = 'sent'").await?;
         if sent != total as i64 {
-            child.stop()?;
             bail!("{sent} of {total} rows sent");
         }
-        let cpu = cpu_secs(pid)? - cpu_before;
-        let rss = peak_rss_mib(pid)?;
+        let cpu = daemons.cpu_secs()? - cpu_before;
+        let rss = daemons.peak_rss_mib()?;
         let db_after = db.work().await?;
         let sent_at = db.sent_at_ms().await?;
-        child.stop()?;
+        daemons.stop()?;
         let mut latencies: Vec<f64> = sent_at
             .iter()
             .map(|(i, at)| at - starts[*i as usize])
@@ -273,7 +278,7 @@ impl<'a> Run<'a> {
             latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1]
         };
         println!(
-            "{:<8} latency  rate={rate:<5} (achieved {achieved:.0}/s)  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms  cpu {:.3} ms/msg  host cpu {:.3} ms/msg  idle cpu {:.1}%  peak rss {rss:.1} MiB  {}",
+            "{:<8} latency  rate={rate:<5} (achieved {achieved:.0}/s)  p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms  cpu {:.3} ms/msg  host cpu {:.3} ms/msg  idle cpu {:.1}%  peak rss {rss:.1} MiB  {}{}",
             self.backend.name(),
             p(0.50),
             p(0.95),
@@ -283,6 +288,7 @@ impl<'a> Run<'a> {
             1000.0 * host_busy_secs / total as f64,
             100.0 * idle,
             db_work(&db_before, &db_after, total),
+            daemons.described(),
         );
         let percentiles = (p(0.50), p(0.99));
         self.finish().await?;
@@ -295,7 +301,7 @@ impl<'a> Run<'a> {
         }
         // The last run's daemon log outlives its folder, to read what `--daemon-log` asked for.
         let _ = std::fs::copy(
-            self.dir.join("daemon.log"),
+            self.dir.join("daemon-0.log"),
             std::env::temp_dir().join(format!("wo-bench-last-{}.log", self.backend.name())),
         );
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -308,6 +314,45 @@ impl<'a> Run<'a> {
             .await?;
         }
         Ok(())
+    }
+}
+
+/// The daemons of a run: CPU summed over them, the largest peak memory.
+struct Daemons(Vec<Daemon>);
+
+impl Daemons {
+    fn cpu_secs(&self) -> Result<f64> {
+        self.0.iter().map(|d| cpu_secs(d.0.id())).sum()
+    }
+
+    fn peak_rss_mib(&self) -> Result<f64> {
+        let peaks: Vec<f64> = self
+            .0
+            .iter()
+            .map(|d| peak_rss_mib(d.0.id()))
+            .collect::<Result<_>>()?;
+        Ok(peaks.into_iter().fold(0.0, f64::max))
+    }
+
+    fn check_running(&mut self, dir: &std::path::Path) -> Result<()> {
+        for daemon in &mut self.0 {
+            if let Some(status) = daemon.0.try_wait()? {
+                bail!("a daemon exited ({status}); see {}", dir.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.0.iter_mut().try_for_each(Daemon::stop)
+    }
+
+    /// Said at the end of a run's line when there was more than one.
+    fn described(&self) -> String {
+        match self.0.len() {
+            1 => String::new(),
+            n => format!("  [{n} daemons: cpu summed, rss of the largest]"),
+        }
     }
 }
 
