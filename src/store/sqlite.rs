@@ -50,6 +50,8 @@ pub struct SqliteStore {
     /// the next writer starts the moment the last commits, where SQLite's busy handler would
     /// sleep 1, 2, 5, 10 … ms between looks. Apps and the services still meet the busy handler.
     writer: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
+    /// How long a writer's turn may wait for an app's lock (`database.busy_timeout_ms`).
+    busy_timeout: Duration,
 }
 
 impl SqliteStore {
@@ -76,6 +78,7 @@ impl SqliteStore {
             pool,
             options: Arc::new(options),
             writer: Arc::new(tokio::sync::Mutex::new(None)),
+            busy_timeout: settings.busy_timeout,
         })
     }
 
@@ -147,27 +150,85 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// Runs `write` on the writers' connection, opening it first if needed. After an error the
-    /// connection is closed, so that one left in a bad state is not used again.
+    /// Runs `write` on the writers' connection, opening it first if needed. The connection
+    /// has no busy handler: while another connection (an app's) holds the lock, its
+    /// statements fail with `SQLITE_BUSY` having done nothing, and `write` runs them again
+    /// after `BusyLooks::wait_after`. After an error the connection is closed, so that one
+    /// left in a bad state is not used again.
     async fn with_writer<T>(
         &self,
-        write: impl AsyncFnOnce(&mut SqliteConnection) -> StoreResult<T>,
+        write: impl AsyncFnOnce(&mut SqliteConnection, &mut BusyLooks) -> StoreResult<T>,
     ) -> StoreResult<T> {
         let asked = std::time::Instant::now();
         let mut writer = self.writer.lock().await;
         let waited_us = asked.elapsed().as_micros() as u64;
         let conn = match writer.as_mut() {
             Some(conn) => conn,
-            None => writer.insert(SqliteConnection::connect_with(&self.options).await?),
+            None => {
+                let options = (*self.options).clone().busy_timeout(Duration::ZERO);
+                writer.insert(SqliteConnection::connect_with(&options).await?)
+            }
         };
-        let result = write(conn).await;
+        let mut looks = BusyLooks::new(self.busy_timeout);
+        let result = write(conn, &mut looks).await;
         if result.is_err() {
             *writer = None;
         }
         let held_us = asked.elapsed().as_micros() as u64 - waited_us;
-        tracing::debug!(waited_us, held_us, "writer turn");
+        tracing::debug!(waited_us, held_us, busy_looks = looks.count, "writer turn");
         result
     }
+}
+
+/// Waiting for the write lock another connection (an app's) holds, on a connection without
+/// a busy handler. SQLite's own handler sleeps 1, 2, 5, 10, 15, 20 … ms between looks; an
+/// app's insert holds the lock for one commit (a fraction of a millisecond here), and at
+/// 1,000 inserts a second each of those long sleeps is likely to end during the next one:
+/// the claim waited tens of milliseconds (issue 16: p99 insert → sent 37-42 ms at 1,000/s).
+pub(super) struct BusyLooks {
+    began: std::time::Instant,
+    timeout: Duration,
+    count: u32,
+}
+
+/// How long a writer waits between looks at first: about an app's commit.
+const LOCK_LOOK_INTERVAL: Duration = Duration::from_micros(100);
+/// After this long of short looks, one per millisecond (the runtime's timer).
+const SHORT_LOOKS_FOR: Duration = Duration::from_millis(20);
+
+impl BusyLooks {
+    fn new(timeout: Duration) -> BusyLooks {
+        BusyLooks {
+            began: std::time::Instant::now(),
+            timeout,
+            count: 0,
+        }
+    }
+
+    /// After `e`: if it is `SQLITE_BUSY` and `database.busy_timeout_ms` has not passed, waits
+    /// a moment to look again; any other error is given back.
+    async fn wait_after(&mut self, e: sqlx::Error) -> StoreResult<()> {
+        let waited = self.began.elapsed();
+        if !is_busy(&e) || waited >= self.timeout {
+            return Err(e);
+        }
+        self.count += 1;
+        if waited < SHORT_LOOKS_FOR {
+            // The runtime's timer cannot wait less than a millisecond; a blocking thread can.
+            let _ = tokio::task::spawn_blocking(|| std::thread::sleep(LOCK_LOOK_INTERVAL)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}
+
+/// SQLite's `SQLITE_BUSY` (5) or one of its extended codes.
+fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == 5)
 }
 
 /// A write transaction. `BEGIN IMMEDIATE` takes the write lock at once: a deferred one that
@@ -289,8 +350,13 @@ pub(super) async fn claim(
     countable: Countable<'_>,
 ) -> StoreResult<Vec<Claimed>> {
     store
-        .with_writer(async |conn| {
-            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        .with_writer(async |conn, looks| {
+            let mut tx = loop {
+                match conn.begin_with("BEGIN IMMEDIATE").await {
+                    Ok(tx) => break tx,
+                    Err(e) => looks.wait_after(e).await?,
+                }
+            };
             let rows = sqlx::query(CLAIM)
                 .bind(request.owner)
                 .bind(Time(request.lease_until))
@@ -332,19 +398,8 @@ pub(super) async fn join_plan(pool: &SqlitePool, now: DateTime<Utc>) -> StoreRes
     plan_text(&steps)
 }
 
-/// A group of outcomes in one statement: the rows travel as one JSON array, read back with
-/// `jsonb_each`, so the group costs one call into SQLite (and one hand-off to its thread)
-/// rather than one per row.
-pub(super) async fn finish_many(
-    store: &SqliteStore,
-    owner: &str,
-    items: &[Finish],
-) -> StoreResult<Vec<bool>> {
-    let rows = json_array(&items.iter().map(FinishRow::new).collect::<Vec<_>>());
-    let updated: Vec<i64> = store
-        .with_writer(async |conn| {
-            sqlx::query_scalar(
-        "UPDATE outbox SET status = v.status, msgid = COALESCE(v.msgid, outbox.msgid),
+/// The outcomes of a group, each with its lease checked.
+const FINISH_MANY: &str = "UPDATE outbox SET status = v.status, msgid = COALESCE(v.msgid, outbox.msgid),
                 sent_at = CASE WHEN v.sent THEN v.now ELSE outbox.sent_at END,
                 next_attempt_at = COALESCE(v.next_attempt_at, outbox.next_attempt_at),
                 last_errcode = v.errcode, last_error = v.error,
@@ -362,12 +417,31 @@ pub(super) async fn finish_many(
                       value ->> 'began' AS began
                FROM jsonb_each($1)) AS v
          WHERE outbox.id = v.id AND outbox.status = 'sending' AND outbox.lease_owner = $2
-         RETURNING id",
-            )
-            .bind(&rows)
-            .bind(owner)
-            .fetch_all(conn)
-            .await
+         RETURNING id";
+
+/// A group of outcomes in one statement: the rows travel as one JSON array, read back with
+/// `jsonb_each`, so the group costs one call into SQLite (and one hand-off to its thread)
+/// rather than one per row.
+pub(super) async fn finish_many(
+    store: &SqliteStore,
+    owner: &str,
+    items: &[Finish],
+) -> StoreResult<Vec<bool>> {
+    let rows = json_array(&items.iter().map(FinishRow::new).collect::<Vec<_>>());
+    let updated: Vec<i64> = store
+        .with_writer(async |conn, looks| {
+            // One statement, its own transaction: the lock is held for it alone.
+            loop {
+                let updated = sqlx::query_scalar(FINISH_MANY)
+                    .bind(&rows)
+                    .bind(owner)
+                    .fetch_all(&mut *conn)
+                    .await;
+                match updated {
+                    Err(e) => looks.wait_after(e).await?,
+                    updated => break updated,
+                }
+            }
         })
         .await?;
     Ok(super::written(items, |i| i.id, updated))

@@ -2254,3 +2254,100 @@ async fn watch_for_rows_wakes_on_a_new_row(backend: Backend) {
         .unwrap();
 }
 on_both_backends!(watch_for_rows_wakes_on_a_new_row);
+
+// ---------------------------------------------------------------------------------------
+// SQLite's one write lock, held by an app (no Postgres counterpart: there rows lock, not
+// the file). The daemon's claim and outcomes use a connection without SQLite's busy
+// handler, which waits for the lock itself, looking again every 100 µs rather than after
+// 1, 2, 5, 10 … ms (issue 16).
+
+/// An app's connection holding the write lock (`BEGIN IMMEDIATE`, one row inserted) until
+/// `held` has passed, then committing; `locked` is the moment the lock was taken.
+async fn hold_sqlite_lock(fx: &Fx, held: Duration) -> tokio::task::JoinHandle<()> {
+    use sqlx::Connection;
+    let mut app = sqlx::SqliteConnection::connect(&fx.db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::raw_sql("INSERT INTO outbox (touser, template_id, data) VALUES ('oLocker', 'TPL', '{}')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(held).await;
+        sqlx::raw_sql("COMMIT").execute(&mut app).await.unwrap();
+    })
+}
+
+#[tokio::test]
+async fn sqlite_claim_and_outcomes_wait_for_an_apps_lock() {
+    let fx = Fx::new(Backend::Sqlite).await;
+    let id = fx.insert("oWaits", &[]).await;
+    let held = Duration::from_millis(300);
+
+    let app = hold_sqlite_lock(&fx, held).await;
+    let began = std::time::Instant::now();
+    let claimed = fx.claim_ids("me", 10).await;
+    assert!(
+        began.elapsed() >= held - Duration::from_millis(50),
+        "the claim did not wait for the lock: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(claimed, vec![id]);
+    app.await.unwrap();
+
+    let app = hold_sqlite_lock(&fx, held).await;
+    let sent = Outcome::Sent { msgid: Some(7) };
+    let written = fx
+        .store
+        .finish_many("me", &[fx.finish(id, sent)])
+        .await
+        .expect("the outcome waits for the lock, not fails");
+    assert_eq!(written, vec![true]);
+    app.await.unwrap();
+    assert_eq!(fx.snap(id).await.status, "sent");
+    assert_eq!(
+        fx.count("touser = 'oLocker'").await,
+        2,
+        "the app's rows are kept"
+    );
+}
+
+/// A lock held past `busy_timeout_ms` fails the claim with SQLite's "database is locked"
+/// (the claim loop backs off and tries again), and the next claim, after the app commits,
+/// works on a fresh writer connection.
+#[tokio::test]
+async fn sqlite_claim_gives_up_after_busy_timeout_and_recovers() {
+    let fx = Fx::new(Backend::Sqlite).await;
+    let store = Store::connect(
+        &fx.db
+            .config("http://127.0.0.1:9", "[database]\nbusy_timeout_ms = 200")
+            .store_settings(),
+    )
+    .await
+    .unwrap();
+    let id = fx.insert("oLater", &[]).await;
+
+    let app = hold_sqlite_lock(&fx, Duration::from_millis(1500)).await;
+    let began = std::time::Instant::now();
+    let Err(err) = store.claim(&fx.request("me", 10, fx.now), &no_terms).await else {
+        panic!("the lock outlasts busy_timeout, yet the claim succeeded");
+    };
+    let waited = began.elapsed();
+    assert!(
+        err.to_string().contains("database is locked"),
+        "unexpected error: {err}"
+    );
+    assert!(
+        waited >= Duration::from_millis(190) && waited < Duration::from_millis(1400),
+        "gave up after {waited:?}, not after busy_timeout"
+    );
+    app.await.unwrap();
+
+    let claimed = store
+        .claim(&fx.request("me", 10, fx.now), &no_terms)
+        .await
+        .expect("the claim after the lock is gone");
+    assert_eq!(ids(&claimed), vec![id]);
+}
