@@ -17,12 +17,7 @@ fn the_benchmark_runs_and_prints_its_figures() {
         ])
         .output()
         .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     for backend in ["sqlite", "postgres"] {
         for run in [
             "drain    n=300",
@@ -71,12 +66,7 @@ fn the_benchmark_drains_against_an_outside_stand_in() {
         .expect("bench runs");
     let _ = simulator.kill();
     let _ = simulator.wait();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     for backend in ["sqlite", "postgres"] {
         assert!(
             stdout.lines().any(|l| l.starts_with(backend)
@@ -93,4 +83,15 @@ fn the_benchmark_drains_against_an_outside_stand_in() {
         !stdout.contains("latency  rate="),
         "--rates 0 skips the latency runs"
     );
+}
+
+/// The bench's standard output, after checking that it exited well (else both its outputs).
+fn succeeded(output: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
