@@ -56,6 +56,9 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// SQLite: how long a write waits for another process's lock before it reports busy.
     pub busy_timeout_ms: u64,
+    /// Postgres: how long one connection serves before it is replaced, so that its statements
+    /// are planned again for the table as it is then (see `StoreSettings::connection_lifetime`).
+    pub connection_lifetime_secs: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -63,6 +66,7 @@ impl Default for DatabaseSettings {
         DatabaseSettings {
             max_connections: 10,
             busy_timeout_ms: 10_000,
+            connection_lifetime_secs: 60,
         }
     }
 }
@@ -435,6 +439,10 @@ impl Config {
             "database.max_connections",
             self.database.max_connections as u64,
         )?;
+        positive(
+            "database.connection_lifetime_secs",
+            self.database.connection_lifetime_secs,
+        )?;
         positive("api.timeout_ms", self.api.timeout_ms)?;
         positive("workers.concurrency", self.workers.concurrency as u64)?;
         positive("workers.batch_size", self.workers.batch_size as u64)?;
@@ -578,6 +586,9 @@ impl Config {
             schema: self.database_schema.clone(),
             max_connections: self.database.max_connections,
             busy_timeout: std::time::Duration::from_millis(self.database.busy_timeout_ms),
+            connection_lifetime: std::time::Duration::from_secs(
+                self.database.connection_lifetime_secs,
+            ),
         }
     }
 
