@@ -2381,9 +2381,9 @@ async fn postgres_outcome_groups_are_planned_again_for_a_grown_table() {
         let written = fx.store.finish_many("me", &sent(&fx, &[id])).await;
         assert_eq!(written.unwrap(), [true]);
     }
-    // The table grows (no ANALYZE, no autovacuum) and rows are claimed. A little later the
-    // store's connections have been replaced, and the table's scan counters start from zero
-    // (a backend reports its counters when idle for a second, and when it ends).
+    // The table grows (no ANALYZE, no autovacuum) and rows are claimed. Once the store's
+    // connections have outlived their lifetime and ended (a backend reports its counters when
+    // it ends), the table's scan counters start from zero.
     fx.exec(
         "INSERT INTO outbox (touser, template_id, data, status)
          SELECT 'oOld' || i, 'TPL', '{}', 'sent' FROM generate_series(1, 20000) i",
@@ -2396,24 +2396,15 @@ async fn postgres_outcome_groups_are_planned_again_for_a_grown_table() {
     for group in rows.chunks(8) {
         assert_eq!(fx.claim_ids("me", 8).await, group);
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for_store_sessions_to_end(&fx).await;
     fx.exec("SELECT pg_stat_reset_single_table_counters('outbox'::regclass)")
         .await;
     for group in rows.chunks(8) {
         let written = fx.store.finish_many("me", &sent(&fx, group)).await;
         assert_eq!(written.unwrap(), [true; 8]);
     }
-    // A backend reports its counters when it ends: close the store and wait for its sessions
-    // to be gone.
     fx.store.close().await;
-    let gone = "SELECT COUNT(*) FROM pg_stat_activity
-                WHERE datname = current_database() AND application_name = 'wechat-outbox'";
-    for _ in 0..100 {
-        if fx.scalar(gone).await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_store_sessions_to_end(&fx).await;
     let scans = "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'outbox'";
     let index_scans = "SELECT idx_scan FROM pg_stat_user_tables WHERE relname = 'outbox'";
     assert!(
@@ -2425,4 +2416,18 @@ async fn postgres_outcome_groups_are_planned_again_for_a_grown_table() {
         0,
         "an outcome group read the whole outbox table"
     );
+}
+
+/// Waits until no session of the daemon's store is left on the test's database (idle ones
+/// end once past their lifetime; a closed store's at once).
+async fn wait_for_store_sessions_to_end(fx: &Fx) {
+    let sessions = "SELECT COUNT(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND application_name = 'wechat-outbox'";
+    for _ in 0..200 {
+        if fx.scalar(sessions).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the store's sessions did not end");
 }
