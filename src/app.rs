@@ -243,6 +243,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         completions: Completions::spawn(store.clone(), owner.clone()),
         reservations: Reservations::spawn(store.clone()),
         requests: Semaphore::new(config.workers.concurrency),
+        content_rules: config.templates.content_rules,
+        overlong: config.templates.overlong,
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {

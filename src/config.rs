@@ -3,6 +3,7 @@
 //! `load` fails with a message naming the setting when one is missing or invalid. Secrets are
 //! `SecretString`s, so `Debug` prints them as redacted and nothing logs them by accident.
 
+use crate::domain::content_rules::{ContentRules, Overlong};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -198,12 +199,18 @@ impl Default for LimitSettings {
 pub struct TemplateSettings {
     /// How often WeChat's template list is synced (also at start).
     pub sync_interval_secs: u64,
+    /// Which display rules keyword values are held to before anything is spent on them.
+    pub content_rules: ContentRules,
+    /// What a value over those rules gets: cut as WeChat shows it, or the row fails.
+    pub overlong: Overlong,
 }
 
 impl Default for TemplateSettings {
     fn default() -> Self {
         TemplateSettings {
             sync_interval_secs: 3600,
+            content_rules: ContentRules::Rules2023,
+            overlong: Overlong::Cut,
         }
     }
 }

@@ -37,7 +37,13 @@ INSERT INTO outbox (touser, template_id, data, send_after) VALUES
 UPDATE outbox SET status = 'cancelled' WHERE touser = 'oDemoUser0006' AND status = 'pending';
 INSERT INTO outbox (touser, template_id, data, expires_at) VALUES
   ('oDemoUser0007', 'TEMPLATE_ID', '{"first":"too late"}', datetime('now', '-1 minute'));
+INSERT INTO outbox (touser, template_id, data) VALUES
+  ('oDemoUser0008', 'ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY',
+   '{"first":"您好，您的订单已发货。","keynote1":"比利时手工黑巧克力礼盒（72%可可，十二枚装，附赠贺卡）","keynote2":"398元","keynote3":"2026年12月3日","remark":"WeChat no longer shows first and remark"}');
 "##;
+
+/// The demo row whose keyword value is longer than WeChat shows since 2023.
+const LONG_VALUE_USER: &str = "oDemoUser0008";
 
 pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     let temp = tempfile_dir()?;
@@ -89,7 +95,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         .execute(&mut app)
         .await
         .context("inserting the demo rows")?;
-    println!("\ninserted 9 rows with plain SQL; waiting for each to reach its final status…\n");
+    println!("\ninserted 10 rows with plain SQL; waiting for each to reach its final status…\n");
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -124,6 +130,16 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         println!(
             "{id:>3}  {touser:<14} {status:<11} {msgid:<11} {}",
             why.unwrap_or_default()
+        );
+    }
+    if let Some(sent) = sim
+        .deliveries()
+        .iter()
+        .find(|d| d.touser == LONG_VALUE_USER)
+    {
+        println!(
+            "\n{LONG_VALUE_USER}'s keynote1 went out as WeChat shows it since 2023 (20 characters): {}",
+            sent.data["keynote1"]["value"].as_str().unwrap_or_default()
         );
     }
     let stats = sim.stats();

@@ -138,6 +138,7 @@ pub struct Metrics {
     token_refreshes: Family<ResultLabels, Counter>,
     events_received: Family<EventLabels, Counter>,
     callback_refused: Family<RefusalLabels, Counter>,
+    values_cut: Family<AccountLabels, Counter>,
     events_joined: Counter,
     events_not_joined: Family<NotJoinedLabels, Counter>,
     rows: Family<RowLabels, Gauge>,
@@ -197,6 +198,12 @@ impl Metrics {
             "Callback requests refused, by HTTP status",
             callback_refused.clone(),
         );
+        let values_cut = Family::default();
+        registry.register(
+            "values_cut",
+            "Keyword values cut to WeChat's 20 characters on one line (2023 rules) before sending",
+            values_cut.clone(),
+        );
         let events_joined = Counter::default();
         registry.register(
             "events_joined",
@@ -242,6 +249,7 @@ impl Metrics {
             token_refreshes,
             events_received,
             callback_refused,
+            values_cut,
             events_joined,
             events_not_joined,
             rows,
@@ -289,6 +297,13 @@ impl Metrics {
                 .get_or_create(&self.account_labels(account))
                 .inc();
         }
+    }
+
+    /// Counts keyword values cut to WeChat's 2023 display limit before they were sent.
+    pub fn values_cut(&self, account: &str, n: u64) {
+        self.values_cut
+            .get_or_create(&self.account_labels(account))
+            .inc_by(n);
     }
 
     pub fn send_request(&self, account: &str, took: std::time::Duration) {

@@ -13,6 +13,7 @@ use secrecy::SecretString;
 
 use super::rate::AccountRuntime;
 use crate::domain::clock::Clock;
+use crate::domain::content_rules::{self, ContentRules, Overlong};
 use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::periods;
@@ -49,6 +50,18 @@ pub struct Dispatcher {
     pub reservations: super::Reservations,
     /// One permit per request to WeChat in flight (`workers.concurrency`).
     pub requests: tokio::sync::Semaphore,
+    /// WeChat's display rules for keyword values, and what a value over them gets.
+    pub content_rules: ContentRules,
+    pub overlong: Overlong,
+}
+
+/// A row that passed `admit`: its account, its message (values within the content rules),
+/// when its doubt began, and the parameters whose values were cut.
+pub(super) struct Admitted<'d> {
+    pub runtime: &'d AccountRuntime,
+    pub message: TemplateMessage,
+    pub doubt_since: DateTime<Utc>,
+    pub cut: Vec<String>,
 }
 
 /// What a request came back with: the outcome, and whether WeChat definitely refused the
@@ -129,10 +142,21 @@ impl Dispatcher {
         claimed_at: DateTime<Utc>,
         started: &AtomicBool,
     ) -> Outcome {
-        let (runtime, message, doubt_since) = match self.admit(raw, claimed_at) {
+        let Admitted {
+            runtime,
+            message,
+            doubt_since,
+            cut,
+        } = match self.admit(raw, claimed_at) {
             Ok(admitted) => admitted,
             Err(outcome) => return outcome,
         };
+        if !cut.is_empty() {
+            // Parameter names are the app's: bounded and escaped, never the values.
+            let names: Vec<String> = cut.iter().map(|n| loggable(n)).collect();
+            tracing::info!(id = raw.id, parameters = %names.join(", "), "values cut to WeChat's 20 characters");
+            self.metrics.values_cut(&raw.account, cut.len() as u64);
+        }
         let counted = match self.check_limits(raw, &message, claimed_at, reserved).await {
             Ok(counted) => counted,
             Err(outcome) => return outcome,
@@ -150,13 +174,13 @@ impl Dispatcher {
     }
 
     /// The checks that end a row before its limits are looked at: an account of this daemon,
-    /// a readable message, a recipient still subscribed, not expired, and (in doubt) still
-    /// within the de-duplication window. The account, the message and when doubt began.
+    /// a readable message within WeChat's content rules, a recipient still subscribed, not
+    /// expired, and (in doubt) still within the de-duplication window.
     pub(super) fn admit(
         &self,
         raw: &RawMessage,
         claimed_at: DateTime<Utc>,
-    ) -> Result<(&AccountRuntime, TemplateMessage, DateTime<Utc>), Outcome> {
+    ) -> Result<Admitted<'_>, Outcome> {
         let Some(runtime) = self.accounts.get(&raw.account) else {
             let mut names: Vec<_> = self.accounts.keys().map(String::as_str).collect();
             names.sort();
@@ -169,7 +193,7 @@ impl Dispatcher {
                 ),
             });
         };
-        let message = match TemplateMessage::from_raw(raw) {
+        let mut message = match TemplateMessage::from_raw(raw) {
             Ok(message) => message,
             Err(reason) => {
                 return Err(Outcome::Failed {
@@ -178,6 +202,13 @@ impl Dispatcher {
                 });
             }
         };
+        // The same input gives the same cut, so a resend in doubt sends what the first did.
+        let cut =
+            content_rules::apply(&mut message.body["data"], self.content_rules, self.overlong)
+                .map_err(|reason| Outcome::Failed {
+                    errcode: None,
+                    reason,
+                })?;
         if raw.suppressed {
             return Err(Outcome::Failed {
                 errcode: None,
@@ -199,7 +230,12 @@ impl Dispatcher {
                 reason: crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT.into(),
             });
         }
-        Ok((runtime, message, doubt_since))
+        Ok(Admitted {
+            runtime,
+            message,
+            doubt_since,
+            cut,
+        })
     }
 
     /// Posts the message, refreshing a rejected token and resending at once (twice at most).

@@ -35,7 +35,9 @@ impl Dispatcher {
             return None;
         }
         // The same checks `attempt` makes first, so the two cannot disagree.
-        let (runtime, message, _) = self.admit(raw, claimed_at).ok()?;
+        let super::dispatch::Admitted {
+            runtime, message, ..
+        } = self.admit(raw, claimed_at).ok()?;
         let limits = runtime.limits();
         if let Some(content) = &raw.template_content {
             check_data(&message.template_id, content, &message.body["data"]).ok()?;

@@ -149,3 +149,114 @@ async fn sqlite_text_that_is_not_utf8_fails_only_its_row() {
         ("failed".into(), Some("data is not valid UTF-8".into()))
     );
 }
+
+/// WeChat's 2023 rules (`[templates] content_rules = "2023"`, the default): a keyword value of
+/// more than 20 characters, or of more than one line, is sent as WeChat would show it (cut,
+/// ending in `…`); `first` and `remark`, which WeChat no longer shows, go as they came.
+async fn long_values_are_cut_to_what_wechat_shows(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let long = "字".repeat(30);
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data) VALUES
+             ('oCut000001', 'ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY',
+              '{{\"first\":\"{long}\",\"keynote1\":\"{long}\",\"keynote2\":\"已发货\\n单号 123\",
+                \"keynote3\":\"2026-12-03 09:00\",\"remark\":\"a\\nb\"}}')"
+        ))
+        .await
+        .unwrap();
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    daemon.stop().await;
+
+    assert_eq!(rows[0].status, "sent", "{rows:#?}");
+    let data = &sim.sim.deliveries()[0].data;
+    assert_eq!(data["keynote1"]["value"], format!("{}…", "字".repeat(19)));
+    assert_eq!(data["keynote2"]["value"], "已发货…");
+    assert_eq!(data["keynote3"]["value"], "2026-12-03 09:00");
+    assert_eq!(
+        data["first"]["value"], long,
+        "not shown by WeChat: sent as it came"
+    );
+    assert_eq!(data["remark"]["value"], "a\nb");
+}
+on_both_backends!(long_values_are_cut_to_what_wechat_shows);
+
+/// With `overlong = "fail"` such a row fails before any quota or request is spent on it,
+/// naming the parameter and the limit; the rows around it are sent. With `content_rules =
+/// "2014"` nothing is checked.
+async fn long_values_fail_their_row_when_asked_to(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data) VALUES
+             ('oLong00001', 'TLONG', '{{\"amount\":\"{}\"}}'),
+             ('oLong00002', 'TLONG', '{{\"amount\":\"one\\ntwo\"}}'),
+             ('oFine00001', 'TLONG', '{{\"amount\":\"39.8元\"}}')",
+            "9".repeat(21)
+        ))
+        .await
+        .unwrap();
+    let daemon = Daemon::start(db.config(&sim.url(), "[templates]\noverlong = \"fail\"")).await;
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    daemon.stop().await;
+
+    let by_user = |user: &str| {
+        rows.iter()
+            .find(|r| r.touser.as_deref() == Some(user))
+            .unwrap()
+    };
+    let reason = |user: &str| by_user(user).last_error.clone().unwrap_or_default();
+    assert_eq!(by_user("oLong00001").status, "failed");
+    assert!(
+        reason("oLong00001").contains("data.amount is 21 characters long"),
+        "{rows:#?}"
+    );
+    assert!(reason("oLong00001").contains("at most 20"));
+    assert_eq!(by_user("oLong00002").status, "failed");
+    assert!(
+        reason("oLong00002").contains("data.amount has a line break"),
+        "{rows:#?}"
+    );
+    assert_eq!(by_user("oFine00001").status, "sent");
+    assert_eq!(
+        sim.sim.stats().send_requests,
+        1,
+        "no request for a failed row"
+    );
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'template:TLONG' AND used = 1")
+            .await,
+        1,
+        "quota counted for the sent row only"
+    );
+
+    // The 2014 rules: the same values go out as they are.
+    db.app
+        .exec("INSERT INTO outbox (touser, template_id, data) VALUES ('oLong00003', 'TLONG', '{\"amount\":\"one\\ntwo\"}')")
+        .await
+        .unwrap();
+    let daemon = Daemon::start(db.config(
+        &sim.url(),
+        "[templates]\noverlong = \"fail\"\ncontent_rules = \"2014\"",
+    ))
+    .await;
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    daemon.stop().await;
+    let last = rows
+        .iter()
+        .find(|r| r.touser.as_deref() == Some("oLong00003"))
+        .unwrap();
+    assert_eq!(last.status, "sent", "{last:#?}");
+    let sent = sim
+        .sim
+        .deliveries()
+        .into_iter()
+        .find(|d| d.touser == "oLong00003")
+        .unwrap();
+    assert_eq!(sent.data["amount"]["value"], "one\ntwo");
+}
+on_both_backends!(long_values_fail_their_row_when_asked_to);

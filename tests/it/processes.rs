@@ -295,6 +295,7 @@ fn the_demo_runs_end_to_end() {
         "cancelled",
         "expired",
         "0 delivered twice",
+        "went out as WeChat shows it since 2023 (20 characters): 比利时手工黑巧克力礼盒（72%可可，十…",
     ] {
         assert!(
             stdout.contains(expected),
@@ -303,7 +304,7 @@ fn the_demo_runs_end_to_end() {
     }
     assert_eq!(
         stdout.matches("delivery event: success").count(),
-        3,
+        4,
         "{stdout}"
     );
 }
