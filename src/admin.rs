@@ -5,7 +5,10 @@ use anyhow::{Result, bail};
 use crate::cli::TemplatesAction;
 use crate::config::Config;
 use crate::domain::clock::Clock;
+use crate::domain::content_rules::{ContentRules, IGNORED_PARAMETERS};
 use crate::domain::quota::{ACCOUNT_SCOPE, periods};
+use crate::domain::template::parameters;
+use crate::domain::text::{loggable, loggable_within};
 use crate::store::{Store, TemplateUse};
 use crate::templates;
 use crate::wechat::api::WechatApi;
@@ -14,20 +17,23 @@ use crate::wechat::token::TokenManager;
 pub async fn templates(action: TemplatesAction) -> Result<()> {
     match action {
         TemplatesAction::List(args) => {
-            let (_, store) = open(&Config::load(&args.config)?).await?;
+            let (config, store) = open(&Config::load(&args.config)?).await?;
             println!(
-                "{:<12} {:<46} {:<7} {:<24} note",
-                "account", "template_id", "in use", "title"
+                "{:<12} {:<46} {:<7} {:<24} {:<40} note",
+                "account", "template_id", "in use", "title", "parameters"
             );
             for t in store.list_templates().await? {
                 let in_use = if t.in_use { "yes" } else { "no" };
+                let shown = parameters_shown(t.content.as_deref(), config.templates.content_rules);
+                // The table holds WeChat's text, which SQL can change: escaped for the terminal.
                 println!(
-                    "{:<12} {:<46} {:<7} {:<24} {}",
-                    t.account,
-                    t.template_id,
+                    "{:<12} {:<46} {:<7} {:<24} {:<40} {}",
+                    loggable(&t.account),
+                    loggable(&t.template_id),
                     in_use,
-                    t.title.unwrap_or_default(),
-                    t.note.unwrap_or_default()
+                    loggable(&t.title.unwrap_or_default()),
+                    loggable_within(&shown, LIST_CELL_CHARS),
+                    loggable_within(&t.note.unwrap_or_default(), LIST_CELL_CHARS)
                 );
             }
         }
@@ -155,4 +161,26 @@ fn account_limits(config: &Config, name: &str) -> Result<crate::config::Limits> 
         Some(account) => Ok(account.limits),
         None => bail!("account {name:?} is not configured"),
     }
+}
+
+/// The most of a parameter list or a note that `templates list` prints.
+const LIST_CELL_CHARS: usize = 400;
+
+/// A template's parameters as `templates list` shows them: those WeChat no longer shows under
+/// the 2023 rules marked so; `?` when the content is not known (not in WeChat's list yet).
+fn parameters_shown(content: Option<&str>, rules: ContentRules) -> String {
+    let Some(content) = content else {
+        return "?".into();
+    };
+    parameters(content)
+        .into_iter()
+        .map(|name| {
+            if rules == ContentRules::Rules2023 && IGNORED_PARAMETERS.contains(&name.as_str()) {
+                format!("{name} (not shown)")
+            } else {
+                name
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -24,6 +24,8 @@ pub struct TemplateRow {
     pub title: Option<String>,
     pub in_use: bool,
     pub note: Option<String>,
+    /// Its text with `{{name.DATA}}` parameters, when WeChat's list gave it.
+    pub content: Option<String>,
 }
 
 /// A template as WeChat lists it.
@@ -166,7 +168,7 @@ impl Store {
     pub async fn list_templates(&self) -> StoreResult<Vec<TemplateRow>> {
         on_backend!(self, |pool, _d| {
             sqlx::query_as(
-                "SELECT account, template_id, title, in_use, note FROM templates
+                "SELECT account, template_id, title, in_use, note, content FROM templates
                  ORDER BY account, in_use DESC, template_id",
             )
             .fetch_all(pool)

@@ -426,6 +426,17 @@ async fn the_cli_shows_quota_and_templates(backend: Backend) {
         "{}",
         list.stdout()
     );
+    // A template from WeChat's list shows its parameters, and which WeChat no longer shows.
+    assert!(
+        list.stdout().lines().any(
+            |l| l.contains("ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY")
+                && l.contains(
+                    "first (not shown), keynote1, keynote2, keynote3, remark (not shown)"
+                )
+        ),
+        "{}",
+        list.stdout()
+    );
 
     let mut activate = run(&["templates", "activate", "TOTHER"]);
     assert_eq!(
