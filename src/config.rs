@@ -3,7 +3,6 @@
 //! `load` fails with a message naming the setting when one is missing or invalid. Secrets are
 //! `SecretString`s, so `Debug` prints them as redacted and nothing logs them by accident.
 
-use crate::domain::content_rules::{ContentRules, Overlong};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +13,7 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::domain::content_rules::{ContentRules, Overlong};
 use crate::domain::retry::{InDoubtPolicy, RetryPolicy};
 use crate::http_server::ConnectionLimits;
 

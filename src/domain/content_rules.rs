@@ -3,10 +3,12 @@
 //! "WeChat's 2023 content rules"). WeChat cuts a longer value itself, without an error; the
 //! daemon applies the rule first, so the row says what the user saw, or fails it if asked to.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::text::{CUT_MARK, echo};
+use super::text::{CUT_MARK, cut, echo};
 
 /// The most characters WeChat shows of one keyword value since 2023-05-04.
 pub const MAX_VALUE_CHARS: usize = 20;
@@ -75,12 +77,14 @@ pub fn apply(
 fn shown(value: &str) -> Option<String> {
     let first_line = value.split(is_line_break).next().unwrap_or_default();
     let broken = first_line.len() < value.len();
-    let chars = first_line.chars().count();
-    if !broken && chars <= MAX_VALUE_CHARS {
+    if !broken && first_line.chars().nth(MAX_VALUE_CHARS).is_none() {
         return None;
     }
-    let kept: String = first_line.chars().take(MAX_VALUE_CHARS - 1).collect();
-    Some(format!("{kept}{CUT_MARK}"))
+    // One character fewer than the limit, so that the mark fits within it.
+    Some(match cut(first_line, MAX_VALUE_CHARS - 1) {
+        Cow::Owned(cut) => cut,
+        Cow::Borrowed(line) => format!("{line}{CUT_MARK}"),
+    })
 }
 
 fn is_line_break(c: char) -> bool {
@@ -173,6 +177,26 @@ mod tests {
         let mut d = data("a\nb");
         let reason = apply(&mut d, ContentRules::Rules2023, Overlong::Fail).unwrap_err();
         assert!(reason.contains("data.amount has a line break"), "{reason}");
+    }
+
+    #[test]
+    fn hostile_values_come_out_within_the_rules() {
+        for value in [
+            "\0".repeat(1 << 20),
+            format!("{}\u{202e}", "x".repeat(1 << 20)),
+            "\r".into(),
+        ] {
+            let mut d = data(&value);
+            apply(&mut d, ContentRules::Rules2023, Overlong::Cut).unwrap();
+            let shown = d["amount"]["value"].as_str().unwrap();
+            assert!(shown.chars().count() <= MAX_VALUE_CHARS, "{}", shown.len());
+            assert!(!shown.contains(is_line_break));
+            // What was cut is already within the rules: a resend cuts nothing more.
+            assert_eq!(
+                apply(&mut d, ContentRules::Rules2023, Overlong::Cut),
+                Ok(vec![])
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
-use crate::domain::text::{echo, loggable};
+use crate::domain::text::{ECHO_CHARS, echo, loggable, loggable_within};
 use crate::metrics::Metrics;
 use crate::monitor::Health;
 use crate::store::{Outcome, Reserved, Store};
@@ -152,9 +152,10 @@ impl Dispatcher {
             Err(outcome) => return outcome,
         };
         if !cut.is_empty() {
-            // Parameter names are the app's: bounded and escaped, never the values.
-            let names: Vec<String> = cut.iter().map(|n| loggable(n)).collect();
-            tracing::info!(id = raw.id, parameters = %names.join(", "), "values cut to WeChat's 20 characters");
+            // Parameter names are the app's, and a row may name thousands: the line holds their
+            // count and the start of the list, escaped, never the values.
+            let names = loggable_within(&cut.join(", "), ECHO_CHARS);
+            tracing::info!(id = raw.id, count = cut.len(), parameters = %names, "values cut to WeChat's 20 characters");
             self.metrics.values_cut(&raw.account, cut.len() as u64);
         }
         let counted = match self.check_limits(raw, &message, claimed_at, reserved).await {
