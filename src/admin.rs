@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::cli::TemplatesAction;
+use crate::cli::{TemplateAdd, TemplateChoice, TemplatesAction};
 use crate::config::Config;
 use crate::domain::clock::Clock;
 use crate::domain::content_rules::{ContentRules, IGNORED_PARAMETERS};
@@ -37,6 +37,8 @@ pub async fn templates(action: TemplatesAction) -> Result<()> {
                 );
             }
         }
+        TemplatesAction::Add(args) => add_template(args).await?,
+        TemplatesAction::Delete(choice) => delete_template(choice).await?,
         TemplatesAction::Activate(choice) => {
             let (config, store) = open(&Config::load(&choice.config.config)?).await?;
             let limit = account_limits(&config, &choice.account)?.active_templates;
@@ -79,19 +81,7 @@ pub async fn templates(action: TemplatesAction) -> Result<()> {
             let config = Config::load(&args.config)?;
             let (config, store) = open(&config).await?;
             let accounts = config.accounts()?;
-            let api = WechatApi::new(
-                &config.api.base_url,
-                std::time::Duration::from_millis(config.api.timeout_ms),
-            )?;
-            let owner = format!("cli-{}", std::process::id());
-            let tokens = TokenManager::new(
-                store.clone(),
-                api.clone(),
-                config.api.token_endpoint,
-                owner,
-                &accounts,
-                Default::default(),
-            );
+            let (api, tokens) = wechat(&config, &store)?;
             for account in &accounts {
                 let n = templates::sync_account(
                     &store,
@@ -112,6 +102,7 @@ pub async fn quota(config: &Config) -> Result<()> {
     let (config, store) = open(config).await?;
     let p = periods(Clock::default().now(), config.timezone()?);
     let usage = store.quota_usage(&p.month, &p.day).await?;
+    let wechat = store.wechat_quota().await?;
     println!(
         "periods: month {} and day {} ({})",
         p.month, p.day, config.limits.timezone
@@ -127,27 +118,141 @@ pub async fn quota(config: &Config) -> Result<()> {
             .find(|(_, s, period, _)| s == ACCOUNT_SCOPE && *period == p.day)
             .map_or(0, |r| r.3);
         let limits = account.limits;
-        let line = |scope: &str, period: &str, used: i64, limit: u32| {
-            let remaining = (i64::from(limit) - used).max(0);
+        let reading = wechat.iter().find(|r| r.account == account.name);
+        let line = |scope: &str, period: &str, used: i64, limit: i64| {
+            let remaining = (limit - used).max(0);
             println!(
                 "{:<12} {scope:<46} {period:<8} {used:>8} {limit:>8} {remaining:>10}",
                 account.name
             );
         };
-        line(
-            "account (today)",
-            &p.day,
-            day_used,
-            limits.daily_per_account,
-        );
+        // A cap that follows WeChat is what WeChat last said.
+        let day_limit = match reading {
+            Some(r) if limits.daily_follows_wechat && r.daily_limit > 0 => {
+                r.daily_limit.min(i64::from(i32::MAX))
+            }
+            _ => i64::from(limits.daily_per_account),
+        };
+        line("account (today)", &p.day, day_used, day_limit);
+        if let Some(r) = reading {
+            let read_at = r.read_at.with_timezone(&config.timezone()?);
+            line(
+                &format!(
+                    "WeChat's own count (read {}; ours then {})",
+                    read_at.format("%m-%d %H:%M"),
+                    r.own_used
+                ),
+                &read_at.format("%Y-%m-%d").to_string(),
+                r.used,
+                r.daily_limit,
+            );
+        }
         for (_, scope, period, used) in rows
             .iter()
             .filter(|(_, s, period, _)| s != ACCOUNT_SCOPE && *period == p.month)
         {
-            line(scope, period, *used, limits.monthly_per_template);
+            line(scope, period, *used, limits.monthly_per_template.into());
         }
     }
     Ok(())
+}
+
+/// `templates add`: the template is added at WeChat, its content synced, and taken into use
+/// unless asked not to. The templates-in-use limit is checked before WeChat is asked, so
+/// that no template is added that could not be used.
+async fn add_template(args: TemplateAdd) -> Result<()> {
+    let (config, store) = open(&Config::load(&args.config.config)?).await?;
+    let limit = account_limits(&config, &args.account)?.active_templates;
+    let keywords: Vec<String> = args
+        .keywords
+        .split([',', '，'])
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(String::from)
+        .collect();
+    if keywords.is_empty() {
+        bail!("--keywords names none: give the library template's keywords, comma-separated");
+    }
+    if !args.out_of_use {
+        let in_use = store
+            .list_templates()
+            .await?
+            .iter()
+            .filter(|t| t.account == args.account && t.in_use)
+            .count();
+        if in_use >= limit as usize {
+            bail!(
+                "{} already uses {in_use} of its {limit} templates: deactivate or delete one \
+                 first, or add it with --out-of-use",
+                args.account
+            );
+        }
+    }
+    let (api, tokens) = wechat(&config, &store)?;
+    let template_id =
+        templates::add_template(&api, &tokens, &args.account, &args.short_id, &keywords).await?;
+    println!("{}", loggable(&template_id));
+    let clock = Clock::default();
+    templates::sync_account(&store, &api, &tokens, &args.account, &clock).await?;
+    if args.out_of_use {
+        eprintln!("added to {} out of use", args.account);
+        return Ok(());
+    }
+    match store
+        .take_template_into_use(&args.account, &template_id, limit, clock.now())
+        .await?
+    {
+        TemplateUse::InUse => eprintln!("added to {} and in use", args.account),
+        TemplateUse::NoRoom { in_use } => eprintln!(
+            "added to {}, but not in use: another template took the last place ({in_use} of \
+             {limit} in use)",
+            args.account
+        ),
+    }
+    Ok(())
+}
+
+/// `templates delete`: deleted at WeChat, then out of use here (rows held for room go on).
+async fn delete_template(choice: TemplateChoice) -> Result<()> {
+    let (config, store) = open(&Config::load(&choice.config.config)?).await?;
+    account_limits(&config, &choice.account)?;
+    let (api, tokens) = wechat(&config, &store)?;
+    templates::delete_template(&api, &tokens, &choice.account, &choice.template_id).await?;
+    let now = Clock::default().now();
+    store
+        .retire_template(
+            &choice.account,
+            &choice.template_id,
+            "deleted at WeChat by an operator",
+            now,
+        )
+        .await?;
+    // Left waiting, they would take the template into use again and fail one by one on 40037.
+    let failed = store
+        .fail_waiting_rows_of_template(&choice.account, &choice.template_id, now)
+        .await?;
+    println!(
+        "{} deleted at WeChat and out of use for {}; {failed} rows waiting for it failed",
+        choice.template_id, choice.account
+    );
+    Ok(())
+}
+
+/// The API and a token manager for a command of the operator's.
+fn wechat(config: &Config, store: &Store) -> Result<(WechatApi, TokenManager)> {
+    let api = WechatApi::new(
+        &config.api.base_url,
+        std::time::Duration::from_millis(config.api.timeout_ms),
+    )?;
+    let tokens = TokenManager::new(
+        store.clone(),
+        api.clone(),
+        config.api.token_endpoint,
+        format!("cli-{}", std::process::id()),
+        &config.accounts()?,
+        Default::default(),
+    );
+    Ok((api, tokens))
 }
 
 async fn open(config: &Config) -> Result<(Config, Store)> {

@@ -19,7 +19,7 @@ use crate::monitor::{self, Health};
 use crate::services::limits::record_limits;
 use crate::services::{
     ExpireOverdue, Heartbeat, JoinEvents, Prune, RecordLimits, ReleaseHeld, RescueLeases, Runner,
-    SettleInDoubt, TemplateSync,
+    SettleInDoubt, TemplateSync, WechatQuota,
 };
 use crate::store::Store;
 use crate::wechat::api::WechatApi;
@@ -214,6 +214,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             interval: Duration::from_secs(config.templates.sync_interval_secs),
         })
         .await;
+    let wechat_quota = WechatQuota {
+        store: store.clone(),
+        api: api.clone(),
+        tokens: tokens.clone(),
+        accounts: runtimes.clone(),
+        zone_name: config.limits.timezone.clone(),
+        timezone,
+    };
+    // A cap that follows WeChat is read before the first send.
+    if runtimes.iter().any(|r| r.limits().daily_follows_wechat) {
+        services.start_after_first_pass(wechat_quota).await;
+    } else {
+        services.start(wechat_quota);
+    }
     services.start(Prune {
         store: store.clone(),
         settings: config.retention.clone(),
@@ -245,6 +259,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         requests: Semaphore::new(config.workers.concurrency),
         content_rules: config.templates.content_rules,
         overlong: config.templates.overlong,
+        user_errcodes: config.errcodes.codes(),
+        refusal_lasts: chrono::Duration::days(config.errcodes.refusal_days.into()),
+        too_frequent_wait: chrono::Duration::seconds(config.errcodes.too_frequent_wait_secs as i64),
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {

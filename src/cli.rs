@@ -31,13 +31,14 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Start a simulator and the daemon on a new SQLite file, send a few rows, show their fate.
     Demo(DemoArgs),
-    /// Templates in use per account: list, activate, deactivate, sync from WeChat.
+    /// Templates per account: list, activate, deactivate, sync, add and delete at WeChat.
     Templates(TemplatesArgs),
     /// Quota used, limit and remaining per account and template, this month and today.
     Quota(ConfigArg),
     /// Delete terminal rows and stored pushes older than retention.keep_days, now.
     Prune(ConfigArg),
-    /// Print a report view: status, daily, errors, latency, stuck (docs/reports.md).
+    /// Print a report view: status, quota, daily, errors, latency, stuck, events, refusals
+    /// (docs/reports.md).
     Report(ReportArgs),
 }
 
@@ -67,6 +68,28 @@ pub enum TemplatesAction {
     Deactivate(TemplateChoice),
     /// Fetch each account's template list from WeChat now.
     Sync(ConfigArg),
+    /// Add a category template (类目模板) from WeChat's library and take it into use.
+    Add(TemplateAdd),
+    /// Delete a template at WeChat and take it out of use.
+    Delete(TemplateChoice),
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateAdd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The account's name.
+    #[arg(long, default_value = "default")]
+    pub account: String,
+    /// The library template's short id (template_id_short).
+    #[arg(long)]
+    pub short_id: String,
+    /// The keywords wanted, in order, comma-separated: "名称,金额,时间".
+    #[arg(long)]
+    pub keywords: String,
+    /// Add it without taking it into use (when the account has no room).
+    #[arg(long)]
+    pub out_of_use: bool,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +132,16 @@ pub struct SimulateArgs {
     /// Answer 40037 for template ids the simulator does not list (default: accept any).
     #[arg(long)]
     pub strict_templates: bool,
+    /// Template sends accepted per appid per Beijing day; beyond, 45009 (openapi/quota/get
+    /// reports it).
+    #[arg(long, default_value_t = 100_000)]
+    pub daily_limit: u64,
+    /// Answer 43117 to a send to an openid that got one less than this ago (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub per_user_interval_ms: u64,
+    /// Answer 40241 to the same template and data to the same openid within this (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub duplicate_window_secs: u64,
     /// Push TEMPLATESENDJOBFINISH events to this URL after each delivery.
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<String>,

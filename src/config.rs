@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::domain::content_rules::{ContentRules, Overlong};
+use crate::domain::errcode::UserErrcodes;
 use crate::domain::retry::{InDoubtPolicy, RetryPolicy};
 use crate::http_server::ConnectionLimits;
 
@@ -41,6 +42,8 @@ pub struct Config {
     pub limits: LimitSettings,
     #[serde(default)]
     pub templates: TemplateSettings,
+    #[serde(default)]
+    pub errcodes: ErrcodeSettings,
     #[serde(default)]
     pub retention: RetentionSettings,
     #[serde(default)]
@@ -173,8 +176,8 @@ pub struct LimitSettings {
     pub auto_activate_templates: bool,
     /// Sends per template per calendar month.
     pub monthly_per_template: u32,
-    /// Sends per account per day.
-    pub daily_per_account: u32,
+    /// Sends per account per day: a number, or `"wechat"` for WeChat's own figure.
+    pub daily_per_account: DailyCap,
     /// Where months and days begin (IANA name).
     pub timezone: String,
     /// Sends per second per account, for the whole cluster.
@@ -187,7 +190,7 @@ impl Default for LimitSettings {
             active_templates: 10,
             auto_activate_templates: true,
             monthly_per_template: 10_000,
-            daily_per_account: 100_000,
+            daily_per_account: DailyCap::Fixed(100_000),
             timezone: "Asia/Shanghai".into(),
             rate_per_second: 50,
         }
@@ -211,6 +214,48 @@ impl Default for TemplateSettings {
             sync_interval_secs: 3600,
             content_rules: ContentRules::Rules2023,
             overlong: Overlong::Cut,
+        }
+    }
+}
+
+/// What the errcodes WeChat added after 2014 mean for one user or row (docs/todays-wechat.md):
+/// codes that are not documented are settings, so that a wrong guess is mended in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrcodeSettings {
+    /// The user refused the template: later rows to the same openid and template fail
+    /// without a request.
+    pub refused: Vec<i64>,
+    /// How long a refusal stands (the user can accept the template again).
+    pub refusal_days: u32,
+    /// Too many sends to one user: the row waits `too_frequent_wait_secs`, without using up
+    /// an attempt.
+    pub too_frequent: Vec<i64>,
+    pub too_frequent_wait_secs: u64,
+    /// WeChat refused the send as a duplicate: sent already if the row was in doubt, else
+    /// failed.
+    pub duplicate: Vec<i64>,
+}
+
+impl Default for ErrcodeSettings {
+    fn default() -> Self {
+        let codes = UserErrcodes::default();
+        ErrcodeSettings {
+            refused: codes.refused,
+            refusal_days: 30,
+            too_frequent: codes.too_frequent,
+            too_frequent_wait_secs: 60,
+            duplicate: codes.duplicate,
+        }
+    }
+}
+
+impl ErrcodeSettings {
+    pub fn codes(&self) -> UserErrcodes {
+        UserErrcodes {
+            refused: self.refused.clone(),
+            too_frequent: self.too_frequent.clone(),
+            duplicate: self.duplicate.clone(),
         }
     }
 }
@@ -242,8 +287,53 @@ pub struct Limits {
     pub active_templates: u32,
     pub auto_activate_templates: bool,
     pub monthly_per_template: u32,
+    /// The cap in force: the configured number, or with `daily_follows_wechat` WeChat's
+    /// figure once read (`WECHAT_DAILY_FLOOR` before).
     pub daily_per_account: u32,
+    /// `daily_per_account = "wechat"`: the cap follows `openapi/quota/get`.
+    pub daily_follows_wechat: bool,
     pub rate_per_second: u32,
+}
+
+/// The daily cap WeChat gives every account that sends template messages, raised with its
+/// followers: the cap in force with `daily_per_account = "wechat"` until WeChat's own figure
+/// is read.
+pub const WECHAT_DAILY_FLOOR: u32 = 100_000;
+
+/// An account's daily cap as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DailyCap {
+    Fixed(u32),
+    /// WeChat's own figure (`openapi/quota/get`), read at start and hourly.
+    Wechat,
+}
+
+impl DailyCap {
+    /// The cap in force before anything is read from WeChat, and whether it follows WeChat.
+    fn initial(self) -> (u32, bool) {
+        match self {
+            DailyCap::Fixed(n) => (n, false),
+            DailyCap::Wechat => (WECHAT_DAILY_FLOOR, true),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DailyCap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Number(u32),
+            Word(String),
+        }
+        match Given::deserialize(deserializer)? {
+            Given::Number(n) => Ok(DailyCap::Fixed(n)),
+            Given::Word(w) if w == "wechat" => Ok(DailyCap::Wechat),
+            Given::Word(_) => Err(serde::de::Error::custom(
+                "daily_per_account must be a number or \"wechat\"",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,7 +429,7 @@ pub struct AccountSettings {
     pub rate_per_second: Option<u32>,
     pub active_templates: Option<u32>,
     pub monthly_per_template: Option<u32>,
-    pub daily_per_account: Option<u32>,
+    pub daily_per_account: Option<DailyCap>,
 }
 
 /// An account with its secret resolved from wherever it was given.
@@ -499,6 +589,24 @@ impl Config {
         ] {
             positive(key, value)?;
         }
+        positive("errcodes.refusal_days", self.errcodes.refusal_days.into())?;
+        positive(
+            "errcodes.too_frequent_wait_secs",
+            self.errcodes.too_frequent_wait_secs,
+        )?;
+        if self.errcodes.refusal_days > 3650 || self.errcodes.too_frequent_wait_secs > 86_400 {
+            bail!("errcodes.refusal_days must be at most 3650 and too_frequent_wait_secs 86400");
+        }
+        let e = &self.errcodes;
+        for code in e.refused.iter().chain(&e.too_frequent).chain(&e.duplicate) {
+            let meanings = [&e.refused, &e.too_frequent, &e.duplicate]
+                .iter()
+                .filter(|list| list.contains(code))
+                .count();
+            if meanings > 1 || *code == 0 {
+                bail!("errcodes: {code} is given more than one meaning (or is 0, success)");
+            }
+        }
         // Beyond these a setting is a typo, and a timeout in hours is no protection.
         for (key, value, max) in [
             (
@@ -636,6 +744,10 @@ impl Config {
                 if secret.expose_secret().trim().is_empty() {
                     bail!("{at}.secret is empty");
                 }
+                let daily = a
+                    .daily_per_account
+                    .unwrap_or(self.limits.daily_per_account)
+                    .initial();
                 Ok(Account {
                     name: a.name.clone(),
                     appid: a.appid.clone(),
@@ -656,9 +768,8 @@ impl Config {
                         monthly_per_template: a
                             .monthly_per_template
                             .unwrap_or(self.limits.monthly_per_template),
-                        daily_per_account: a
-                            .daily_per_account
-                            .unwrap_or(self.limits.daily_per_account),
+                        daily_per_account: daily.0,
+                        daily_follows_wechat: daily.1,
                         rate_per_second: a.rate_per_second.unwrap_or(self.limits.rate_per_second),
                     },
                 })
@@ -791,6 +902,26 @@ mod tests {
     }
 
     #[test]
+    fn the_daily_cap_is_a_number_or_wechats() {
+        let config = Config::from_toml(&format!(
+            "{MINIMAL}\ndaily_per_account = 'wechat'\n[limits]\ndaily_per_account = 500"
+        ))
+        .unwrap();
+        let limits = config.accounts().unwrap()[0].limits;
+        assert_eq!(
+            (limits.daily_per_account, limits.daily_follows_wechat),
+            (WECHAT_DAILY_FLOOR, true)
+        );
+        let config =
+            Config::from_toml(&format!("{MINIMAL}\n[limits]\ndaily_per_account = 500")).unwrap();
+        let limits = config.accounts().unwrap()[0].limits;
+        assert_eq!(
+            (limits.daily_per_account, limits.daily_follows_wechat),
+            (500, false)
+        );
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let cases = [
             (
@@ -837,6 +968,18 @@ mod tests {
             (
                 &format!("{MINIMAL}\n[monitor]\nmax_connections = 0"),
                 "monitor.max_connections",
+            ),
+            (
+                &format!("{MINIMAL}\n[limits]\ndaily_per_account = 'weixin'"),
+                "daily_per_account",
+            ),
+            (
+                &format!("{MINIMAL}\n[errcodes]\nduplicate = [43101]"),
+                "more than one meaning",
+            ),
+            (
+                &format!("{MINIMAL}\n[errcodes]\nrefusal_days = 0"),
+                "errcodes.refusal_days",
             ),
         ];
         for (text, name) in cases {

@@ -40,6 +40,10 @@ INSERT INTO outbox (touser, template_id, data, expires_at) VALUES
 INSERT INTO outbox (touser, template_id, data) VALUES
   ('oDemoUser0008', 'ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY',
    '{"first":"您好，您的订单已发货。","keynote1":"比利时手工黑巧克力礼盒（72%可可，十二枚装，附赠贺卡）","keynote2":"398元","keynote3":"2026年12月3日","remark":"WeChat no longer shows first and remark"}');
+INSERT INTO outbox (touser, template_id, data) VALUES
+  ('o_refuse_Demo9', 'TEMPLATE_ID', '{"first":"this user refused the template (43101)"}');
+INSERT INTO outbox (touser, template_id, data, send_after) VALUES
+  ('o_refuse_Demo9', 'TEMPLATE_ID', '{"first":"not sent: the refusal is remembered"}', datetime('now', '+2 seconds'));
 "##;
 
 /// The demo row whose keyword value is longer than WeChat shows since 2023.
@@ -95,7 +99,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         .execute(&mut app)
         .await
         .context("inserting the demo rows")?;
-    println!("\ninserted 10 rows with plain SQL; waiting for each to reach its final status…\n");
+    println!("\ninserted 12 rows with plain SQL; waiting for each to reach its final status…\n");
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

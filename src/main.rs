@@ -92,6 +92,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                     ..simulator::Faults::default()
                 },
                 strict_templates: args.strict_templates,
+                daily_limit: args.daily_limit,
+                per_user_interval: std::time::Duration::from_millis(args.per_user_interval_ms),
+                duplicate_window: std::time::Duration::from_secs(args.duplicate_window_secs),
                 callback: args.callback_url.map(|url| simulator::CallbackTarget {
                     url,
                     token: args.callback_token,

@@ -279,6 +279,8 @@ impl Metrics {
     pub fn outcome(&self, account: &str, outcome: &Outcome) {
         let (name, errcode) = match outcome {
             Outcome::Sent { .. } => ("sent", None),
+            Outcome::SentEarlier { errcode, .. } => ("sent", Some(*errcode)),
+            Outcome::Wait { errcode, .. } => ("waiting", *errcode),
             Outcome::Failed { errcode, .. } => ("failed", *errcode),
             Outcome::Expired { .. } => ("expired", None),
             Outcome::Unknown { errcode, .. } => ("unknown", *errcode),

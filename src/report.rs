@@ -12,7 +12,7 @@ use crate::store::Store;
 pub const TABLE_CELL_CHARS: usize = 200;
 
 /// The views, each with the order its rows are printed in.
-pub const REPORTS: [(&str, &str); 7] = [
+pub const REPORTS: [(&str, &str); 8] = [
     ("report_status", "account, template_id, status"),
     ("report_quota", "account, template_id"),
     ("report_daily", "day DESC, account, template_id"),
@@ -20,6 +20,7 @@ pub const REPORTS: [(&str, &str); 7] = [
     ("report_latency", "account, template_id"),
     ("report_stuck", "since, id"),
     ("report_events", "account, state, problem"),
+    ("report_refusals", "account, template_id, refused_at DESC"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,5 +1,6 @@
 //! Retention: terminal rows and stored pushes older than `retention.keep_days` are deleted in
 //! small batches, so that pruning never blocks sends for long. Waiting rows are never deleted.
+//! Refusals (43101) are deleted once expired.
 
 use std::time::Duration;
 
@@ -19,6 +20,11 @@ pub async fn prune_due(
     now: DateTime<Utc>,
 ) -> StoreResult<(u64, u64)> {
     let cutoff = now - chrono::Duration::days(i64::from(settings.keep_days));
+    // Expired refusals no longer stop a row; they go with the rest of what is old. A failure
+    // here must not stop the pruning of rows.
+    if let Err(e) = store.forget_expired_refusals(now).await {
+        tracing::warn!(error = %e, "could not delete expired refusals; trying at the next prune");
+    }
     let mut total = (0, 0);
     loop {
         let (rows, pushes) = store.prune(cutoff, settings.batch_size).await?;

@@ -72,6 +72,12 @@ pub fn apply(
     Ok(cut_names)
 }
 
+/// What a user sees of a keyword value under the 2023 rules (the simulator shows deliveries
+/// so).
+pub fn as_shown(value: &str) -> String {
+    shown(value).unwrap_or_else(|| value.to_string())
+}
+
 /// What WeChat would show of `value` when it breaks the rules: its first line, at most
 /// `MAX_VALUE_CHARS` characters with the last one `…`. `None` when it keeps them.
 fn shown(value: &str) -> Option<String> {

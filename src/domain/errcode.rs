@@ -18,6 +18,51 @@ pub enum ErrcodeClass {
     Permanent,
 }
 
+/// What an errcode that WeChat added after 2014 means for one user or one row, before
+/// `classify` is asked. Which codes mean what is a setting (`[errcodes]`), since WeChat
+/// documents only some of them (docs/todays-wechat.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserErrcode {
+    /// The user refused this template (43101): later rows to the pair are not sent.
+    Refused,
+    /// Too many sends to this user (43117, unconfirmed): this row waits, others go on.
+    TooFrequent,
+    /// WeChat refused the send as a duplicate (40241, unconfirmed).
+    Duplicate,
+}
+
+/// The codes of each `UserErrcode`, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserErrcodes {
+    pub refused: Vec<i64>,
+    pub too_frequent: Vec<i64>,
+    pub duplicate: Vec<i64>,
+}
+
+impl Default for UserErrcodes {
+    fn default() -> Self {
+        UserErrcodes {
+            refused: vec![43101],
+            too_frequent: vec![43117],
+            duplicate: vec![40241],
+        }
+    }
+}
+
+impl UserErrcodes {
+    pub fn meaning(&self, errcode: i64) -> Option<UserErrcode> {
+        if self.refused.contains(&errcode) {
+            Some(UserErrcode::Refused)
+        } else if self.too_frequent.contains(&errcode) {
+            Some(UserErrcode::TooFrequent)
+        } else if self.duplicate.contains(&errcode) {
+            Some(UserErrcode::Duplicate)
+        } else {
+            None
+        }
+    }
+}
+
 pub fn classify(errcode: i64) -> ErrcodeClass {
     match errcode {
         0 => ErrcodeClass::Accepted,
@@ -32,6 +77,21 @@ pub fn classify(errcode: i64) -> ErrcodeClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_errcodes_follow_the_settings() {
+        let codes = UserErrcodes::default();
+        assert_eq!(codes.meaning(43101), Some(UserErrcode::Refused));
+        assert_eq!(codes.meaning(43117), Some(UserErrcode::TooFrequent));
+        assert_eq!(codes.meaning(40241), Some(UserErrcode::Duplicate));
+        assert_eq!(codes.meaning(-1), None);
+        let moved = UserErrcodes {
+            too_frequent: vec![45047],
+            ..UserErrcodes::default()
+        };
+        assert_eq!(moved.meaning(43117), None);
+        assert_eq!(moved.meaning(45047), Some(UserErrcode::TooFrequent));
+    }
 
     #[test]
     fn the_notes_table_is_followed() {

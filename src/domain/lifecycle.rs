@@ -14,6 +14,12 @@ pub enum Outcome {
     Sent {
         msgid: Option<i64>,
     },
+    /// WeChat refused a resend of a row in doubt as a duplicate (40241): the earlier attempt
+    /// got through. Sent, without a msgid; `errcode` and `reason` say why.
+    SentEarlier {
+        errcode: i64,
+        reason: String,
+    },
     /// Permanent: a refused row or errcode, or attempts exhausted.
     Failed {
         errcode: Option<i64>,
@@ -36,6 +42,14 @@ pub enum Outcome {
     },
     /// Back to `pending` now without counting the attempt (account paused, daemon stopping).
     Release {
+        errcode: Option<i64>,
+        reason: String,
+        in_doubt: bool,
+    },
+    /// Back to `pending`, due again at `until`, without counting the attempt: WeChat asked
+    /// for fewer sends to this user (43117).
+    Wait {
+        until: DateTime<Utc>,
         errcode: Option<i64>,
         reason: String,
         in_doubt: bool,
@@ -118,6 +132,10 @@ impl Outcome {
                 error: None,
                 ..base(Status::Sent, &Some(0), "")
             },
+            Outcome::SentEarlier { errcode, reason } => OutcomeColumns {
+                sent: true,
+                ..base(Status::Sent, &Some(*errcode), reason)
+            },
             Outcome::Failed { errcode, reason } => base(Status::Failed, errcode, reason),
             Outcome::Expired { reason } => base(Status::Expired, &None, reason),
             Outcome::Unknown { errcode, reason } => OutcomeColumns {
@@ -140,6 +158,17 @@ impl Outcome {
                 in_doubt,
             } => OutcomeColumns {
                 next_attempt_at: Some(now),
+                in_doubt: *in_doubt,
+                refund_attempt: 1,
+                ..base(Status::Pending, errcode, reason)
+            },
+            Outcome::Wait {
+                until,
+                errcode,
+                reason,
+                in_doubt,
+            } => OutcomeColumns {
+                next_attempt_at: Some(*until),
                 in_doubt: *in_doubt,
                 refund_attempt: 1,
                 ..base(Status::Pending, errcode, reason)
@@ -208,6 +237,12 @@ pub mod reason {
         "FromUserName is not the touser of the row with this MsgID; the row was left as it was";
     pub const SUPPRESSED: &str =
         "the user unsubscribed from the account (suppressed_openids); not sent";
+    /// On rows waiting for a template an operator deleted at WeChat (`templates delete`).
+    pub const TEMPLATE_DELETED: &str =
+        "its template was deleted at WeChat by an operator (templates delete); not sent";
+    /// On rows to a user who refused their template (the `refusals` table).
+    pub const REFUSED: &str = "the user refused this template (WeChat answered 43101 to an \
+         earlier row; see report_refusals): not sent, no quota spent";
     pub const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window \
          has passed, so it is not resent";
 }
@@ -247,6 +282,22 @@ mod tests {
                 Status::Failed,
             ),
             (Outcome::Expired { reason: reason() }, Status::Expired),
+            (
+                Outcome::SentEarlier {
+                    errcode: 40241,
+                    reason: reason(),
+                },
+                Status::Sent,
+            ),
+            (
+                Outcome::Wait {
+                    until: now,
+                    errcode: Some(43117),
+                    reason: reason(),
+                    in_doubt: false,
+                },
+                Status::Pending,
+            ),
             (
                 Outcome::Unknown {
                     errcode: None,

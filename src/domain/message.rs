@@ -36,6 +36,8 @@ pub struct RawMessage {
     pub unreadable: Option<String>,
     /// The recipient unsubscribed from the account (see `suppressed_openids`).
     pub suppressed: bool,
+    /// The recipient refused this template and the refusal stands (see `refusals`).
+    pub refused: bool,
     /// The month period this row's send is already counted in (a retry is not counted again).
     pub quota_month: Option<String>,
     pub quota_day: Option<String>,

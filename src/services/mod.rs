@@ -15,6 +15,7 @@ pub mod release;
 pub mod rescue;
 pub mod settle;
 pub mod template_sync;
+pub mod wechat_quota;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ pub use release::ReleaseHeld;
 pub use rescue::RescueLeases;
 pub use settle::SettleInDoubt;
 pub use template_sync::TemplateSync;
+pub use wechat_quota::WechatQuota;
 
 /// How often the maintenance services (rescue, release, expire, settle) pass.
 pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);

@@ -3,10 +3,13 @@
 //! bad openids, templates and data), injectable faults, and a count of what reached users.
 //!
 //! Conventions (docs/simulator.md): an openid must look like `o…` (else 40003); one containing
-//! `unfollowed` answers 43004. Delivery events say `failed:user block` for openids containing
-//! `block`, `failed: system failed` for `sysfail`, and `success` otherwise.
+//! `unfollowed` answers 43004, one containing `refuse` 43101. Delivery events say
+//! `failed:user block` for openids containing `block`, `failed: system failed` for `sysfail`,
+//! `failed:freq limit` for `freqlimit`, and `success` otherwise. What WeChat added since 2023
+//! is in `today`.
 
 pub mod push;
+pub mod today;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -80,6 +83,21 @@ pub struct SimSettings {
     pub events_before_answer: bool,
     /// How many times each event is pushed (WeChat repeats pushes it thinks were lost).
     pub event_copies: u32,
+    /// Record what users see under the 2023 rules (`Delivery::shown`).
+    pub content_rules_2023: bool,
+    /// Template sends accepted per appid per day (Beijing time); beyond it, 45009.
+    pub daily_limit: u64,
+    /// (openid, template_id) pairs whose user refused the template: 43101.
+    pub refusals: Vec<(String, String)>,
+    /// Sends to one openid closer than this answer 43117 (zero: never).
+    pub per_user_interval: Duration,
+    /// The same template and data to the same openid again within this answer 40241, even
+    /// with the same `client_msg_id` (zero: never).
+    pub duplicate_window: Duration,
+    /// The category template library `api_add_template` copies from.
+    pub library: Vec<today::LibraryTemplate>,
+    /// Templates an account may hold; `api_add_template` beyond it answers 45026.
+    pub max_private_templates: usize,
 }
 
 impl Default for SimSettings {
@@ -96,6 +114,13 @@ impl Default for SimSettings {
             event_delay: Duration::from_millis(50),
             events_before_answer: false,
             event_copies: 1,
+            content_rules_2023: true,
+            daily_limit: 100_000,
+            refusals: Vec::new(),
+            per_user_interval: Duration::ZERO,
+            duplicate_window: Duration::ZERO,
+            library: today::demo_library(),
+            max_private_templates: 25,
         }
     }
 }
@@ -149,6 +174,8 @@ pub struct Delivery {
     pub client_msg_id: Option<String>,
     pub msgid: i64,
     pub data: Value,
+    /// What the user sees under the 2023 rules (`null` when they are off).
+    pub shown: Value,
 }
 
 struct IssuedToken {
@@ -159,7 +186,7 @@ struct IssuedToken {
 }
 
 #[derive(Default)]
-struct SimState {
+pub(crate) struct SimState {
     tokens: HashMap<String, IssuedToken>,
     /// appid → the token the stable endpoint hands out.
     stable: HashMap<String, String>,
@@ -171,6 +198,12 @@ struct SimState {
     next_msgid: i64,
     sends_in_flight: u64,
     stats: Stats,
+    /// (appid, day) → template sends accepted.
+    quota_used: HashMap<(String, String), u64>,
+    /// (appid, openid) → the last delivery.
+    last_send: HashMap<(String, String), Instant>,
+    /// (appid, openid, template and data) → the last delivery of that content.
+    recent_content: HashMap<(String, String, String), Instant>,
 }
 
 /// Counts a send request as in flight until it is answered (or its client went away).
@@ -348,6 +381,15 @@ pub fn router(sim: Arc<Simulator>) -> Router {
             get(list_templates),
         )
         .route(
+            "/cgi-bin/template/api_add_template",
+            post(today::add_template),
+        )
+        .route(
+            "/cgi-bin/template/del_private_template",
+            post(today::delete_template),
+        )
+        .route("/cgi-bin/openapi/quota/get", post(today::quota_get))
+        .route(
             "/sim/stats",
             get(|State(sim): State<Arc<Simulator>>| async move { Json(sim.stats()) }),
         )
@@ -374,7 +416,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .with_state(sim)
 }
 
-fn errcode(code: i64, msg: &str) -> Json<Value> {
+pub(crate) fn errcode(code: i64, msg: &str) -> Json<Value> {
     Json(json!({"errcode": code, "errmsg": msg}))
 }
 
@@ -463,8 +505,8 @@ async fn stable_token(State(sim): State<Arc<Simulator>>, body: axum::body::Bytes
 }
 
 #[derive(Deserialize)]
-struct TokenQuery {
-    access_token: Option<String>,
+pub(crate) struct TokenQuery {
+    pub(crate) access_token: Option<String>,
 }
 
 async fn list_templates(
@@ -645,7 +687,25 @@ impl Simulator {
         if touser.contains("unfollowed") {
             return Err((43004, "require subscribe"));
         }
+        if today::refused(&settings.refusals, &touser, &template_id) {
+            return Err((43101, "user refuse to accept the msg"));
+        }
         let now = Instant::now();
+        let content_key = (!settings.duplicate_window.is_zero()).then(|| {
+            (
+                appid.clone(),
+                touser.clone(),
+                format!("{template_id}:{data}"),
+            )
+        });
+        if let Some(key) = &content_key
+            && state
+                .recent_content
+                .get(key)
+                .is_some_and(|at| now.duration_since(*at) < settings.duplicate_window)
+        {
+            return Err((40241, "duplicate message within 60 seconds"));
+        }
         if let Some(key) = &req.client_msg_id {
             let dedup_key = (appid.clone(), touser.clone(), key.clone());
             if let Some((msgid, at)) = state.dedup.get(&dedup_key)
@@ -655,6 +715,23 @@ impl Simulator {
                 state.stats.deduplicated += 1;
                 return Ok((msgid, None));
             }
+        }
+        if state.too_frequent(&appid, &touser, settings.per_user_interval, now) {
+            return Err((43117, "too frequently to this openid"));
+        }
+        if state.used_today(&appid) >= settings.daily_limit {
+            return Err((45009, "reach max api daily quota limit"));
+        }
+        *state
+            .quota_used
+            .entry((appid.clone(), today::quota_day()))
+            .or_default() += 1;
+        // Kept only when their rule is on: a benchmark's million sends need neither.
+        if !settings.per_user_interval.is_zero() {
+            state.last_send.insert((appid.clone(), touser.clone()), now);
+        }
+        if let Some(key) = content_key {
+            state.recent_content.insert(key, now);
         }
         let msgid = state.next_msgid;
         state.next_msgid += 1;
@@ -677,6 +754,11 @@ impl Simulator {
             state.stats.duplicate_deliveries += 1;
         }
         state.stats.delivered += 1;
+        let shown = if settings.content_rules_2023 {
+            today::shown(&data)
+        } else {
+            Value::Null
+        };
         state.deliveries.push(Delivery {
             appid: appid.clone(),
             touser: touser.clone(),
@@ -684,6 +766,7 @@ impl Simulator {
             client_msg_id: req.client_msg_id,
             msgid,
             data,
+            shown,
         });
         Ok((
             msgid,

@@ -32,6 +32,8 @@ impl Event {
             "failed:user block"
         } else if openid.contains("sysfail") {
             "failed: system failed"
+        } else if openid.contains("freqlimit") {
+            "failed:freq limit"
         } else {
             "success"
         };

@@ -12,6 +12,8 @@
 //! | `tokens.rs` | the shared access token and its refresh lease |
 //! | `pushes.rs` | WeChat's pushes, and their join to the sent rows |
 //! | `daemons.rs` | heartbeats of live daemons |
+//! | `refusals.rs` | users who refused a template (43101) |
+//! | `wechat_quota.rs` | WeChat's own quota figures, beside the daemon's |
 //! | `retention.rs` | pruning final rows |
 //! | `reports.rs` | report views, metrics' counts, the limits in force |
 //!
@@ -27,6 +29,7 @@ pub mod postgres;
 mod pushes;
 mod quota;
 mod record;
+mod refusals;
 mod reports;
 mod reserve;
 mod retention;
@@ -35,6 +38,7 @@ mod templates;
 pub mod time;
 mod tokens;
 mod wal_index;
+mod wechat_quota;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,11 +52,13 @@ pub use postgres::PostgresStore;
 pub use pushes::{InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush};
 pub use quota::{HoldLimits, QuotaReservation};
 pub use record::Finish;
+pub use refusals::Refusal;
 pub use reports::{AccountLimitsRow, RowCount, ViewRows};
 pub use sqlite::SqliteStore;
 pub use templates::{SyncedTemplate, TemplateRow, TemplateUse};
 pub use time::Time;
 pub use tokens::{StoredToken, TokenLease};
+pub use wechat_quota::WechatQuotaReading;
 
 /// The lifecycle types that `Store`'s methods take and return.
 pub use crate::domain::lifecycle::{HeldFor, Outcome, Reserved};

@@ -169,6 +169,9 @@ const CLAIM: &str =
                 o.client_msg_id, o.expires_at, o.attempts, o.in_doubt_since, o.in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
                         WHERE s.account = o.account AND s.openid = o.touser) AS suppressed,
+                EXISTS (SELECT 1 FROM refusals r WHERE r.account = o.account
+                        AND r.openid = o.touser AND r.template_id = o.template_id
+                        AND r.expires_at > $3) AS refused,
                 due.counted_month AS quota_month, due.counted_day AS quota_day,
                 (SELECT t.in_use FROM templates t WHERE t.account = o.account
                     AND t.template_id = o.template_id) AS template_in_use,
@@ -591,6 +594,7 @@ fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
         in_doubt: r.get("in_doubt"),
         unreadable: None,
         suppressed: r.get("suppressed"),
+        refused: r.get("refused"),
         quota_month: r.get("quota_month"),
         quota_day: r.get("quota_day"),
         template_in_use: r.get("template_in_use"),

@@ -278,6 +278,9 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1, lea
                 in_doubt_since, in_doubt,
                 EXISTS (SELECT 1 FROM suppressed_openids s
                         WHERE s.account = outbox.account AND s.openid = outbox.touser) AS suppressed,
+                EXISTS (SELECT 1 FROM refusals r WHERE r.account = outbox.account
+                        AND r.openid = outbox.touser AND r.template_id = outbox.template_id
+                        AND r.expires_at > $3) AS refused,
                 quota_month, quota_day,
                 (SELECT t.in_use FROM templates t WHERE t.account = outbox.account
                     AND t.template_id = outbox.template_id) AS template_in_use,
@@ -714,6 +717,7 @@ fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
         in_doubt: r.get("in_doubt"),
         unreadable: None,
         suppressed: r.get("suppressed"),
+        refused: r.get("refused"),
         quota_month: r.get("quota_month"),
         quota_day: r.get("quota_day"),
         template_in_use: r.get("template_in_use"),

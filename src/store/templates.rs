@@ -175,4 +175,30 @@ impl Store {
             .await
         })
     }
+
+    /// Fails the rows still waiting (pending, not in doubt, or held) for a template deleted at
+    /// WeChat; returns how many. A row in doubt is left to its resend: its earlier attempt may
+    /// have reached the user.
+    pub async fn fail_waiting_rows_of_template(
+        &self,
+        account: &str,
+        template_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        on_backend!(self, |pool, _d| {
+            Ok(sqlx::query(
+                "UPDATE outbox SET status = 'failed', held_for = NULL, last_error = $3,
+                    last_errcode = NULL, updated_at = $4
+                 WHERE account = $1 AND template_id = $2
+                   AND (status = 'held' OR (status = 'pending' AND in_doubt = false))",
+            )
+            .bind(account)
+            .bind(template_id)
+            .bind(reason::TEMPLATE_DELETED)
+            .bind(Time(now))
+            .execute(pool)
+            .await?
+            .rows_affected())
+        })
+    }
 }

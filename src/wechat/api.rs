@@ -41,6 +41,17 @@ pub struct ListedTemplate {
     pub content: String,
 }
 
+/// WeChat's count of one call for the day (`openapi/quota/get`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct CallQuota {
+    pub daily_limit: u64,
+    pub used: u64,
+    pub remain: u64,
+}
+
+/// The path whose quota the daemon reads: the template send.
+pub const TEMPLATE_SEND_CGI_PATH: &str = "/cgi-bin/message/template/send";
+
 /// A fresh access token and how long WeChat says it lives.
 pub struct IssuedToken {
     pub token: SecretString,
@@ -114,6 +125,81 @@ impl WechatApi {
             .append_pair("access_token", token.expose_secret());
         let body = read_body(self.http.get(url).send().await).await?;
         template_list(&body)
+    }
+
+    /// `POST /cgi-bin/openapi/quota/get`: the day's limit and use of the template send, or
+    /// WeChat's errcode.
+    pub async fn send_quota(
+        &self,
+        token: &SecretString,
+    ) -> Result<Result<CallQuota, ApiReply>, TransportError> {
+        let body = self
+            .post_json(
+                "cgi-bin/openapi/quota/get",
+                token,
+                &json!({"cgi_path": TEMPLATE_SEND_CGI_PATH}),
+            )
+            .await?;
+        if let Some(quota) = body.get("quota") {
+            return serde_json::from_value(quota.clone())
+                .map(Ok)
+                .map_err(|_| TransportError {
+                    detail: "quota is not as documented (daily_limit, used, remain)".into(),
+                    may_have_reached: true,
+                });
+        }
+        reply(&body).map(Err)
+    }
+
+    /// `POST /cgi-bin/template/api_add_template`: takes a library template (its short id, and
+    /// the keywords wanted, in order) into the account; WeChat answers its `template_id`.
+    pub async fn add_template(
+        &self,
+        token: &SecretString,
+        short_id: &str,
+        keywords: &[String],
+    ) -> Result<Result<String, ApiReply>, TransportError> {
+        let body = self
+            .post_json(
+                "cgi-bin/template/api_add_template",
+                token,
+                &json!({"template_id_short": short_id, "keyword_name_list": keywords}),
+            )
+            .await?;
+        match body.get("template_id").and_then(Value::as_str) {
+            Some(id) if body.get("errcode").and_then(Value::as_i64).unwrap_or(0) == 0 => {
+                Ok(Ok(echo(id).into_owned()))
+            }
+            _ => reply(&body).map(Err),
+        }
+    }
+
+    /// `POST /cgi-bin/template/del_private_template`.
+    pub async fn delete_template(
+        &self,
+        token: &SecretString,
+        template_id: &str,
+    ) -> Result<ApiReply, TransportError> {
+        let body = self
+            .post_json(
+                "cgi-bin/template/del_private_template",
+                token,
+                &json!({"template_id": template_id}),
+            )
+            .await?;
+        reply(&body)
+    }
+
+    async fn post_json(
+        &self,
+        path: &str,
+        token: &SecretString,
+        body: &Value,
+    ) -> Result<Value, TransportError> {
+        let mut url = self.endpoint(path);
+        url.query_pairs_mut()
+            .append_pair("access_token", token.expose_secret());
+        read_body(self.http.post(url).json(body).send().await).await
     }
 
     /// `POST /cgi-bin/stable_token`: returns the same token while it is valid unless forced.

@@ -14,14 +14,14 @@ use secrecy::SecretString;
 use super::rate::AccountRuntime;
 use crate::domain::clock::Clock;
 use crate::domain::content_rules::{self, ContentRules, Overlong};
-use crate::domain::errcode::{ErrcodeClass, classify};
+use crate::domain::errcode::{ErrcodeClass, UserErrcode, UserErrcodes, classify};
 use crate::domain::message::{RawMessage, TemplateMessage};
 use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
 use crate::domain::text::{ECHO_CHARS, echo, loggable, loggable_within};
 use crate::metrics::Metrics;
 use crate::monitor::Health;
-use crate::store::{Outcome, Reserved, Store};
+use crate::store::{Outcome, Refusal, Reserved, Store};
 use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
 
@@ -53,6 +53,12 @@ pub struct Dispatcher {
     /// WeChat's display rules for keyword values, and what a value over them gets.
     pub content_rules: ContentRules,
     pub overlong: Overlong,
+    /// What WeChat's post-2014 errcodes mean for one user or row (`[errcodes]`).
+    pub user_errcodes: UserErrcodes,
+    /// How long a refusal (43101) stands.
+    pub refusal_lasts: chrono::Duration,
+    /// How long a row waits after WeChat said too many sends to its user (43117).
+    pub too_frequent_wait: chrono::Duration,
 }
 
 /// A row that passed `admit`: its account, its message (values within the content rules),
@@ -216,6 +222,14 @@ impl Dispatcher {
                 reason: crate::domain::lifecycle::reason::SUPPRESSED.into(),
             });
         }
+        // A row in doubt asks WeChat again: its earlier attempt may have reached the user, and
+        // failing it as "not sent" would say otherwise.
+        if raw.refused && !raw.in_doubt {
+            return Err(Outcome::Failed {
+                errcode: None,
+                reason: crate::domain::lifecycle::reason::REFUSED.into(),
+            });
+        }
         // Judged at the claim, as `countable` judged it: a row the claim counted is never
         // expired here.
         if raw.expires_at.is_some_and(|at| at <= claimed_at) {
@@ -284,8 +298,15 @@ impl Dispatcher {
                     .await;
                 continue;
             }
-            let refused = reply.errcode != 0;
             let outcome = self.judge(raw, message, doubt_since, reply, in_doubt).await;
+            // A duplicate answered to a resend in doubt stays counted: the first one got through.
+            // So does a row in doubt told to wait: 43117 may be the first attempt's doing.
+            let refused = !matches!(
+                outcome,
+                Outcome::Sent { .. }
+                    | Outcome::SentEarlier { .. }
+                    | Outcome::Wait { in_doubt: true, .. }
+            );
             return Sent { outcome, refused };
         }
         let reason = "the access token was rejected again after refreshing".to_string();
@@ -317,6 +338,11 @@ impl Dispatcher {
             msgid,
         } = reply;
         let described = format!("errcode {errcode}: {errmsg}");
+        if let Some(meaning) = self.user_errcodes.meaning(errcode) {
+            return self
+                .for_this_user(raw, message, meaning, errcode, described, in_doubt)
+                .await;
+        }
         match classify(errcode) {
             // Accepted without a msgid still went out; only its delivery event cannot be joined.
             ErrcodeClass::Accepted => Outcome::Sent { msgid },
@@ -355,6 +381,70 @@ impl Dispatcher {
                     in_doubt,
                 }
             }
+        }
+    }
+
+    /// An errcode about this user or this row only; the account goes on sending.
+    async fn for_this_user(
+        &self,
+        raw: &RawMessage,
+        message: &TemplateMessage,
+        meaning: UserErrcode,
+        errcode: i64,
+        described: String,
+        in_doubt: bool,
+    ) -> Outcome {
+        let now = self.clock.now();
+        match meaning {
+            UserErrcode::Refused => {
+                let expires_at = now + self.refusal_lasts;
+                let refusal = Refusal {
+                    account: &raw.account,
+                    openid: &message.touser,
+                    template_id: &message.template_id,
+                    outbox_id: raw.id,
+                    refused_at: now,
+                    expires_at,
+                };
+                if let Err(e) = self.store.record_refusal(&refusal).await {
+                    tracing::warn!(error = %e, "could not record the user's refusal; later rows will ask WeChat again");
+                }
+                Outcome::Failed {
+                    errcode: Some(errcode),
+                    reason: format!(
+                        "{described} (the user refused this template; later rows to this user \
+                         and template are not sent until {} UTC, see report_refusals)",
+                        expires_at.format("%Y-%m-%d %H:%M")
+                    ),
+                }
+            }
+            UserErrcode::TooFrequent => {
+                let until = now + self.too_frequent_wait;
+                Outcome::Wait {
+                    until,
+                    errcode: Some(errcode),
+                    reason: format!(
+                        "{described} (too many sends to this user; this row waits until {} \
+                         UTC without using up an attempt, other users go on)",
+                        until.format("%Y-%m-%d %H:%M:%S")
+                    ),
+                    in_doubt,
+                }
+            }
+            UserErrcode::Duplicate if in_doubt => Outcome::SentEarlier {
+                errcode,
+                reason: format!(
+                    "{described} (WeChat refused a resend as a duplicate: the earlier attempt, \
+                     whose answer was lost, got through; sent, without a msgid)"
+                ),
+            },
+            UserErrcode::Duplicate => Outcome::Failed {
+                errcode: Some(errcode),
+                reason: format!(
+                    "{described} (WeChat refused it as a duplicate of a message it had just sent \
+                     to this user)"
+                ),
+            },
         }
     }
 
@@ -431,6 +521,12 @@ impl Dispatcher {
 fn log_outcome(outcome: &Outcome) {
     match outcome {
         Outcome::Sent { msgid } => tracing::info!(?msgid, "sent"),
+        Outcome::SentEarlier { reason, .. } => {
+            tracing::info!(reason = %loggable(reason), "sent by an earlier attempt")
+        }
+        Outcome::Wait { until, reason, .. } => {
+            tracing::info!(%until, reason = %loggable(reason), "waits for this user")
+        }
         Outcome::Retry { at, reason, .. } => {
             tracing::info!(%at, reason = %loggable(reason), "will retry")
         }

@@ -3,7 +3,7 @@
 //! re-divided when one joins or dies.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,6 +26,9 @@ pub struct AccountRuntime {
     sharing: AtomicU32,
     /// Held while a limiter is built and stored.
     rebuilding: std::sync::Mutex<()>,
+    /// WeChat's own daily cap as last read (0: not read), in force when the limits say the
+    /// cap follows WeChat.
+    wechat_daily: AtomicU64,
 }
 
 impl AccountRuntime {
@@ -39,12 +42,25 @@ impl AccountRuntime {
             share_per_second,
             sharing: AtomicU32::new(1),
             rebuilding: std::sync::Mutex::new(()),
+            wechat_daily: AtomicU64::new(0),
         }
     }
 
     /// The account's limits in force now.
     pub fn limits(&self) -> Limits {
-        *self.limits.read().unwrap_or_else(|p| p.into_inner())
+        let mut limits = *self.limits.read().unwrap_or_else(|p| p.into_inner());
+        let wechat = self.wechat_daily.load(Ordering::Relaxed);
+        if limits.daily_follows_wechat && wechat > 0 {
+            limits.daily_per_account = u32::try_from(wechat).unwrap_or(u32::MAX);
+        }
+        limits
+    }
+
+    /// WeChat's daily cap as `openapi/quota/get` answered it (services/wechat_quota.rs).
+    /// Clamped to what the `account_limits` column holds on both backends.
+    pub fn set_wechat_daily(&self, daily_limit: u64) {
+        self.wechat_daily
+            .store(daily_limit.min(i32::MAX as u64), Ordering::Relaxed);
     }
 
     /// Puts new limits in force; the limiter is rebuilt (losing its state) only when the rate

@@ -32,7 +32,12 @@ fn config_toml(db: &TestDb, sim: &Sim, safe: bool, extra: &str) -> String {
     )
 }
 
-async fn daemon_with_callback(db: &TestDb, sim: &Sim, safe: bool, extra: &str) -> Daemon {
+pub(crate) async fn daemon_with_callback(
+    db: &TestDb,
+    sim: &Sim,
+    safe: bool,
+    extra: &str,
+) -> Daemon {
     let config =
         wechat_outbox::config::Config::from_toml(&config_toml(db, sim, safe, extra)).unwrap();
     let daemon = Daemon::start(config).await;
@@ -44,7 +49,7 @@ async fn daemon_with_callback(db: &TestDb, sim: &Sim, safe: bool, extra: &str) -
     daemon
 }
 
-async fn wait_joined(db: &TestDb, rows: i64) {
+pub(crate) async fn wait_joined(db: &TestDb, rows: i64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while db
         .app

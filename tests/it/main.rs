@@ -22,3 +22,4 @@ mod retries;
 mod services;
 mod simulator_pushes;
 mod store_contract;
+mod todays_wechat;

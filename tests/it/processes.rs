@@ -295,6 +295,8 @@ fn the_demo_runs_end_to_end() {
         "cancelled",
         "expired",
         "0 delivered twice",
+        "errcode 43101",
+        "the user refused this template (WeChat answered 43101 to an earlier row",
         "went out as WeChat shows it since 2023 (20 characters): 比利时手工黑巧克力礼盒（72%可可，十…",
     ] {
         assert!(

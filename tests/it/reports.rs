@@ -103,6 +103,11 @@ async fn insert_fixture(app: &AppDb) {
     ))
     .await
     .unwrap();
+    // Sent rows have WeChat's msgid (report_stuck passes over those without one: no event can
+    // join them).
+    app.exec("UPDATE outbox SET msgid = 5000000000 + id WHERE sent_at IS NOT NULL")
+        .await
+        .unwrap();
     let (just_now, a_second_later) = (app.now_plus(-2), app.now_plus(-1));
     app.exec(&format!(
         "INSERT INTO outbox (template_id, touser, status, created_at, sent_at) VALUES ('TB', 'oS0', 'sent', {just_now}, {a_second_later}), ('TB', 'oS1', 'sent', {just_now}, {a_second_later})"
