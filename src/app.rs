@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::callback::{self, CallbackState};
-use crate::config::Config;
+use crate::config::{Config, Order};
 use crate::domain::clock::Clock;
 use crate::domain::retry::InDoubtPolicy;
 use crate::metrics::Metrics;
@@ -179,6 +179,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         None
     };
     store.migrate().await?;
+    if config.workers.order == Order::PerUser {
+        store
+            .prepare_per_user_order()
+            .await
+            .context("creating the index order = \"per_user\" needs")?;
+    }
     for warning in store.setting_warnings().await? {
         tracing::warn!("{warning}");
     }
@@ -260,6 +266,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         content_rules: config.templates.content_rules,
         overlong: config.templates.overlong,
         user_errcodes: config.errcodes.codes(),
+        per_user_order: (config.workers.order == Order::PerUser)
+            .then(|| chrono::Duration::seconds(config.workers.order_hold_max_secs as i64)),
+        per_user_interval: (config.limits.per_user_interval_secs > 0)
+            .then(|| chrono::Duration::seconds(config.limits.per_user_interval_secs as i64)),
         refusal_lasts: chrono::Duration::days(config.errcodes.refusal_days.into()),
         too_frequent_wait: chrono::Duration::seconds(config.errcodes.too_frequent_wait_secs as i64),
     });

@@ -121,6 +121,22 @@ pub struct WorkerSettings {
     pub lease_secs: u64,
     /// On SIGTERM: how long in-flight messages may take before they are released.
     pub shutdown_grace_secs: u64,
+    /// `per_user`: one recipient's rows go out one at a time, in claim order.
+    pub order: Order,
+    /// Under `order = "per_user"`, how long at most a row that is not final (held, waiting
+    /// for a retry) holds back the same recipient's later rows, from its first due time.
+    pub order_hold_max_secs: u64,
+}
+
+/// In what order rows may go out (`[workers] order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Any order: rows are claimed by priority and due time, and sent in parallel.
+    None,
+    /// Rows to the same account and openid go out one at a time, in claim order (priority,
+    /// first due time, id), so "paid" never arrives after "shipped".
+    PerUser,
 }
 
 impl Default for WorkerSettings {
@@ -135,6 +151,8 @@ impl Default for WorkerSettings {
             poll_interval_ms: 1000,
             lease_secs: 60,
             shutdown_grace_secs: 20,
+            order: Order::None,
+            order_hold_max_secs: 3600,
         }
     }
 }
@@ -182,6 +200,8 @@ pub struct LimitSettings {
     pub timezone: String,
     /// Sends per second per account, for the whole cluster.
     pub rate_per_second: u32,
+    /// The least time between two sends to one openid of an account, across daemons; 0: off.
+    pub per_user_interval_secs: u64,
 }
 
 impl Default for LimitSettings {
@@ -193,6 +213,7 @@ impl Default for LimitSettings {
             daily_per_account: DailyCap::Fixed(100_000),
             timezone: "Asia/Shanghai".into(),
             rate_per_second: 50,
+            per_user_interval_secs: 0,
         }
     }
 }
@@ -594,6 +615,16 @@ impl Config {
             "errcodes.too_frequent_wait_secs",
             self.errcodes.too_frequent_wait_secs,
         )?;
+        positive(
+            "workers.order_hold_max_secs",
+            self.workers.order_hold_max_secs,
+        )?;
+        if self.workers.order_hold_max_secs > 30 * 86_400 {
+            bail!("workers.order_hold_max_secs must be at most 2592000 (30 days)");
+        }
+        if self.limits.per_user_interval_secs > 86_400 {
+            bail!("limits.per_user_interval_secs must be at most 86400");
+        }
         if self.errcodes.refusal_days > 3650 || self.errcodes.too_frequent_wait_secs > 86_400 {
             bail!("errcodes.refusal_days must be at most 3650 and too_frequent_wait_secs 86400");
         }

@@ -25,6 +25,9 @@ pub async fn prune_due(
     if let Err(e) = store.forget_expired_refusals(now).await {
         tracing::warn!(error = %e, "could not delete expired refusals; trying at the next prune");
     }
+    if let Err(e) = store.forget_past_turns(now).await {
+        tracing::warn!(error = %e, "could not delete past recipient turns; trying at the next prune");
+    }
     let mut total = (0, 0);
     loop {
         let (rows, pushes) = store.prune(cutoff, settings.batch_size).await?;

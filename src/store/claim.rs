@@ -14,7 +14,38 @@ pub struct ClaimRequest<'a> {
     pub now: DateTime<Utc>,
     pub month: &'a str,
     pub day: &'a str,
+    /// `order = "per_user"`: a row is claimed only when no earlier row to the same account
+    /// and openid is still open, counting only earlier rows first due after this time.
+    pub per_user_since: Option<DateTime<Utc>>,
 }
+
+/// The claim's extra condition under `order = "per_user"`: no open row to the same recipient
+/// comes before this one in claim order (priority, first due time, id). The first due time is
+/// `send_after`, else `created_at`: unlike `next_attempt_at` it does not move on a retry, so a
+/// row waiting for its retry keeps its place. `{since}` is the bind that ends a row's hold on
+/// later ones (`order_hold_max_secs` after its first due time).
+pub(super) fn per_user_condition(since: &str) -> String {
+    format!(
+        "
+                  AND NOT EXISTS (SELECT 1 FROM outbox e
+                      WHERE e.account = outbox.account AND e.touser = outbox.touser
+                        AND e.status IN ('pending', 'held', 'sending') AND e.id <> outbox.id
+                        AND COALESCE(e.send_after, e.created_at) > {since}
+                        AND (e.priority > outbox.priority
+                             OR (e.priority = outbox.priority
+                                 AND (COALESCE(e.send_after, e.created_at)
+                                        < COALESCE(outbox.send_after, outbox.created_at)
+                                      OR (COALESCE(e.send_after, e.created_at)
+                                            = COALESCE(outbox.send_after, outbox.created_at)
+                                          AND e.id < outbox.id)))))"
+    )
+}
+
+/// The index the per-user condition probes: open rows by recipient. Created when a daemon
+/// starts with `order = "per_user"` (not by a migration: every daemon would otherwise pay for
+/// its upkeep on each insert and claim).
+pub(super) const PER_USER_INDEX: &str = "outbox_recipient_open ON outbox (account, touser)
+     WHERE status IN ('pending', 'held', 'sending')";
 
 /// What a claimed row is counted against when the claim may count it at once.
 pub struct CountTerms {
@@ -48,6 +79,12 @@ impl Store {
             backend | backend,
             dialect | dialect::claim(backend, request, countable).await
         )
+    }
+
+    /// Creates the index `order = "per_user"` needs, if it is missing.
+    pub async fn prepare_per_user_order(&self) -> StoreResult<()> {
+        on_backend!(self, |pool, dialect| dialect::create_per_user_index(pool)
+            .await)
     }
 
     /// How the database would run the claim now (its `EXPLAIN`), to check that it reads the

@@ -12,6 +12,7 @@
 //! | `tokens.rs` | the shared access token and its refresh lease |
 //! | `pushes.rs` | WeChat's pushes, and their join to the sent rows |
 //! | `daemons.rs` | heartbeats of live daemons |
+//! | `pacing.rs` | per-user pacing: each recipient's next allowed send |
 //! | `refusals.rs` | users who refused a template (43101) |
 //! | `wechat_quota.rs` | WeChat's own quota figures, beside the daemon's |
 //! | `retention.rs` | pruning final rows |
@@ -25,6 +26,7 @@
 
 mod claim;
 mod daemons;
+mod pacing;
 pub mod postgres;
 mod pushes;
 mod quota;

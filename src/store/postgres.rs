@@ -19,6 +19,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::claim::{PER_USER_INDEX, per_user_condition};
 use super::record::errcode_column;
 use super::reserve::{self, CounterKey};
 use super::{
@@ -149,7 +150,7 @@ pub(super) type ViewTime = Time;
 /// version: the claim's transaction then counts it, or takes the mark off again (see
 /// `PostgresStore::claim`). What comes back as `quota_month`/`quota_day` is what the row had
 /// before, so a task can tell a row counted by an earlier attempt.
-const CLAIM: &str =
+const CLAIM_TEXT: &str =
     "UPDATE outbox AS o SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
                     attempts = LEAST(o.attempts, 999999) + 1,
                     updated_at = $3,
@@ -160,7 +161,7 @@ const CLAIM: &str =
                 WHERE status = 'pending' AND next_attempt_at <= $3
                   AND (send_after IS NULL OR send_after <= $3)
                   AND NOT EXISTS (SELECT 1 FROM account_pauses p
-                                  WHERE p.account = outbox.account AND p.paused_until > $3)
+                                  WHERE p.account = outbox.account AND p.paused_until > $3){PER_USER}
                 ORDER BY priority DESC, next_attempt_at, id
                 LIMIT $4
                 FOR UPDATE SKIP LOCKED) AS due
@@ -177,6 +178,20 @@ const CLAIM: &str =
                     AND t.template_id = o.template_id) AS template_in_use,
                 (SELECT t.content FROM templates t WHERE t.account = o.account
                     AND t.template_id = o.template_id) AS template_content";
+
+/// The claim as it runs: without the per-user condition, or with it (`$7`, the oldest first
+/// due time that still holds later rows back).
+static CLAIM: LazyLock<String> = LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", ""));
+static CLAIM_PER_USER: LazyLock<String> =
+    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$7")));
+
+/// Creates the per-user index without blocking the apps' inserts (`CONCURRENTLY`, which
+/// cannot run in a transaction: a plain statement on the pool).
+pub(super) async fn create_per_user_index(pool: &PgPool) -> StoreResult<()> {
+    let sql = format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {PER_USER_INDEX}");
+    sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
+    Ok(())
+}
 
 /// When a row in flight was claimed, for the start of its doubt: the claim's `updated_at`, or
 /// the time of the statement (`$1`) if an app wrote something else there (`infinity` would fail
@@ -243,7 +258,7 @@ pub(super) const MARK_EVENTS_JOINED: &str =
      WHERE e.id = j.id";
 
 pub(super) async fn claim_plan(pool: &PgPool, now: DateTime<Utc>) -> StoreResult<String> {
-    let steps: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {CLAIM}")))
+    let steps: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", *CLAIM)))
         .bind("plan")
         .bind(now)
         .bind(now)
@@ -271,15 +286,22 @@ pub(super) async fn claim(
     countable: Countable<'_>,
 ) -> StoreResult<Vec<Claimed>> {
     let mut tx = begin_write(&store.pool).await?;
-    let rows = sqlx::query(CLAIM)
+    let claim = match request.per_user_since {
+        None => sqlx::query(CLAIM.as_str()),
+        Some(_) => sqlx::query(CLAIM_PER_USER.as_str()),
+    };
+    let claim = claim
         .bind(request.owner)
         .bind(request.lease_until)
         .bind(request.now)
         .bind(request.limit as i64)
         .bind(request.month)
-        .bind(request.day)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(request.day);
+    let claim = match request.per_user_since {
+        None => claim,
+        Some(since) => claim.bind(since),
+    };
+    let rows = claim.fetch_all(&mut *tx).await?;
     let rows: Vec<RawMessage> = rows
         .into_iter()
         .map(raw_message)

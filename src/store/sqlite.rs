@@ -21,6 +21,7 @@ use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection, Transaction
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::claim::{PER_USER_INDEX, per_user_condition};
 use super::record::errcode_column;
 use super::reserve::{self, CounterKey};
 use super::time::ts;
@@ -260,7 +261,7 @@ pub(super) type ViewTime = DateTime<Utc>;
 /// `LIMIT $4 + 0`, not `LIMIT $4`: SQLite plans a bare bound LIMIT by its value and recompiles
 /// the statement whenever the value changes, which for a claim of "as many as there is room
 /// for" was every time (measured: 3-4 % of the daemon's CPU, parsing and planning).
-const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
+const CLAIM_TEXT: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1, lease_expires_at = $2,
                     attempts = min(attempts, 999999) + 1,
                     updated_at = $3
              WHERE id IN (
@@ -268,7 +269,7 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1, lea
                 WHERE status = 'pending' AND next_attempt_at <= $3
                   AND (send_after IS NULL OR send_after <= $3)
                   AND NOT EXISTS (SELECT 1 FROM account_pauses p
-                                  WHERE p.account = outbox.account AND p.paused_until > $3)
+                                  WHERE p.account = outbox.account AND p.paused_until > $3){PER_USER}
                 ORDER BY priority DESC, next_attempt_at, id
                 LIMIT $4 + 0)
              RETURNING id, CAST(account AS BLOB) AS account, CAST(touser AS BLOB) AS touser,
@@ -286,6 +287,18 @@ const CLAIM: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1, lea
                     AND t.template_id = outbox.template_id) AS template_in_use,
                 (SELECT t.content FROM templates t WHERE t.account = outbox.account
                     AND t.template_id = outbox.template_id) AS template_content";
+
+/// The claim as it runs: without the per-user condition, or with it (`$5`, the oldest first
+/// due time that still holds later rows back).
+static CLAIM: LazyLock<String> = LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", ""));
+static CLAIM_PER_USER: LazyLock<String> =
+    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$5")));
+
+pub(super) async fn create_per_user_index(pool: &SqlitePool) -> StoreResult<()> {
+    let sql = format!("CREATE INDEX IF NOT EXISTS {PER_USER_INDEX}");
+    sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
+    Ok(())
+}
 
 /// When a row in flight was claimed, for the start of its doubt: the claim's `updated_at`, or
 /// the time of the statement (`$1`) if an app wrote something that is not a time there.
@@ -360,13 +373,20 @@ pub(super) async fn claim(
                     Err(e) => looks.wait_after(e).await?,
                 }
             };
-            let rows = sqlx::query(CLAIM)
+            let claim = match request.per_user_since {
+                None => sqlx::query(CLAIM.as_str()),
+                Some(_) => sqlx::query(CLAIM_PER_USER.as_str()),
+            };
+            let claim = claim
                 .bind(request.owner)
                 .bind(Time(request.lease_until))
                 .bind(Time(request.now))
-                .bind(request.limit as i64)
-                .fetch_all(&mut *tx)
-                .await?;
+                .bind(request.limit as i64);
+            let claim = match request.per_user_since {
+                None => claim,
+                Some(since) => claim.bind(Time(since)),
+            };
+            let rows = claim.fetch_all(&mut *tx).await?;
             let rows: Vec<RawMessage> = rows
                 .into_iter()
                 .map(raw_message)
@@ -381,7 +401,7 @@ pub(super) async fn claim(
 }
 
 pub(super) async fn claim_plan(pool: &SqlitePool, now: DateTime<Utc>) -> StoreResult<String> {
-    let steps = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {CLAIM}")))
+    let steps = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", *CLAIM)))
         .bind("plan")
         .bind(Time(now))
         .bind(Time(now))

@@ -153,6 +153,7 @@ impl Pool {
                 now,
                 month: &periods.month,
                 day: &periods.day,
+                per_user_since: d.per_user_order.map(|hold| now - hold),
             };
             let countable = |raw: &RawMessage| d.countable(raw, now);
             let claim_began = std::time::Instant::now();

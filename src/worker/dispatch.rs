@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use secrecy::SecretString;
 
+use super::limits::database_trouble;
 use super::rate::AccountRuntime;
 use crate::domain::clock::Clock;
 use crate::domain::content_rules::{self, ContentRules, Overlong};
@@ -59,6 +60,11 @@ pub struct Dispatcher {
     pub refusal_lasts: chrono::Duration,
     /// How long a row waits after WeChat said too many sends to its user (43117).
     pub too_frequent_wait: chrono::Duration,
+    /// The least time between two sends to one user (`limits.per_user_interval_secs`).
+    pub per_user_interval: Option<chrono::Duration>,
+    /// `order = "per_user"`: how long a row that is not final holds back its recipient's later
+    /// rows (`workers.order_hold_max_secs`).
+    pub per_user_order: Option<chrono::Duration>,
 }
 
 /// A row that passed `admit`: its account, its message (values within the content rules),
@@ -172,6 +178,10 @@ impl Dispatcher {
         runtime.until_ready().await;
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
             return lost;
+        }
+        if let Some(waits) = self.pace(raw, &message).await {
+            self.uncount(raw, &message.template_id, &counted).await;
+            return waits;
         }
         let sent = self.send(raw, &message, doubt_since, started).await;
         if sent.refused {
@@ -381,6 +391,34 @@ impl Dispatcher {
                     in_doubt,
                 }
             }
+        }
+    }
+
+    /// Per-user pacing: takes the user's turn, or says how long the row waits for it. A row in
+    /// doubt goes at once: it is the same message again, and must go within the window.
+    async fn pace(&self, raw: &RawMessage, message: &TemplateMessage) -> Option<Outcome> {
+        let interval = self.per_user_interval?;
+        if raw.in_doubt {
+            return None;
+        }
+        let now = self.clock.now();
+        let turn = self
+            .store
+            .take_recipient_turn(&raw.account, &message.touser, now, interval)
+            .await;
+        match turn {
+            Ok(None) => None,
+            Ok(Some(until)) => Some(Outcome::Wait {
+                until,
+                errcode: None,
+                reason: format!(
+                    "paced: this user got a send less than {} s ago \
+                     (limits.per_user_interval_secs); waits for their turn",
+                    interval.num_seconds()
+                ),
+                in_doubt: false,
+            }),
+            Err(e) => Some(database_trouble(raw, e)),
         }
     }
 

@@ -237,7 +237,7 @@ fn hold_for_room(now: DateTime<Utc>, reason: String) -> Outcome {
     }
 }
 
-fn database_trouble(raw: &RawMessage, e: sqlx::Error) -> Outcome {
+pub(super) fn database_trouble(raw: &RawMessage, e: sqlx::Error) -> Outcome {
     Outcome::Release {
         errcode: None,
         reason: format!("database unavailable while checking limits: {e}"),

@@ -493,6 +493,7 @@ async fn the_claim_counts_ready_rows_in_its_transaction(backend: Backend) {
         now,
         month: "2026-11",
         day: "2026-11-28",
+        per_user_since: None,
     };
     let claimed = store.claim(&request, &countable).await.unwrap();
     let mut by_user: Vec<(String, Option<Reserved>, Option<String>)> = claimed

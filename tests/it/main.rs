@@ -14,6 +14,7 @@ mod limits;
 mod limits_of_input;
 mod monitor;
 mod packaging;
+mod per_user;
 mod pipeline;
 mod poison;
 mod processes;

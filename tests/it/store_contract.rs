@@ -197,6 +197,7 @@ impl Fx {
             now,
             month: MONTH,
             day: DAY,
+            per_user_since: None,
         }
     }
 
@@ -381,6 +382,7 @@ async fn concurrent_claims_never_share_a_row(backend: Backend) {
                     now,
                     month: MONTH,
                     day: DAY,
+                    per_user_since: None,
                 };
                 let claimed = store.claim(&request, &no_terms).await.expect("claim");
                 if claimed.is_empty() {

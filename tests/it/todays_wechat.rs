@@ -366,3 +366,78 @@ async fn templates_are_added_and_deleted_at_wechat(backend: Backend) {
     assert!(err.contains("40037"), "{err}");
 }
 on_both_backends!(templates_are_added_and_deleted_at_wechat);
+
+/// Another system sending on the same account shows in WeChat's count, not in the daemon's:
+/// the daemon logs the difference, and `wechat-outbox quota` shows both.
+async fn another_system_on_the_account_is_noticed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let http = wechat_outbox::wechat::api::http_client(reqwest::Client::builder()).unwrap();
+    let token: serde_json::Value = http
+        .post(format!("{}/cgi-bin/stable_token", sim.url()))
+        .json(&serde_json::json!({"grant_type": "client_credential",
+            "appid": "wxtest0000000001", "secret": "another-system"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_string();
+    for i in 0..12 {
+        let answer: serde_json::Value = http
+            .post(format!(
+                "{}/cgi-bin/message/template/send?access_token={token}",
+                sim.url()
+            ))
+            .json(&serde_json::json!({"touser": format!("oElsewhere{i:04}"),
+                "template_id": "TX", "data": {"k": {"value": "v"}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["errcode"], 0, "{answer}");
+    }
+
+    let config = db.config_toml(&sim.url(), "");
+    let mut daemon = Process::start(&config, &["run"]);
+    daemon.wait_started().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while db
+        .app
+        .count_in("wechat_quota", "used = 12 AND own_used = 0")
+        .await
+        < 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        daemon
+            .stderr()
+            .contains("another system may send on this account"),
+        "{}",
+        daemon.stderr()
+    );
+
+    let mut quota = Process::start(&config, &["quota"]);
+    assert_eq!(
+        quota.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+    let out = quota.stdout();
+    assert!(
+        out.lines().any(|l| l.contains("WeChat's own count")
+            && l.split_whitespace().rev().take(3).collect::<Vec<_>>() == ["99988", "100000", "12"]),
+        "{out}"
+    );
+}
+on_both_backends!(another_system_on_the_account_is_noticed);

@@ -56,6 +56,9 @@ pub struct Args {
     /// workers.batch_size of the daemon.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// workers.order of the daemon: none or per_user (its cost, with one row per recipient).
+    #[arg(long, default_value = "none")]
+    pub order: String,
     /// RUST_LOG of the daemon (`info` logs a line per message).
     #[arg(long, default_value = "warn")]
     pub daemon_log: String,
@@ -200,8 +203,8 @@ fn print_settings(args: &Args) {
         (None, _) => "the simulator in the bench process".to_string(),
     };
     println!(
-        "daemon: concurrency {} claim_ahead {} batch_size {} RUST_LOG={}; WeChat: {stand_in}; inserting client in the bench process",
-        args.concurrency, args.claim_ahead, args.batch_size, args.daemon_log
+        "daemon: concurrency {} claim_ahead {} batch_size {} order {} RUST_LOG={}; WeChat: {stand_in}; inserting client in the bench process",
+        args.concurrency, args.claim_ahead, args.batch_size, args.order, args.daemon_log
     );
     println!(
         "drain: N rows inserted before the daemon starts, timed from its /readyz (and from the first row's sent_at) to the last row ended"

@@ -95,6 +95,7 @@ impl<'a> Run<'a> {
             concurrency = {concurrency}
             claim_ahead = {claim_ahead}
             batch_size = {batch}
+            order = "{order}"
             [limits]
             rate_per_second = 1000000
             monthly_per_template = 100000000
@@ -113,6 +114,7 @@ impl<'a> Run<'a> {
                 concurrency = args.concurrency,
                 claim_ahead = args.claim_ahead,
                 batch = args.batch_size,
+                order = args.order,
             );
             let config = dir.join(format!("config-{i}.toml"));
             std::fs::write(&config, &toml)?;
