@@ -6,3 +6,5 @@ CREATE TABLE recipient_turns (
     next_send_at TEXT NOT NULL,
     PRIMARY KEY (account, openid)
 );
+-- The prune deletes turns long past through this.
+CREATE INDEX recipient_turns_next ON recipient_turns (next_send_at);

@@ -98,6 +98,24 @@ pub(super) fn quota_day() -> String {
         .to_string()
 }
 
+impl Simulator {
+    /// The appid a call's token belongs to and its JSON body, or WeChat's errcode answer.
+    fn authorised_json<T: serde::de::DeserializeOwned>(
+        &self,
+        q: &TokenQuery,
+        body: &[u8],
+    ) -> Result<(String, T), Json<Value>> {
+        let appid = self
+            .check_token(
+                q.access_token.as_deref(),
+                &self.state.lock().expect("sim state"),
+            )
+            .map_err(|(code, msg)| errcode(code, msg))?;
+        let req = serde_json::from_slice(body).map_err(|_| errcode(47001, "data format error"))?;
+        Ok((appid, req))
+    }
+}
+
 impl SimState {
     /// Template sends accepted for `appid` today.
     pub(super) fn used_today(&self, appid: &str) -> u64 {
@@ -134,14 +152,11 @@ pub(super) async fn quota_get(
     Query(q): Query<TokenQuery>,
     body: axum::body::Bytes,
 ) -> Json<Value> {
+    let (appid, req): (String, QuotaRequest) = match sim.authorised_json(&q, &body) {
+        Ok(req) => req,
+        Err(answer) => return answer,
+    };
     let state = sim.state.lock().expect("sim state");
-    let appid = match sim.check_token(q.access_token.as_deref(), &state) {
-        Ok(appid) => appid,
-        Err((code, msg)) => return errcode(code, msg),
-    };
-    let Ok(req) = serde_json::from_slice::<QuotaRequest>(&body) else {
-        return errcode(47001, "data format error");
-    };
     if req.cgi_path.as_deref() != Some(TEMPLATE_SEND_PATH) {
         return errcode(76021, "cgi_path not found, please check");
     }
@@ -167,14 +182,9 @@ pub(super) async fn add_template(
     Query(q): Query<TokenQuery>,
     body: axum::body::Bytes,
 ) -> Json<Value> {
-    if let Err((code, msg)) = sim.check_token(
-        q.access_token.as_deref(),
-        &sim.state.lock().expect("sim state"),
-    ) {
-        return errcode(code, msg);
-    }
-    let Ok(req) = serde_json::from_slice::<AddTemplateRequest>(&body) else {
-        return errcode(47001, "data format error");
+    let (_, req): (String, AddTemplateRequest) = match sim.authorised_json(&q, &body) {
+        Ok(req) => req,
+        Err(answer) => return answer,
     };
     let short_id = req.template_id_short.unwrap_or_default();
     let mut settings = sim.settings.lock().expect("sim settings");
@@ -231,14 +241,9 @@ pub(super) async fn delete_template(
     Query(q): Query<TokenQuery>,
     body: axum::body::Bytes,
 ) -> Json<Value> {
-    if let Err((code, msg)) = sim.check_token(
-        q.access_token.as_deref(),
-        &sim.state.lock().expect("sim state"),
-    ) {
-        return errcode(code, msg);
-    }
-    let Ok(req) = serde_json::from_slice::<DeleteTemplateRequest>(&body) else {
-        return errcode(47001, "data format error");
+    let (_, req): (String, DeleteTemplateRequest) = match sim.authorised_json(&q, &body) {
+        Ok(req) => req,
+        Err(answer) => return answer,
     };
     let template_id = req.template_id.unwrap_or_default();
     let mut settings = sim.settings.lock().expect("sim settings");

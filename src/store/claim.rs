@@ -19,25 +19,33 @@ pub struct ClaimRequest<'a> {
     pub per_user_since: Option<DateTime<Utc>>,
 }
 
-/// The claim's extra condition under `order = "per_user"`: no open row to the same recipient
-/// comes before this one in claim order (priority, first due time, id). The first due time is
-/// `send_after`, else `created_at`: unlike `next_attempt_at` it does not move on a retry, so a
-/// row waiting for its retry keeps its place. `{since}` is the bind that ends a row's hold on
-/// later ones (`order_hold_max_secs` after its first due time).
-pub(super) fn per_user_condition(since: &str) -> String {
+/// The claim's extra condition under `order = "per_user"`: the candidate row (`outbox`) is
+/// claimed only when no other open row to the same account and openid stands in its way:
+/// - one being sent (`sending`), whatever its place: one request per recipient at a time;
+/// - one before it in claim order — higher priority, or the same priority and an earlier first
+///   due time, or the same and a smaller id — that is due already (a row scheduled for later
+///   never holds back one due now), and that either is due to be claimed now (pending, its
+///   `next_attempt_at` passed) or has waited (held, retry backoff) less than the hold: its
+///   first due time is after `{since}` (`order_hold_max_secs` ago).
+///
+/// The first due time is `send_after`, else `created_at` (`first_due` gives the backend's
+/// reading of it): unlike `next_attempt_at` it does not move on a retry, so a failing row keeps
+/// its place. `{now}` is the claim's time.
+pub(super) fn per_user_condition(now: &str, since: &str, first_due: fn(&str) -> String) -> String {
+    let (e_due, o_due) = (first_due("e"), first_due("outbox"));
     format!(
         "
                   AND NOT EXISTS (SELECT 1 FROM outbox e
                       WHERE e.account = outbox.account AND e.touser = outbox.touser
                         AND e.status IN ('pending', 'held', 'sending') AND e.id <> outbox.id
-                        AND COALESCE(e.send_after, e.created_at) > {since}
-                        AND (e.priority > outbox.priority
-                             OR (e.priority = outbox.priority
-                                 AND (COALESCE(e.send_after, e.created_at)
-                                        < COALESCE(outbox.send_after, outbox.created_at)
-                                      OR (COALESCE(e.send_after, e.created_at)
-                                            = COALESCE(outbox.send_after, outbox.created_at)
-                                          AND e.id < outbox.id)))))"
+                        AND (e.status = 'sending'
+                             OR ({e_due} <= {now}
+                                 AND (e.priority > outbox.priority
+                                      OR (e.priority = outbox.priority
+                                          AND ({e_due} < {o_due}
+                                               OR ({e_due} = {o_due} AND e.id < outbox.id))))
+                                 AND ((e.status = 'pending' AND e.next_attempt_at <= {now})
+                                      OR {e_due} > {since}))))"
     )
 }
 

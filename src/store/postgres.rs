@@ -183,14 +183,49 @@ const CLAIM_TEXT: &str =
 /// due time that still holds later rows back).
 static CLAIM: LazyLock<String> = LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", ""));
 static CLAIM_PER_USER: LazyLock<String> =
-    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$7")));
+    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$3", "$7", first_due)));
+
+/// A row's first due time (`order = "per_user"`).
+fn first_due(row: &str) -> String {
+    format!("COALESCE({row}.send_after, {row}.created_at)")
+}
 
 /// Creates the per-user index without blocking the apps' inserts (`CONCURRENTLY`, which
-/// cannot run in a transaction: a plain statement on the pool).
+/// cannot run in a transaction), one daemon at a time (an advisory lock: two concurrent builds
+/// of one index wait on each other). A build that was cut off (a killed daemon) leaves an
+/// invalid index that `IF NOT EXISTS` would keep, unused by the planner yet kept up by every
+/// write: it is dropped and built again.
 pub(super) async fn create_per_user_index(pool: &PgPool) -> StoreResult<()> {
-    let sql = format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {PER_USER_INDEX}");
-    sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
-    Ok(())
+    const LOCK: &str = "hashtext('wechat-outbox: outbox_recipient_open')";
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql(AssertSqlSafe(format!("SELECT pg_advisory_lock({LOCK})")))
+        .execute(&mut *conn)
+        .await?;
+    let built = async {
+        let invalid: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                            WHERE c.relname = 'outbox_recipient_open'
+                              AND c.relnamespace = current_schema()::regnamespace
+                              AND NOT i.indisvalid)",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if invalid {
+            sqlx::raw_sql("DROP INDEX CONCURRENTLY IF EXISTS outbox_recipient_open")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let sql = format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {PER_USER_INDEX}");
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+    .await;
+    sqlx::raw_sql(AssertSqlSafe(format!("SELECT pg_advisory_unlock({LOCK})")))
+        .execute(&mut *conn)
+        .await?;
+    built
 }
 
 /// When a row in flight was claimed, for the start of its doubt: the claim's `updated_at`, or

@@ -292,7 +292,14 @@ const CLAIM_TEXT: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1
 /// due time that still holds later rows back).
 static CLAIM: LazyLock<String> = LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", ""));
 static CLAIM_PER_USER: LazyLock<String> =
-    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$5")));
+    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$3", "$5", first_due)));
+
+/// A row's first due time (`order = "per_user"`): `created_at` read as a time, since an app may
+/// have written it in another form (an offset, an epoch number), and text that is no time is
+/// NULL, which neither holds back nor is held back.
+fn first_due(row: &str) -> String {
+    format!("COALESCE({row}.send_after, strftime('%Y-%m-%d %H:%M:%f', {row}.created_at))")
+}
 
 pub(super) async fn create_per_user_index(pool: &SqlitePool) -> StoreResult<()> {
     let sql = format!("CREATE INDEX IF NOT EXISTS {PER_USER_INDEX}");

@@ -179,10 +179,6 @@ impl Dispatcher {
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
             return lost;
         }
-        if let Some(waits) = self.pace(raw, &message).await {
-            self.uncount(raw, &message.template_id, &counted).await;
-            return waits;
-        }
         let sent = self.send(raw, &message, doubt_since, started).await;
         if sent.refused {
             self.uncount(raw, &message.template_id, &counted).await;
@@ -273,7 +269,7 @@ impl Dispatcher {
     ) -> Sent {
         let mut in_doubt = raw.in_doubt;
         let _slot = self.requests.acquire().await.expect("never closed");
-        for _ in 0..=TOKEN_RETRIES {
+        for round in 0..=TOKEN_RETRIES {
             let token = match self.tokens.get(&raw.account).await {
                 Ok(token) => token,
                 Err(e) => {
@@ -285,6 +281,17 @@ impl Dispatcher {
                     };
                 }
             };
+            // Paced at the last moment, with the request slot and the token in hand, so that a
+            // turn is not taken long before its send (once: a resend after a token refresh is
+            // the same turn).
+            if round == 0
+                && let Some(waits) = self.pace(raw, message).await
+            {
+                return Sent {
+                    outcome: waits,
+                    refused: true,
+                };
+            }
             started.store(true, Ordering::SeqCst);
             let request_began = std::time::Instant::now();
             let reply = match self.api.send_template(&token, &message.body).await {

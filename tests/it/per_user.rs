@@ -6,6 +6,7 @@ use std::time::Duration;
 use wechat_outbox::simulator::{Faults, SimSettings};
 
 use crate::helpers::{AppDb, Backend, Daemon, Sim, TestDb};
+use crate::limits::wait_for;
 use crate::on_both_backends;
 
 async fn insert(db: &TestDb, touser: &str, template: &str, value: &str, priority: i64) {
@@ -95,11 +96,8 @@ async fn a_users_rows_go_out_in_order(backend: Backend) {
     let first = Daemon::start(db.config(&sim.url(), extra)).await;
     let second = Daemon::start(db.config(&sim.url(), extra)).await;
     insert(&db, "oOrderUser01", "TNOTICE", "paid", 0).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while db.app.count("status = 'pending' AND attempts = 1").await < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "no busy answer yet");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let retrying = "status = 'pending' AND attempts = 1";
+    wait_for(&db, "outbox", retrying, 1, Duration::from_secs(10)).await;
     // "paid" waits for its retry; "shipped" comes later.
     sim.sim.set_faults(Faults::default());
     insert(&db, "oOrderUser01", "TNOTICE", "shipped", 0).await;
@@ -138,20 +136,8 @@ async fn an_open_row_holds_later_ones_back_for_a_while_only(backend: Backend) {
     insert(&db, "oHeldUser001", "TNOROOM", "held for room", 0).await;
     insert(&db, "oHeldUser001", "TINUSE", "later", 0).await;
     let inserted = tokio::time::Instant::now();
-    let deadline = inserted + Duration::from_secs(15);
-    while db
-        .app
-        .count("touser = 'oHeldUser001' AND status = 'sent'")
-        .await
-        < 1
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:#?}",
-            db.app.rows().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let later_sent = "touser = 'oHeldUser001' AND status = 'sent'";
+    wait_for(&db, "outbox", later_sent, 1, Duration::from_secs(15)).await;
     assert!(
         inserted.elapsed() >= Duration::from_millis(1500),
         "held back until the first row's hold ended: {:?}",
@@ -166,3 +152,24 @@ async fn an_open_row_holds_later_ones_back_for_a_while_only(backend: Backend) {
     daemon.stop().await;
 }
 on_both_backends!(an_open_row_holds_later_ones_back_for_a_while_only);
+
+/// A row scheduled for later never holds back one due now, whatever its priority.
+async fn a_row_for_later_holds_nothing_back(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let daemon = Daemon::start(db.config(&sim.url(), "[workers]\norder = \"per_user\"")).await;
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data, priority, send_after) \
+             VALUES ('oLaterUser01', 'TNOTICE', '{{\"keyword1\":\"next year\"}}', 9, {})",
+            db.app.now_plus(3600)
+        ))
+        .await
+        .unwrap();
+    insert(&db, "oLaterUser01", "TNOTICE", "now", 0).await;
+    let sent_now = "touser = 'oLaterUser01' AND status = 'sent'";
+    wait_for(&db, "outbox", sent_now, 1, Duration::from_secs(10)).await;
+    assert_eq!(db.app.count("status = 'pending' AND priority = 9").await, 1);
+    daemon.stop().await;
+}
+on_both_backends!(a_row_for_later_holds_nothing_back);

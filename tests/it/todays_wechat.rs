@@ -9,6 +9,7 @@ use wechat_outbox::simulator::SimSettings;
 
 use crate::delivery::{daemon_with_callback, wait_joined};
 use crate::helpers::{Backend, Daemon, Process, Row, Sim, TestDb};
+use crate::limits::wait_for;
 use crate::on_both_backends;
 
 async fn insert(db: &TestDb, touser: &str, template: &str, value: &str) {
@@ -198,14 +199,22 @@ async fn a_duplicate_answer_ends_a_row_by_its_doubt(backend: Backend) {
 }
 on_both_backends!(a_duplicate_answer_ends_a_row_by_its_doubt);
 
-/// `failed:freq limit` lands in `delivery_status` and report_daily counts it on its own.
+/// `failed:freq limit` lands in `delivery_status` and report_daily counts it on its own; the
+/// simulator shows users values as WeChat does since 2023.
 async fn freq_limit_events_are_counted_on_their_own(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sim = Sim::start(SimSettings::default()).await;
-    let daemon = daemon_with_callback(&db, &sim, false, "").await;
+    // Under the 2014 rules the daemon sends a long value whole; WeChat shows 20 characters.
+    let daemon =
+        daemon_with_callback(&db, &sim, false, "[templates]\ncontent_rules = \"2014\"").await;
     insert(&db, "o_freqlimit_01", "TNOTICE", "a").await;
-    insert(&db, "oHappyUser01", "TNOTICE", "b").await;
+    let long = "twenty-six characters long";
+    insert(&db, "oHappyUser01", "TNOTICE", long).await;
     wait_joined(&db, 2).await;
+    let happy = sim.sim.deliveries();
+    let happy = happy.iter().find(|d| d.touser == "oHappyUser01").unwrap();
+    assert_eq!(happy.data["keyword1"]["value"], long);
+    assert_eq!(happy.shown["keyword1"], "twenty-six characte…");
     assert_eq!(
         db.app
             .count("status = 'undelivered' AND delivery_status = 'failed:freq limit'")
@@ -237,15 +246,14 @@ async fn the_daily_cap_follows_wechats_own_figure(backend: Backend) {
     let daemon =
         Daemon::start(db.config(&sim.url(), "[limits]\ndaily_per_account = \"wechat\"")).await;
     db.app.insert_good(5, "capped").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while db.app.count("status IN ('sent', 'held')").await < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:#?}",
-            db.app.rows().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        &db,
+        "outbox",
+        "status IN ('sent', 'held')",
+        5,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(db.app.count("status = 'sent'").await, 3);
     assert_eq!(
         db.app
@@ -404,20 +412,8 @@ async fn another_system_on_the_account_is_noticed(backend: Backend) {
     let config = db.config_toml(&sim.url(), "");
     let mut daemon = Process::start(&config, &["run"]);
     daemon.wait_started().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while db
-        .app
-        .count_in("wechat_quota", "used = 12 AND own_used = 0")
-        .await
-        < 1
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}",
-            daemon.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let read = "used = 12 AND own_used = 0";
+    wait_for(&db, "wechat_quota", read, 1, Duration::from_secs(20)).await;
     daemon.signal("TERM");
     daemon.wait_exit(Duration::from_secs(20)).await;
     assert!(
