@@ -126,14 +126,10 @@ pub async fn quota(config: &Config) -> Result<()> {
                 account.name
             );
         };
-        // A cap that follows WeChat is what WeChat last said.
-        let day_limit = match reading {
-            Some(r) if limits.daily_follows_wechat && r.daily_limit > 0 => {
-                r.daily_limit.min(i64::from(i32::MAX))
-            }
-            _ => i64::from(limits.daily_per_account),
-        };
-        line("account (today)", &p.day, day_used, day_limit);
+        // A cap that follows WeChat is what WeChat last said, as the daemon reads it.
+        let wechat_daily = reading.map_or(0, |r| u64::try_from(r.daily_limit).unwrap_or(0));
+        let day_limit = limits.with_wechat_daily(wechat_daily).daily_per_account;
+        line("account (today)", &p.day, day_used, day_limit.into());
         if let Some(r) = reading {
             let read_at = r.read_at.with_timezone(&config.timezone()?);
             line(

@@ -265,13 +265,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         requests: Semaphore::new(config.workers.concurrency),
         content_rules: config.templates.content_rules,
         overlong: config.templates.overlong,
-        user_errcodes: config.errcodes.codes(),
+        user_errcodes: config.errcodes.clone(),
         per_user_order: (config.workers.order == Order::PerUser)
             .then(|| chrono::Duration::seconds(config.workers.order_hold_max_secs as i64)),
         per_user_interval: (config.limits.per_user_interval_secs > 0)
             .then(|| chrono::Duration::seconds(config.limits.per_user_interval_secs as i64)),
-        refusal_lasts: chrono::Duration::days(config.errcodes.refusal_days.into()),
-        too_frequent_wait: chrono::Duration::seconds(config.errcodes.too_frequent_wait_secs as i64),
     });
     let joined = Arc::new(Notify::new());
     let callback = if config.callback.enabled {

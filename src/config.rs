@@ -43,7 +43,7 @@ pub struct Config {
     #[serde(default)]
     pub templates: TemplateSettings,
     #[serde(default)]
-    pub errcodes: ErrcodeSettings,
+    pub errcodes: UserErrcodes,
     #[serde(default)]
     pub retention: RetentionSettings,
     #[serde(default)]
@@ -239,48 +239,6 @@ impl Default for TemplateSettings {
     }
 }
 
-/// What the errcodes WeChat added after 2014 mean for one user or row (docs/todays-wechat.md):
-/// codes that are not documented are settings, so that a wrong guess is mended in the file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ErrcodeSettings {
-    /// The user refused the template: later rows to the same openid and template fail
-    /// without a request.
-    pub refused: Vec<i64>,
-    /// How long a refusal stands (the user can accept the template again).
-    pub refusal_days: u32,
-    /// Too many sends to one user: the row waits `too_frequent_wait_secs`, without using up
-    /// an attempt.
-    pub too_frequent: Vec<i64>,
-    pub too_frequent_wait_secs: u64,
-    /// WeChat refused the send as a duplicate: sent already if the row was in doubt, else
-    /// failed.
-    pub duplicate: Vec<i64>,
-}
-
-impl Default for ErrcodeSettings {
-    fn default() -> Self {
-        let codes = UserErrcodes::default();
-        ErrcodeSettings {
-            refused: codes.refused,
-            refusal_days: 30,
-            too_frequent: codes.too_frequent,
-            too_frequent_wait_secs: 60,
-            duplicate: codes.duplicate,
-        }
-    }
-}
-
-impl ErrcodeSettings {
-    pub fn codes(&self) -> UserErrcodes {
-        UserErrcodes {
-            refused: self.refused.clone(),
-            too_frequent: self.too_frequent.clone(),
-            duplicate: self.duplicate.clone(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSettings {
@@ -314,6 +272,17 @@ pub struct Limits {
     /// `daily_per_account = "wechat"`: the cap follows `openapi/quota/get`.
     pub daily_follows_wechat: bool,
     pub rate_per_second: u32,
+}
+
+impl Limits {
+    /// These limits with WeChat's last daily figure in force, when the cap follows WeChat and
+    /// a figure was read (0: none). Clamped to what `account_limits` holds on both backends.
+    pub fn with_wechat_daily(mut self, wechat_daily: u64) -> Limits {
+        if self.daily_follows_wechat && wechat_daily > 0 {
+            self.daily_per_account = wechat_daily.min(i32::MAX as u64) as u32;
+        }
+        self
+    }
 }
 
 /// The daily cap WeChat gives every account that sends template messages, raised with its

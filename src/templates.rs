@@ -4,12 +4,10 @@
 //! (`templates add`, `templates delete`).
 
 use anyhow::{Context, Result, bail};
-use secrecy::SecretString;
 
 use crate::domain::clock::Clock;
-use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::store::{Store, SyncedTemplate};
-use crate::wechat::api::{ApiReply, TransportError, WechatApi};
+use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
 
 /// Fetches one account's template list and records it; returns how many WeChat listed.
@@ -20,11 +18,12 @@ pub async fn sync_account(
     account: &str,
     clock: &Clock,
 ) -> Result<usize> {
-    let listed = with_token(tokens, account, |token| async move {
-        api.private_templates(&token).await
-    })
-    .await
-    .context("listing templates")?;
+    let listed = tokens
+        .with_token(account, |token| async move {
+            api.private_templates(&token).await
+        })
+        .await
+        .context("listing templates")?;
     match listed {
         Ok(list) => {
             let synced: Vec<SyncedTemplate> = list
@@ -55,11 +54,12 @@ pub async fn add_template(
     short_id: &str,
     keywords: &[String],
 ) -> Result<String> {
-    let added = with_token(tokens, account, |token| async move {
-        api.add_template(&token, short_id, keywords).await
-    })
-    .await
-    .context("adding the template")?;
+    let added = tokens
+        .with_token(account, |token| async move {
+            api.add_template(&token, short_id, keywords).await
+        })
+        .await
+        .context("adding the template")?;
     added.map_err(|reply| anyhow::anyhow!("{}", explain_template_errcode(&reply)))
 }
 
@@ -70,38 +70,18 @@ pub async fn delete_template(
     account: &str,
     template_id: &str,
 ) -> Result<()> {
-    let deleted = with_token(tokens, account, |token| async move {
-        let reply = api.delete_template(&token, template_id).await?;
-        Ok(if reply.errcode == 0 {
-            Ok(())
-        } else {
-            Err(reply)
+    let deleted = tokens
+        .with_token(account, |token| async move {
+            let reply = api.delete_template(&token, template_id).await?;
+            Ok(if reply.errcode == 0 {
+                Ok(())
+            } else {
+                Err(reply)
+            })
         })
-    })
-    .await
-    .context("deleting the template")?;
+        .await
+        .context("deleting the template")?;
     deleted.map_err(|reply| anyhow::anyhow!("{}", explain_template_errcode(&reply)))
-}
-
-/// Runs `call` with the account's token, refreshing it once if WeChat rejects it.
-async fn with_token<T, F>(
-    tokens: &TokenManager,
-    account: &str,
-    call: impl Fn(SecretString) -> F,
-) -> Result<Result<T, ApiReply>>
-where
-    F: Future<Output = Result<Result<T, ApiReply>, TransportError>>,
-{
-    for _ in 0..2 {
-        let token = tokens.get(account).await?;
-        match call(token.clone()).await? {
-            Err(reply) if classify(reply.errcode) == ErrcodeClass::TokenRejected => {
-                tokens.rejected(account, &token).await?
-            }
-            answer => return Ok(answer),
-        }
-    }
-    bail!("the access token was rejected again after refreshing")
 }
 
 /// WeChat's answer to a template call, in words (docs/todays-wechat.md has the sources).

@@ -31,11 +31,23 @@ pub enum UserErrcode {
     Duplicate,
 }
 
-/// The codes of each `UserErrcode`, as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The codes of each `UserErrcode` and what follows from them: `[errcodes]` in the
+/// configuration (codes WeChat does not document are settings, so a wrong guess is mended in
+/// the file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UserErrcodes {
+    /// The user refused the template: later rows to the same openid and template fail
+    /// without a request.
     pub refused: Vec<i64>,
+    /// How long a refusal stands (the user can accept the template again).
+    pub refusal_days: u32,
+    /// Too many sends to one user: the row waits `too_frequent_wait_secs`, without using up
+    /// an attempt.
     pub too_frequent: Vec<i64>,
+    pub too_frequent_wait_secs: u64,
+    /// WeChat refused the send as a duplicate: sent already if the row was in doubt, else
+    /// failed.
     pub duplicate: Vec<i64>,
 }
 
@@ -43,13 +55,23 @@ impl Default for UserErrcodes {
     fn default() -> Self {
         UserErrcodes {
             refused: vec![43101],
+            refusal_days: 30,
             too_frequent: vec![43117],
+            too_frequent_wait_secs: 60,
             duplicate: vec![40241],
         }
     }
 }
 
 impl UserErrcodes {
+    pub fn refusal_lasts(&self) -> chrono::Duration {
+        chrono::Duration::days(self.refusal_days.into())
+    }
+
+    pub fn too_frequent_wait(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.too_frequent_wait_secs.min(i64::MAX as u64) as i64)
+    }
+
     pub fn meaning(&self, errcode: i64) -> Option<UserErrcode> {
         if self.refused.contains(&errcode) {
             Some(UserErrcode::Refused)

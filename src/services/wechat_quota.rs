@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::Service;
 use super::limits::record_limits;
-use crate::domain::quota::periods;
+use crate::domain::quota::{ACCOUNT_SCOPE, periods};
 use crate::domain::text::{loggable, loggable_within};
 use crate::store::{Store, WechatQuotaReading};
 use crate::wechat::api::WechatApi;
@@ -76,15 +76,21 @@ impl Service for WechatQuota {
                 }
             }
         }
-        // The caps in force changed: report_quota shows them.
-        record_limits(
-            &self.store,
-            &self.accounts,
-            &self.zone_name,
-            self.timezone,
-            now,
-        )
-        .await?;
+        // Caps that follow WeChat may have changed: report_quota shows the caps in force.
+        if self
+            .accounts
+            .iter()
+            .any(|a| a.limits().daily_follows_wechat)
+        {
+            record_limits(
+                &self.store,
+                &self.accounts,
+                &self.zone_name,
+                self.timezone,
+                now,
+            )
+            .await?;
+        }
         if failed.is_empty() {
             Ok(readings)
         } else {
@@ -106,8 +112,14 @@ impl WechatQuota {
         now: DateTime<Utc>,
     ) -> anyhow::Result<WechatQuotaReading> {
         let account = &runtime.account.name;
-        let token = self.tokens.get(account).await?;
-        let quota = match self.api.send_quota(&token).await? {
+        let answer = self
+            .tokens
+            .with_token(
+                account,
+                |token| async move { self.api.send_quota(&token).await },
+            )
+            .await?;
+        let quota = match answer {
             Ok(quota) => quota,
             Err(reply) => {
                 return Err(anyhow!(
@@ -117,8 +129,16 @@ impl WechatQuota {
                 ));
             }
         };
-        let day = periods(now, self.timezone).day;
-        let own_used = self.store.day_count(account, &day).await?;
+        let p = periods(now, self.timezone);
+        let own_used = self
+            .store
+            .quota_usage(&p.month, &p.day)
+            .await?
+            .into_iter()
+            .find(|(a, scope, period, _)| {
+                a == account && scope == ACCOUNT_SCOPE && *period == p.day
+            })
+            .map_or(0, |(.., used)| used);
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let reading = WechatQuotaReading {
             account: account.clone(),
@@ -129,7 +149,8 @@ impl WechatQuota {
             read_at: now,
         };
         self.store.record_wechat_quota(&reading).await?;
-        if runtime.limits().daily_follows_wechat && quota.daily_limit > 0 {
+        // A zero is no figure: the last one stays in force.
+        if quota.daily_limit > 0 {
             runtime.set_wechat_daily(quota.daily_limit);
         }
         if differ(reading.used, own_used) {

@@ -28,15 +28,22 @@ pub struct ClaimRequest<'a> {
 ///   `next_attempt_at` passed) or has waited (held, retry backoff) less than the hold: its
 ///   first due time is after `{since}` (`order_hold_max_secs` ago).
 ///
-/// The first due time is `send_after`, else `created_at` (`first_due` gives the backend's
-/// reading of it): unlike `next_attempt_at` it does not move on a retry, so a failing row keeps
-/// its place. `{now}` is the claim's time.
-pub(super) fn per_user_condition(now: &str, since: &str, first_due: fn(&str) -> String) -> String {
+/// The first due time is `send_after`, else `created_at`: unlike `next_attempt_at` it does not
+/// move on a retry, so a failing row keeps its place.
+pub(super) fn per_user_condition(sql: &PerUserSql) -> String {
+    let PerUserSql {
+        now,
+        since,
+        first_due,
+        probe_from,
+        same_recipient,
+    } = sql;
     let (e_due, o_due) = (first_due("e"), first_due("outbox"));
     format!(
         "
-                  AND NOT EXISTS (SELECT 1 FROM outbox e
+                  AND NOT EXISTS (SELECT 1 FROM {probe_from}
                       WHERE e.account = outbox.account AND e.touser = outbox.touser
+                        {same_recipient}
                         AND e.status IN ('pending', 'held', 'sending') AND e.id <> outbox.id
                         AND (e.status = 'sending'
                              OR ({e_due} <= {now}
@@ -49,11 +56,28 @@ pub(super) fn per_user_condition(now: &str, since: &str, first_due: fn(&str) -> 
     )
 }
 
-/// The index the per-user condition probes: open rows by recipient. Created when a daemon
-/// starts with `order = "per_user"` (not by a migration: every daemon would otherwise pay for
-/// its upkeep on each insert and claim).
-pub(super) const PER_USER_INDEX: &str = "outbox_recipient_open ON outbox (account, touser)
-     WHERE status IN ('pending', 'held', 'sending')";
+/// What the per-user condition says differently on each backend.
+pub(super) struct PerUserSql {
+    /// The binds of the claim's time and of the hold's start (`order_hold_max_secs` ago).
+    pub now: &'static str,
+    pub since: &'static str,
+    /// A row's first due time, as the backend reads it.
+    pub first_due: fn(&str) -> String,
+    /// `outbox` as the probe reads it, aliased `e`.
+    pub probe_from: &'static str,
+    /// A match beside `e.touser = outbox.touser` that lets the probe use the index's key.
+    pub same_recipient: &'static str,
+}
+
+/// The index the per-user condition probes, `outbox_recipient_open ON outbox ({key}) WHERE …`:
+/// open rows by recipient. Created when a daemon starts with `order = "per_user"` (not by a
+/// migration: every daemon would otherwise pay for its upkeep on each insert and claim).
+pub(super) fn per_user_index(key: &str) -> String {
+    format!(
+        "outbox_recipient_open ON outbox ({key})
+         WHERE status IN ('pending', 'held', 'sending')"
+    )
+}
 
 /// What a claimed row is counted against when the claim may count it at once.
 pub struct CountTerms {
@@ -97,8 +121,18 @@ impl Store {
 
     /// How the database would run the claim now (its `EXPLAIN`), to check that it reads the
     /// claim index rather than the table, however many rows wait.
-    pub async fn claim_plan(&self, now: DateTime<Utc>) -> StoreResult<String> {
-        on_backend!(self, |pool, dialect| dialect::claim_plan(pool, now).await)
+    /// With `per_user_since`, the statement of `order = "per_user"`.
+    pub async fn claim_plan(
+        &self,
+        now: DateTime<Utc>,
+        per_user_since: Option<DateTime<Utc>>,
+    ) -> StoreResult<String> {
+        on_backend!(self, |pool, dialect| dialect::claim_plan(
+            pool,
+            now,
+            per_user_since
+        )
+        .await)
     }
 
     /// Extends the lease of a row `owner` still holds; false if it no longer does.

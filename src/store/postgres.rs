@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::claim::{PER_USER_INDEX, per_user_condition};
+use super::claim::{PerUserSql, per_user_condition, per_user_index};
 use super::record::errcode_column;
 use super::reserve::{self, CounterKey};
 use super::{
@@ -182,8 +182,21 @@ const CLAIM_TEXT: &str =
 /// The claim as it runs: without the per-user condition, or with it (`$7`, the oldest first
 /// due time that still holds later rows back).
 static CLAIM: LazyLock<String> = LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", ""));
-static CLAIM_PER_USER: LazyLock<String> =
-    LazyLock::new(|| CLAIM_TEXT.replace("{PER_USER}", &per_user_condition("$3", "$7", first_due)));
+static CLAIM_PER_USER: LazyLock<String> = LazyLock::new(|| {
+    let condition = per_user_condition(&PerUserSql {
+        now: "$3",
+        since: "$7",
+        first_due,
+        probe_from: "outbox e",
+        same_recipient: "AND md5(e.touser) = md5(outbox.touser)",
+    });
+    CLAIM_TEXT.replace("{PER_USER}", &condition)
+});
+
+/// The recipient index keys `touser` by its md5: a btree entry holds at most about 2.7 kB,
+/// and an app's row may hold any text there; keyed by the text itself, a long one would fail
+/// the app's INSERT (and the daemon's claim) instead of failing its own row.
+const PER_USER_INDEX_KEY: &str = "account, md5(touser)";
 
 /// A row's first due time (`order = "per_user"`).
 fn first_due(row: &str) -> String {
@@ -215,7 +228,10 @@ pub(super) async fn create_per_user_index(pool: &PgPool) -> StoreResult<()> {
                 .execute(&mut *conn)
                 .await?;
         }
-        let sql = format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {PER_USER_INDEX}");
+        let sql = format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {}",
+            per_user_index(PER_USER_INDEX_KEY)
+        );
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut *conn)
             .await?;
@@ -292,16 +308,26 @@ pub(super) const MARK_EVENTS_JOINED: &str =
              AND ($2::bigint IS NULL OR u.id = $2)) AS j
      WHERE e.id = j.id";
 
-pub(super) async fn claim_plan(pool: &PgPool, now: DateTime<Utc>) -> StoreResult<String> {
-    let steps: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", *CLAIM)))
+pub(super) async fn claim_plan(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    per_user_since: Option<DateTime<Utc>>,
+) -> StoreResult<String> {
+    let sql = match per_user_since {
+        None => &CLAIM,
+        Some(_) => &CLAIM_PER_USER,
+    };
+    let mut explain = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", **sql)))
         .bind("plan")
         .bind(now)
         .bind(now)
         .bind(64_i64)
         .bind("2026-11")
-        .bind("2026-11-28")
-        .fetch_all(pool)
-        .await?;
+        .bind("2026-11-28");
+    if let Some(since) = per_user_since {
+        explain = explain.bind(since);
+    }
+    let steps: Vec<String> = explain.fetch_all(pool).await?;
     Ok(steps.join("\n"))
 }
 
@@ -321,21 +347,20 @@ pub(super) async fn claim(
     countable: Countable<'_>,
 ) -> StoreResult<Vec<Claimed>> {
     let mut tx = begin_write(&store.pool).await?;
-    let claim = match request.per_user_since {
-        None => sqlx::query(CLAIM.as_str()),
-        Some(_) => sqlx::query(CLAIM_PER_USER.as_str()),
+    let sql = match request.per_user_since {
+        None => &CLAIM,
+        Some(_) => &CLAIM_PER_USER,
     };
-    let claim = claim
+    let mut claim = sqlx::query(sql.as_str())
         .bind(request.owner)
         .bind(request.lease_until)
         .bind(request.now)
         .bind(request.limit as i64)
         .bind(request.month)
         .bind(request.day);
-    let claim = match request.per_user_since {
-        None => claim,
-        Some(since) => claim.bind(since),
-    };
+    if let Some(since) = request.per_user_since {
+        claim = claim.bind(since);
+    }
     let rows = claim.fetch_all(&mut *tx).await?;
     let rows: Vec<RawMessage> = rows
         .into_iter()

@@ -18,21 +18,6 @@ pub struct WechatQuotaReading {
 }
 
 impl Store {
-    /// Sends this account's day `day` counted so far, by every daemon.
-    pub async fn day_count(&self, account: &str, day: &str) -> StoreResult<i64> {
-        on_backend!(self, |pool, _d| {
-            let used: Option<i64> = sqlx::query_scalar(
-                "SELECT CAST(used AS BIGINT) FROM quota_usage
-                 WHERE account = $1 AND scope = 'account' AND period = $2",
-            )
-            .bind(account)
-            .bind(day)
-            .fetch_optional(pool)
-            .await?;
-            Ok(used.unwrap_or(0))
-        })
-    }
-
     /// Keeps the latest reading of the account's figures.
     pub async fn record_wechat_quota(&self, reading: &WechatQuotaReading) -> StoreResult<()> {
         on_backend!(self, |pool, _d| {

@@ -107,11 +107,11 @@ impl WechatApi {
         token: &SecretString,
         body: &Value,
     ) -> Result<ApiReply, TransportError> {
-        let mut url = self.endpoint("cgi-bin/message/template/send");
-        url.query_pairs_mut()
-            .append_pair("access_token", token.expose_secret());
-        let response = self.http.post(url).json(body).send().await;
-        read_reply(response).await
+        reply(
+            &self
+                .post_json("cgi-bin/message/template/send", token, body)
+                .await?,
+        )
     }
 
     /// `GET /cgi-bin/template/get_all_private_template?access_token=…`: the account's templates,
@@ -120,9 +120,7 @@ impl WechatApi {
         &self,
         token: &SecretString,
     ) -> Result<Result<Vec<ListedTemplate>, ApiReply>, TransportError> {
-        let mut url = self.endpoint("cgi-bin/template/get_all_private_template");
-        url.query_pairs_mut()
-            .append_pair("access_token", token.expose_secret());
+        let url = self.with_token("cgi-bin/template/get_all_private_template", token);
         let body = read_body(self.http.get(url).send().await).await?;
         template_list(&body)
     }
@@ -190,16 +188,24 @@ impl WechatApi {
         reply(&body)
     }
 
+    /// POSTs `body` to an endpoint that takes the access token, and reads WeChat's JSON.
     async fn post_json(
         &self,
         path: &str,
         token: &SecretString,
         body: &Value,
     ) -> Result<Value, TransportError> {
+        let url = self.with_token(path, token);
+        read_body(self.http.post(url).json(body).send().await).await
+    }
+
+    /// The endpoint's URL with the access token in its query (never in an error: see
+    /// `transport`).
+    fn with_token(&self, path: &str, token: &SecretString) -> Url {
         let mut url = self.endpoint(path);
         url.query_pairs_mut()
             .append_pair("access_token", token.expose_secret());
-        read_body(self.http.post(url).json(body).send().await).await
+        url
     }
 
     /// `POST /cgi-bin/stable_token`: returns the same token while it is valid unless forced.
@@ -261,12 +267,6 @@ fn body_json(status: StatusCode, bytes: &[u8]) -> Result<Value, TransportError> 
         detail: format!("answer is not JSON ({} bytes)", bytes.len()),
         may_have_reached: true,
     })
-}
-
-async fn read_reply(
-    response: Result<reqwest::Response, reqwest::Error>,
-) -> Result<ApiReply, TransportError> {
-    reply(&read_body(response).await?)
 }
 
 /// WeChat's errcode answer (its errmsg bounded: it becomes the row's `last_error`).

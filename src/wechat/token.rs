@@ -14,8 +14,9 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 
-use super::api::{TokenError, WechatApi};
+use super::api::{ApiReply, TokenError, TransportError, WechatApi};
 use crate::config::{Account, TokenEndpoint};
+use crate::domain::errcode::{ErrcodeClass, classify};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredToken, TokenLease};
 
@@ -96,6 +97,29 @@ impl TokenManager {
         let token = self.obtain(&slot.account, None).await?;
         *cached = Some(token.clone());
         Ok(token.token)
+    }
+
+    /// Runs one call of an operator's command or a background job with the account's token,
+    /// refreshing the token once if WeChat rejects it. (A send has its own loop: it must
+    /// record how the attempt ended.)
+    pub async fn with_token<T, F>(
+        &self,
+        account: &str,
+        call: impl Fn(SecretString) -> F,
+    ) -> Result<Result<T, ApiReply>>
+    where
+        F: Future<Output = std::result::Result<std::result::Result<T, ApiReply>, TransportError>>,
+    {
+        for _ in 0..2 {
+            let token = self.get(account).await?;
+            match call(token.clone()).await? {
+                Err(reply) if classify(reply.errcode) == ErrcodeClass::TokenRejected => {
+                    self.rejected(account, &token).await?
+                }
+                answer => return Ok(answer),
+            }
+        }
+        bail!("the access token was rejected again after refreshing")
     }
 
     /// WeChat rejected `failing`: replace it, unless someone already has.

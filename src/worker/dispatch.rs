@@ -54,12 +54,9 @@ pub struct Dispatcher {
     /// WeChat's display rules for keyword values, and what a value over them gets.
     pub content_rules: ContentRules,
     pub overlong: Overlong,
-    /// What WeChat's post-2014 errcodes mean for one user or row (`[errcodes]`).
+    /// What WeChat's post-2014 errcodes mean for one user or row, and how long their
+    /// effects last (`[errcodes]`).
     pub user_errcodes: UserErrcodes,
-    /// How long a refusal (43101) stands.
-    pub refusal_lasts: chrono::Duration,
-    /// How long a row waits after WeChat said too many sends to its user (43117).
-    pub too_frequent_wait: chrono::Duration,
     /// The least time between two sends to one user (`limits.per_user_interval_secs`).
     pub per_user_interval: Option<chrono::Duration>,
     /// `order = "per_user"`: how long a row that is not final holds back its recipient's later
@@ -442,7 +439,7 @@ impl Dispatcher {
         let now = self.clock.now();
         match meaning {
             UserErrcode::Refused => {
-                let expires_at = now + self.refusal_lasts;
+                let expires_at = now + self.user_errcodes.refusal_lasts();
                 let refusal = Refusal {
                     account: &raw.account,
                     openid: &message.touser,
@@ -464,7 +461,7 @@ impl Dispatcher {
                 }
             }
             UserErrcode::TooFrequent => {
-                let until = now + self.too_frequent_wait;
+                let until = now + self.user_errcodes.too_frequent_wait();
                 Outcome::Wait {
                     until,
                     errcode: Some(errcode),

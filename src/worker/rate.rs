@@ -48,19 +48,13 @@ impl AccountRuntime {
 
     /// The account's limits in force now.
     pub fn limits(&self) -> Limits {
-        let mut limits = *self.limits.read().unwrap_or_else(|p| p.into_inner());
-        let wechat = self.wechat_daily.load(Ordering::Relaxed);
-        if limits.daily_follows_wechat && wechat > 0 {
-            limits.daily_per_account = u32::try_from(wechat).unwrap_or(u32::MAX);
-        }
-        limits
+        let limits = *self.limits.read().unwrap_or_else(|p| p.into_inner());
+        limits.with_wechat_daily(self.wechat_daily.load(Ordering::Relaxed))
     }
 
     /// WeChat's daily cap as `openapi/quota/get` answered it (services/wechat_quota.rs).
-    /// Clamped to what the `account_limits` column holds on both backends.
     pub fn set_wechat_daily(&self, daily_limit: u64) {
-        self.wechat_daily
-            .store(daily_limit.min(i32::MAX as u64), Ordering::Relaxed);
+        self.wechat_daily.store(daily_limit, Ordering::Relaxed);
     }
 
     /// Puts new limits in force; the limiter is rebuilt (losing its state) only when the rate

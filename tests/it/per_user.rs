@@ -173,3 +173,35 @@ async fn a_row_for_later_holds_nothing_back(backend: Backend) {
     daemon.stop().await;
 }
 on_both_backends!(a_row_for_later_holds_nothing_back);
+
+/// Under `order = "per_user"` a recipient of any length is a row like another: the index keyed
+/// by it must not fail the app's INSERT or the claim (a btree entry on Postgres holds about
+/// 2.7 kB); the row fails alone, on the daemon's own check of `touser`.
+async fn a_huge_touser_fails_its_own_row_only(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let daemon = Daemon::start(db.config(&sim.url(), "[workers]\norder = \"per_user\"")).await;
+    // Letters that do not compress: Postgres compresses an index entry before it measures it.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let huge: String = std::iter::once('o')
+        .chain((0..20_000).map(|_| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            char::from(b'a' + ((seed >> 33) % 26) as u8)
+        }))
+        .collect();
+    insert(&db, &huge, "TNOTICE", "huge", 0).await;
+    insert(&db, "oNormalUser1", "TNOTICE", "normal", 0).await;
+    let rows = db.app.wait_settled(Duration::from_secs(20)).await;
+    let statuses: Vec<(&str, Option<i64>)> = rows
+        .iter()
+        .map(|r| (r.status.as_str(), r.last_errcode))
+        .collect();
+    assert_eq!(statuses, [("failed", None), ("sent", Some(0))]);
+    assert!(
+        rows[0].last_error.as_deref().unwrap().contains("touser"),
+        "{:?}",
+        rows[0].last_error
+    );
+    daemon.stop().await;
+}
+on_both_backends!(a_huge_touser_fails_its_own_row_only);

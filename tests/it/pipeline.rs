@@ -407,7 +407,7 @@ async fn the_claim_reads_its_index_not_the_table(backend: Backend) {
     let plan = db
         .store()
         .await
-        .claim_plan(chrono::Utc::now())
+        .claim_plan(chrono::Utc::now(), None)
         .await
         .unwrap();
     assert!(plan.contains("outbox_claim"), "{plan}");

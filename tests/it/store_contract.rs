@@ -2208,8 +2208,15 @@ async fn plans_use_their_indexes(backend: Backend) {
     fx.exec("UPDATE outbox SET status = 'sent', msgid = id WHERE id % 2 = 0")
         .await;
     fx.db.app.analyze_outbox().await;
-    let claim = fx.store.claim_plan(fx.now).await.unwrap();
+    let claim = fx.store.claim_plan(fx.now, None).await.unwrap();
     assert!(claim.contains("outbox_claim"), "{claim}");
+    // order = "per_user": the probe for earlier open rows of the recipient goes by its index.
+    fx.store.prepare_per_user_order().await.unwrap();
+    fx.db.app.analyze_outbox().await;
+    let since = fx.now - chrono::Duration::hours(1);
+    let per_user = fx.store.claim_plan(fx.now, Some(since)).await.unwrap();
+    assert!(per_user.contains("outbox_claim"), "{per_user}");
+    assert!(per_user.contains("outbox_recipient_open"), "{per_user}");
     let join = fx.store.join_plan(fx.now).await.unwrap();
     assert!(join.contains("outbox_msgid"), "{join}");
     assert!(join.contains("inbound_events"), "{join}");
