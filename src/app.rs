@@ -32,6 +32,8 @@ pub struct Running {
     pub callback_addr: Option<SocketAddr>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if enabled.
     pub monitor_addr: Option<SocketAddr>,
+    /// Where the dashboard is served, if enabled.
+    pub dashboard_addr: Option<SocketAddr>,
     /// The daemon's clock; tests move it to turn a quota period.
     pub clock: Arc<Clock>,
     /// Puts re-read limits in force (SIGHUP).
@@ -332,7 +334,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         accounts = dispatcher.accounts.len(),
         "wechat-outbox started"
     );
+    let dashboard = if config.dashboard.enabled {
+        Some(crate::dashboard::spawn(&config, store.clone(), shutdown.clone()).await?)
+    } else {
+        None
+    };
     let callback_addr = callback.as_ref().map(|(addr, _)| *addr);
+    let dashboard_addr = dashboard.as_ref().map(|(addr, _)| *addr);
     let monitor_addr = monitor.as_ref().map(|(addr, _)| *addr);
     // The table's upkeep, each step on its own: one that fails (a value it cannot handle, a
     // lock timeout) must not keep the others from running.
@@ -359,6 +367,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let servers: Vec<_> = callback
         .into_iter()
         .chain(monitor)
+        .chain(dashboard)
         .map(|(_, task)| task)
         .collect();
     let done = tokio::spawn(async move {
@@ -373,6 +382,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     Ok(Running {
         callback_addr,
         monitor_addr,
+        dashboard_addr,
         clock,
         limits: reloader,
         done,

@@ -1,4 +1,5 @@
-//! Command line: `run`, `migrate`, `check-config`, `simulate`, `demo`.
+//! Command line: `run`, `migrate`, `check-config`, `simulate`, `demo`, `dashboard`, and the
+//! operator's `templates`, `quota`, `prune` and `report`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ pub enum Command {
     Quota(ConfigArg),
     /// Delete terminal rows and stored pushes older than retention.keep_days, now.
     Prune(ConfigArg),
+    /// Serve the dashboard alone (`[dashboard]`), sending nothing: for a machine that watches.
+    Dashboard(ConfigArg),
     /// Print a report view: status, quota, daily, errors, latency, stuck, events, refusals
     /// (docs/reports.md).
     Report(ReportArgs),

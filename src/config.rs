@@ -51,6 +51,8 @@ pub struct Config {
     #[serde(default)]
     pub monitor: MonitorSettings,
     #[serde(default)]
+    pub dashboard: DashboardSettings,
+    #[serde(default)]
     pub accounts: Vec<AccountSettings>,
 }
 
@@ -375,6 +377,68 @@ impl Default for MonitorSettings {
     }
 }
 
+/// The web dashboard (docs/dashboard.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardSettings {
+    /// Serve it, with the daemon (and with `wechat-outbox dashboard`).
+    pub enabled: bool,
+    /// Loopback by default, like the monitor endpoint.
+    pub listen: String,
+    /// Allow cancelling rows, sending failed rows again, resuming paused accounts and taking
+    /// templates out of use. Needs a password or a token.
+    pub actions: bool,
+    /// The user name basic auth asks for; written in the audit table as who acted.
+    pub user: String,
+    /// A file holding the basic-auth password (else `$CREDENTIALS_DIRECTORY/dashboard.password`).
+    pub password_file: Option<PathBuf>,
+    /// A file holding a bearer token (else `$CREDENTIALS_DIRECTORY/dashboard.token`).
+    pub token_file: Option<PathBuf>,
+    /// Show openids as `oAbc…xyz`.
+    pub mask_openids: bool,
+    /// The overview's figures (which count the whole table) are computed at most this often,
+    /// however many browsers watch.
+    pub refresh_secs: u64,
+    /// Open connections at once (the timeouts are `[callback]`'s).
+    pub max_connections: usize,
+}
+
+impl Default for DashboardSettings {
+    fn default() -> Self {
+        DashboardSettings {
+            enabled: true,
+            listen: "127.0.0.1:9480".into(),
+            actions: false,
+            user: "admin".into(),
+            password_file: None,
+            token_file: None,
+            mask_openids: false,
+            refresh_secs: 5,
+            max_connections: 64,
+        }
+    }
+}
+
+/// The dashboard's credentials, resolved from their files. Never printed.
+#[derive(Clone, Default)]
+pub struct DashboardCredentials {
+    pub password: Option<SecretString>,
+    pub token: Option<SecretString>,
+}
+
+impl std::fmt::Debug for DashboardCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DashboardCredentials")
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// A dashboard password or token shorter than this is refused: it guards actions on every
+/// account's messages.
+pub const DASHBOARD_SECRET_MIN_CHARS: usize = 16;
+
 impl Default for CallbackSettings {
     fn default() -> Self {
         CallbackSettings {
@@ -576,6 +640,11 @@ impl Config {
                 "monitor.max_connections",
                 self.monitor.max_connections as u64,
             ),
+            (
+                "dashboard.max_connections",
+                self.dashboard.max_connections as u64,
+            ),
+            ("dashboard.refresh_secs", self.dashboard.refresh_secs),
         ] {
             positive(key, value)?;
         }
@@ -620,6 +689,12 @@ impl Config {
                 MAX_CONNECTIONS,
             ),
             (
+                "dashboard.max_connections",
+                self.dashboard.max_connections as u64,
+                MAX_CONNECTIONS,
+            ),
+            ("dashboard.refresh_secs", self.dashboard.refresh_secs, 3600),
+            (
                 "callback.header_timeout_secs",
                 self.callback.header_timeout_secs,
                 MAX_TIMEOUT_SECS,
@@ -642,6 +717,7 @@ impl Config {
         for (key, listen) in [
             ("callback.listen", &self.callback.listen),
             ("monitor.listen", &self.monitor.listen),
+            ("dashboard.listen", &self.dashboard.listen),
         ] {
             listen
                 .parse::<std::net::SocketAddr>()
@@ -797,6 +873,64 @@ impl Config {
         }
     }
 
+    /// The dashboard's password and token, from their files or systemd credentials; an error
+    /// when actions are on or the address is not loopback and neither is set.
+    pub fn dashboard_credentials(&self) -> Result<DashboardCredentials> {
+        let d = &self.dashboard;
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let read = |setting: &str, file: &Option<PathBuf>, credential: &str| {
+            let file = file.clone().or_else(|| {
+                credentials
+                    .as_ref()
+                    .map(|dir| dir.join(credential))
+                    .filter(|p| p.is_file())
+            });
+            let Some(file) = file else {
+                return Ok(None);
+            };
+            let secret = read_secret(&file)
+                .with_context(|| format!("dashboard.{setting} {}", file.display()))?;
+            if secret.expose_secret().trim().chars().count() < DASHBOARD_SECRET_MIN_CHARS {
+                bail!(
+                    "dashboard.{setting} {}: must hold at least {DASHBOARD_SECRET_MIN_CHARS} characters",
+                    file.display()
+                );
+            }
+            Ok(Some(secret))
+        };
+        let found = DashboardCredentials {
+            password: read("password_file", &d.password_file, "dashboard.password")?,
+            token: read("token_file", &d.token_file, "dashboard.token")?,
+        };
+        let loopback = d
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if d.enabled
+            && (d.actions || !loopback)
+            && found.password.is_none()
+            && found.token.is_none()
+        {
+            bail!(
+                "dashboard: actions, or a listen address that is not loopback, need \
+                 dashboard.password_file or dashboard.token_file \
+                 (or $CREDENTIALS_DIRECTORY/dashboard.password)"
+            );
+        }
+        if d.user.is_empty() || d.user.contains(':') || d.user.chars().any(char::is_control) {
+            bail!("dashboard.user must be a name without ':' or control characters");
+        }
+        Ok(found)
+    }
+
+    /// The dashboard listener: its own cap, the callback's timeouts.
+    pub fn dashboard_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.dashboard.max_connections,
+            ..self.callback_limits()
+        }
+    }
+
     /// The monitor listener: its own cap, the callback's timeouts.
     pub fn monitor_limits(&self) -> ConnectionLimits {
         ConnectionLimits {
@@ -811,6 +945,7 @@ impl Config {
         let listeners = [
             (self.callback.enabled, self.callback.max_connections),
             (self.monitor.enabled, self.monitor.max_connections),
+            (self.dashboard.enabled, self.dashboard.max_connections),
         ];
         let served: u64 = listeners
             .iter()

@@ -71,6 +71,8 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         listen = "127.0.0.1:0"
         [monitor]
         listen = "127.0.0.1:0"
+        [dashboard]
+        enabled = false
         [[accounts]]
         name = "default"
         appid = "wxdemo0000000001"

@@ -14,6 +14,7 @@
 //! - [`app`]: wiring and shutdown; [`admin`]: the operator's `templates` and `quota` commands.
 //! - [`simulator`]: a WeChat stand-in for tests and staging.
 //! - [`report`]: the operators' report views, printed; [`retention`]: pruning old rows.
+//! - [`dashboard`]: the web dashboard over the same views, with audited actions.
 //! - [`demo`]: the README's first command.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod app;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod domain;
 pub mod http_server;

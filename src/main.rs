@@ -61,6 +61,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::CheckConfig(args) => {
             let config = Config::load(&args.config)?;
             let accounts = config.accounts()?;
+            config.dashboard_credentials()?;
             println!("configuration is valid");
             println!(
                 "  database: {}",
@@ -111,6 +112,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args.dir).await,
+        Command::Dashboard(args) => {
+            wechat_outbox::dashboard::serve_alone(Config::load(&args.config)?).await
+        }
         Command::Templates(args) => admin::templates(args.action).await,
         Command::Quota(args) => admin::quota(&Config::load(&args.config)?).await,
         Command::Prune(args) => {

@@ -26,6 +26,7 @@
 
 mod claim;
 mod daemons;
+mod dashboard;
 mod pacing;
 pub mod postgres;
 mod pushes;
@@ -50,6 +51,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use claim::{ClaimRequest, Claimed, CountTerms, Countable};
+pub use dashboard::{
+    ActivityCount, AuditEntry, AuditLine, JoinedEvent, MessageDetail, MessageFilter, MessageLine,
+    PAGE_ROWS, Page, Resend,
+};
 pub use postgres::PostgresStore;
 pub use pushes::{InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush};
 pub use quota::{HoldLimits, QuotaReservation};
@@ -254,6 +259,20 @@ where
         Option<Time>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     {
         self.get::<Option<Time>>(column).map(|t| t.0)
+    }
+
+    /// A text column as text where the driver reads it so, else as bytes (text that is not
+    /// UTF-8 shown with replacement characters and noted): for reading what to show, on both
+    /// backends.
+    pub fn shown_text(&mut self, column: &str) -> Option<String>
+    where
+        Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        match self.row.try_get::<Option<String>, _>(column) {
+            Ok(text) => text,
+            Err(_) => self.text(column),
+        }
     }
 
     /// An app-written text column read as bytes, so that text that is not UTF-8 fails its row.

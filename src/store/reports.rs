@@ -110,7 +110,7 @@ impl Store {
 
 /// Turns rows of any shape into JSON values, trying the types the report views produce. `T`
 /// reads times (see each dialect's `ViewTime`).
-fn view_rows<R, T>(rows: &[R]) -> ViewRows
+pub(super) fn view_rows<R, T>(rows: &[R]) -> ViewRows
 where
     R: sqlx::Row,
     T: Into<DateTime<Utc>>,

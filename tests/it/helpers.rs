@@ -311,6 +311,9 @@ fn config_toml(backend: Backend, url: &str, api_base: &str, extra: &str) -> Stri
             listen = "127.0.0.1:0"
             [monitor]
             listen = "127.0.0.1:0"
+            [dashboard]
+            listen = "127.0.0.1:0"
+            refresh_secs = 1
             [[accounts]]
             name = "default"
             appid = "wxtest0000000001"
@@ -412,6 +415,8 @@ pub struct Daemon {
     pub callback: SocketAddr,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub monitor: SocketAddr,
+    /// Where the dashboard is served, if enabled.
+    pub dashboard: Option<SocketAddr>,
     /// Its clock, which a test may move (to turn a quota period).
     pub clock: Arc<wechat_outbox::domain::clock::Clock>,
 }
@@ -427,6 +432,7 @@ impl Daemon {
         let clock = running.clock.clone();
         Daemon {
             stop,
+            dashboard: running.dashboard_addr,
             task: tokio::spawn(running.wait()),
             callback,
             monitor,

@@ -5,6 +5,8 @@
 //! reach a server where the user may create databases. Tests never skip when it is down.
 
 mod bench_smoke;
+mod browser;
+mod dashboard;
 mod delivery;
 mod faults;
 mod helpers;

@@ -106,6 +106,8 @@ impl<'a> Run<'a> {
             enabled = false
             [monitor]
             listen = "{monitor}"
+            [dashboard]
+            enabled = false
             [[accounts]]
             name = "default"
             appid = "wxbench000000001"

@@ -1,0 +1,321 @@
+//! Who may see and act: basic auth or a bearer token (required whenever one is configured,
+//! and the configuration requires one for actions or an address that is not loopback), a CSRF
+//! token on every form, and headers that keep the pages from running anything but our script.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+use sha1::Digest;
+
+use super::Dashboard;
+use crate::config::DashboardCredentials;
+
+/// A form is a few fields; anything larger is refused before it is read.
+pub const MAX_FORM_BYTES: usize = 64 * 1024;
+/// Failed logins allowed per window; beyond, every login is refused until the window ends.
+const FAILURES_PER_WINDOW: u32 = 20;
+const FAILURE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Page content may come only from the dashboard: an app's `<script>` that escaping missed
+/// would still not run.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+     base-uri 'none'";
+
+/// The credentials and the CSRF token of this process.
+pub struct Access {
+    user: String,
+    credentials: DashboardCredentials,
+    /// Random per process: a form rendered before a restart is refused after it.
+    csrf: String,
+    failures: Mutex<(Instant, u32)>,
+}
+
+/// Who made a request: the configured user, `token`, or `anyone` when no login is set.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    /// By bearer token: no browser sends one by itself, so no CSRF token is asked for.
+    by_token: bool,
+}
+
+impl Access {
+    pub fn new(user: &str, credentials: DashboardCredentials) -> Result<Access> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| anyhow::anyhow!("no randomness for the dashboard's CSRF token: {e}"))?;
+        Ok(Access {
+            user: user.to_string(),
+            credentials,
+            csrf: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            failures: Mutex::new((Instant::now(), 0)),
+        })
+    }
+
+    pub fn csrf_token(&self) -> &str {
+        &self.csrf
+    }
+
+    fn required(&self) -> bool {
+        self.credentials.password.is_some() || self.credentials.token.is_some()
+    }
+
+    /// Who the `Authorization` header names, if it holds a configured credential.
+    fn authenticate(&self, headers: &HeaderMap) -> Option<Actor> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, rest) = value.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let token = self.credentials.token.as_ref()?;
+            return same_secret(rest.trim(), token).then(|| Actor {
+                name: "token".into(),
+                by_token: true,
+            });
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let password = self.credentials.password.as_ref()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (user, given) = decoded.split_once(':')?;
+        (same_secret(user, &SecretString::from(self.user.clone())) & same_secret(given, password))
+            .then(|| Actor {
+                name: self.user.clone(),
+                by_token: false,
+            })
+    }
+
+    /// Counts a failed login; false once the window's allowance is spent.
+    fn allow_attempt(&self, failed: bool) -> bool {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.0.elapsed() > FAILURE_WINDOW {
+            *failures = (Instant::now(), 0);
+        }
+        if failed {
+            failures.1 = failures.1.saturating_add(1);
+        }
+        failures.1 <= FAILURES_PER_WINDOW
+    }
+}
+
+/// Compares without an early exit on the first differing byte: the digests of both sides,
+/// every byte of them.
+fn same_secret(given: &str, expected: &SecretString) -> bool {
+    let a = sha1::Sha1::digest(given.as_bytes());
+    let b = sha1::Sha1::digest(expected.expose_secret().as_bytes());
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Every request: login when one is required, the CSRF token and origin on every POST, and
+/// the security headers on every answer.
+pub async fn guard(
+    State(dashboard): State<Arc<Dashboard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let access = &dashboard.access;
+    let actor = if access.required() {
+        if !access.allow_attempt(false) {
+            return refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins; wait a few seconds",
+            );
+        }
+        match access.authenticate(request.headers()) {
+            Some(actor) => actor,
+            None => {
+                let attempted = request.headers().contains_key(header::AUTHORIZATION);
+                if attempted && !access.allow_attempt(true) {
+                    tracing::warn!(
+                        "dashboard: failed logins over the limit; refusing logins for a few seconds"
+                    );
+                }
+                let mut response = refused(StatusCode::UNAUTHORIZED, "login required");
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"wechat-outbox\", charset=\"UTF-8\""),
+                );
+                return response;
+            }
+        }
+    } else {
+        Actor {
+            name: "anyone".into(),
+            by_token: false,
+        }
+    };
+    let request = if request.method() == Method::POST {
+        match checked_post(access, &actor, request).await {
+            Ok(request) => request,
+            Err(response) => return response,
+        }
+    } else {
+        request
+    };
+    let mut request = request;
+    request.extensions_mut().insert(actor);
+    let mut response = next.run(request).await;
+    secure(response.headers_mut());
+    response
+}
+
+/// A POST passes with a form whose `csrf` field is this process's token, from a page of this
+/// dashboard (Origin, when the browser sends it, names the same host). The body is read here
+/// (it is small) and handed on.
+async fn checked_post(
+    access: &Access,
+    actor: &Actor,
+    request: Request,
+) -> Result<Request, Response> {
+    if actor.by_token {
+        return Ok(request);
+    }
+    let headers = request.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let origin_host = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .map(|(_, host)| host);
+        if host.is_none() || origin_host != host {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "the form came from another site",
+            ));
+        }
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|s| s != "same-origin" && s != "none")
+    {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "the form came from another site",
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
+        return Err(refused(StatusCode::PAYLOAD_TOO_LARGE, "form too large"));
+    };
+    let token = form_urlencoded::parse(&bytes)
+        .find(|(key, _)| key == "csrf")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    if !same_secret(&token, &SecretString::from(access.csrf.clone())) {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "the form's CSRF token is missing or out of date: reload the page and try again",
+        ));
+    }
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+fn refused(status: StatusCode, why: &'static str) -> Response {
+    let mut response = (status, format!("{why}\n")).into_response();
+    secure(response.headers_mut());
+    response
+}
+
+fn secure(headers: &mut HeaderMap) {
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        // Not `no-referrer`: with it a browser sends `Origin: null` on the forms' POSTs.
+        (header::REFERRER_POLICY, "same-origin"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(password: Option<&str>, token: Option<&str>) -> Access {
+        Access::new(
+            "ops",
+            DashboardCredentials {
+                password: password.map(|p| SecretString::from(p.to_string())),
+                token: token.map(|t| SecretString::from(t.to_string())),
+            },
+        )
+        .unwrap()
+    }
+
+    fn with(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    fn basic(user: &str, password: &str) -> String {
+        let pair = format!("{user}:{password}");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    }
+
+    #[test]
+    fn basic_auth_needs_the_user_and_the_password() {
+        let a = access(Some("correct horse battery"), None);
+        assert_eq!(
+            a.authenticate(&with(&basic("ops", "correct horse battery")))
+                .map(|a| a.name),
+            Some("ops".into())
+        );
+        for wrong in [
+            basic("ops", "correct horse batter"),
+            basic("root", "correct horse battery"),
+            basic("ops", ""),
+            "Basic !!!".into(),
+            "Bearer correct horse battery".into(),
+        ] {
+            assert!(a.authenticate(&with(&wrong)).is_none(), "{wrong}");
+        }
+    }
+
+    #[test]
+    fn a_bearer_token_is_its_own_actor() {
+        let a = access(None, Some("a-token-of-sixteen+"));
+        let actor = a.authenticate(&with("Bearer a-token-of-sixteen+")).unwrap();
+        assert!(actor.by_token && actor.name == "token");
+        assert!(
+            a.authenticate(&with(&basic("ops", "a-token-of-sixteen+")))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn failed_logins_beyond_the_allowance_are_refused() {
+        let a = access(Some("correct horse battery"), None);
+        for _ in 0..FAILURES_PER_WINDOW {
+            assert!(a.allow_attempt(true));
+        }
+        assert!(!a.allow_attempt(true));
+        assert!(!a.allow_attempt(false), "the right password waits too");
+    }
+
+    #[test]
+    fn each_process_has_its_own_csrf_token() {
+        let (a, b) = (access(None, None), access(None, None));
+        assert_eq!(a.csrf_token().len(), 64);
+        assert_ne!(a.csrf_token(), b.csrf_token());
+    }
+}

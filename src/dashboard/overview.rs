@@ -1,0 +1,147 @@
+//! The overview's figures. Counting rows by status and the last day's sends reads the whole
+//! table, so they are computed at most every `refresh_secs` and shared by every browser: a
+//! page is answered from the last figures while newer ones are computed (and waits only for
+//! the very first).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::store::{ActivityCount, RowCount, Store, StoreResult, ViewRows};
+
+/// Everything the overview shows, as of `at`.
+pub struct Figures {
+    pub at: DateTime<Utc>,
+    pub counts: Vec<RowCount>,
+    /// The last day, per minute.
+    pub activity: Vec<ActivityCount>,
+    pub quota: ViewRows,
+    pub pauses: ViewRows,
+    pub limits: ViewRows,
+    pub templates_in_use: ViewRows,
+    pub stuck: ViewRows,
+    pub events: ViewRows,
+}
+
+/// Stuck rows the overview lists (the count is exact).
+pub const STUCK_SHOWN: i64 = 20;
+
+impl Figures {
+    async fn read(store: &Store) -> StoreResult<Figures> {
+        let now = Utc::now();
+        let since = now - chrono::Duration::days(1);
+        Ok(Figures {
+            at: now,
+            counts: store.row_counts().await?,
+            activity: store.activity_since(since).await?,
+            quota: store
+                .read_query(
+                    "SELECT account, template_id, month_used, month_limit, month_remaining,
+                            month_exhausted_on, day_used, day_limit, wechat_day_used,
+                            wechat_day_limit
+                     FROM report_quota ORDER BY account, template_id",
+                    1_000,
+                )
+                .await?,
+            pauses: store
+                .read_query(
+                    "SELECT account, paused_until, errcode, reason FROM account_pauses
+                     ORDER BY account",
+                    1_000,
+                )
+                .await?,
+            limits: store
+                .read_query(
+                    "SELECT account, active_templates, daily_per_account, rate_per_second
+                     FROM account_limits ORDER BY account",
+                    1_000,
+                )
+                .await?,
+            templates_in_use: store
+                .read_query(
+                    "SELECT account, COUNT(*) AS in_use FROM templates WHERE in_use
+                     GROUP BY account ORDER BY account",
+                    1_000,
+                )
+                .await?,
+            stuck: store
+                .read_query(
+                    "SELECT id, account, template_id, status, why, since,
+                            COUNT(*) OVER () AS total
+                     FROM report_stuck ORDER BY since, id",
+                    STUCK_SHOWN,
+                )
+                .await?,
+            events: store
+                .read_query(
+                    "SELECT account, state, problem, event_count, last_received
+                     FROM report_events WHERE state <> 'joined' ORDER BY account, state",
+                    100,
+                )
+                .await?,
+        })
+    }
+}
+
+/// The last figures and when they were read.
+pub struct Cache {
+    every: Duration,
+    last: Mutex<Option<(Instant, Arc<Figures>)>>,
+    /// Held while figures are read: one reading at a time.
+    reading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Cache {
+    pub fn new(every: Duration) -> Cache {
+        Cache {
+            every,
+            last: Mutex::new(None),
+            reading: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn last(&self) -> Option<(Instant, Arc<Figures>)> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The figures, read now if there are none or they are older than `every` and nobody is
+    /// reading them already; otherwise the last ones while a reading runs in the background.
+    pub async fn figures(self: &Arc<Self>, store: &Store) -> StoreResult<Arc<Figures>> {
+        match self.last() {
+            Some((at, figures)) if at.elapsed() < self.every => Ok(figures),
+            Some((_, figures)) => {
+                if let Ok(reading) = self.reading.clone().try_lock_owned() {
+                    let (cache, store) = (self.clone(), store.clone());
+                    tokio::spawn(async move {
+                        let _reading = reading;
+                        match Figures::read(&store).await {
+                            Ok(new) => {
+                                cache.keep(new);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "dashboard: cannot read the overview's figures")
+                            }
+                        }
+                    });
+                }
+                Ok(figures)
+            }
+            None => {
+                let _reading = self.reading.lock().await;
+                if let Some((_, figures)) = self.last() {
+                    return Ok(figures);
+                }
+                let figures = Figures::read(store).await?;
+                Ok(self.keep(figures))
+            }
+        }
+    }
+
+    fn keep(&self, figures: Figures) -> Arc<Figures> {
+        let figures = Arc::new(figures);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), figures.clone()));
+        figures
+    }
+}

@@ -1,0 +1,579 @@
+//! The dashboard (docs/dashboard.md) in a real headless Chromium on both backends: pages load
+//! with real data, filters narrow the list, actions change rows and write the audit, a hostile
+//! row's `<script>` does not run; and over plain HTTP: an action without its CSRF token, from
+//! another site or without credentials is refused and changes nothing.
+
+use std::time::Duration;
+
+use crate::browser::{self, Browser};
+use crate::helpers::{Backend, Daemon, Sim, TestDb};
+use crate::on_both_backends;
+use wechat_outbox::store::{AuditEntry, MessageFilter, Resend, Store};
+
+const PASSWORD: &str = "a dashboard password of some length";
+
+/// A daemon with the dashboard's actions on, behind a password in a file.
+async fn daemon_with_actions(db: &TestDb, sim: &Sim, dir: &tempfile::TempDir) -> (Daemon, String) {
+    let file = dir.path().join("dashboard.password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let daemon = Daemon::start(db.config(
+        &sim.url(),
+        &format!(
+            "[dashboard]\nactions = true\nuser = \"ops\"\npassword_file = \"{}\"",
+            file.display()
+        ),
+    ))
+    .await;
+    let addr = daemon.dashboard.expect("dashboard enabled");
+    (
+        daemon,
+        format!("http://ops:{}@{addr}", PASSWORD.replace(' ', "%20")),
+    )
+}
+
+/// Rows of every kind the pages show: sent, failed by WeChat, failed for broken JSON, hostile,
+/// and (inserted after the rest settled) rows waiting for later.
+async fn insert_rows(db: &TestDb) {
+    db.app
+        .exec(
+            "INSERT INTO outbox (touser, template_id, data) VALUES
+             ('oDashUser0001', 'TNOTICE', '{\"first\":\"one\"}'),
+             ('oDashUser0001', 'TNOTICE', '{\"first\":\"two\"}'),
+             ('oDashUser0002', 'TNOTICE', '{\"first\":\"three\"}'),
+             ('o_unfollowed_03', 'TNOTICE', '{\"first\":\"not a follower\"}'),
+             ('oDashUser0004', 'TNOTICE', 'not json'),
+             ('<img src=x onerror=\"window.pwned=2\">', 'THOSTILE',
+              '{\"first\":\"<script>window.pwned=1</script>\"}')",
+        )
+        .await
+        .unwrap();
+    db.app.wait_settled(Duration::from_secs(30)).await;
+    let later = db.app.now_plus(3600);
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data, send_after) VALUES
+             ('oDashLater01', 'TBULK', '{{\"first\":\"a\"}}', {later}),
+             ('oDashLater02', 'TBULK', '{{\"first\":\"b\"}}', {later}),
+             ('oDashLater03', 'TBULK', '{{\"first\":\"c\"}}', {later}),
+             ('oDashLater04', 'TONE', '{{\"first\":\"d\"}}', {later})"
+        ))
+        .await
+        .unwrap();
+}
+
+/// The id of the test's one row to `touser`.
+async fn id_of(db: &TestDb, touser: &str) -> i64 {
+    let ids: Vec<i64> = db
+        .app
+        .rows()
+        .await
+        .iter()
+        .filter(|r| r.touser.as_deref() == Some(touser))
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids.len(), 1, "one row to {touser}");
+    ids[0]
+}
+
+async fn in_a_browser(backend: Backend) {
+    if !browser::available() {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, base) = daemon_with_actions(&db, &sim, &dir).await;
+    insert_rows(&db).await;
+    let b = Browser::start().await;
+    let shots = backend == Backend::Sqlite;
+
+    // Overview: the account's counts are the table's.
+    b.goto(&format!("{base}/")).await;
+    let sent = db.app.count("status IN ('sent', 'delivered')").await;
+    let failed = db.app.count("status = 'failed'").await;
+    let statuses: Vec<(Option<String>, String)> = db
+        .app
+        .rows()
+        .await
+        .into_iter()
+        .map(|r| (r.touser, r.status))
+        .collect();
+    assert_eq!(failed, 3, "{statuses:?}");
+    let shown = |status: &'static str| {
+        let b = &b;
+        async move {
+            b.text(&format!(
+                "section[data-account='default'] [data-status='{status}']"
+            ))
+            .await
+        }
+    };
+    assert_eq!(shown("failed").await, failed.to_string());
+    let shown_sent: i64 = shown("sent").await.parse::<i64>().unwrap()
+        + b.eval("const n = document.querySelector(\"[data-status='delivered']\"); return n ? Number(n.textContent) : 0;")
+            .await
+            .as_i64()
+            .unwrap();
+    assert_eq!(shown_sent, sent);
+    assert_eq!(b.count("svg.chart").await, 2, "two charts for the account");
+    if shots {
+        b.screenshot("overview").await;
+    }
+
+    // Messages: every row, then the filters narrow the list.
+    b.goto(&format!("{base}/messages")).await;
+    assert_eq!(b.count("#messages tbody tr").await, 10);
+    b.fill("openid", "oDashUser0001").await;
+    b.click("#apply").await;
+    b.find("#messages").await;
+    assert_eq!(b.count("#messages tbody tr").await, 2, "{}", b.path().await);
+    assert!(b.path().await.contains("openid=oDashUser0001"));
+    b.goto(&format!("{base}/messages")).await;
+    b.choose("status", "failed").await;
+    b.click("#apply").await;
+    b.find("#messages").await;
+    assert_eq!(b.count("#messages tbody tr").await, 3);
+    b.goto(&format!("{base}/messages?errcode=43004")).await;
+    assert_eq!(b.count("#messages tbody tr").await, 1);
+    b.goto(&format!("{base}/messages?errcode=oops&template=TBULK"))
+        .await;
+    assert_eq!(
+        b.count("#messages tbody tr").await,
+        3,
+        "a bad errcode is named and ignored"
+    );
+    assert!(b.text(".alert").await.contains("errcode oops"));
+    if shots {
+        b.screenshot("messages").await;
+    }
+
+    // A hostile row shows as text; its script does not run.
+    let hostile = id_of(&db, "<img src=x onerror=\"window.pwned=2\">").await;
+    b.goto(&format!("{base}/messages/{hostile}")).await;
+    assert!(
+        b.text("#data")
+            .await
+            .contains("<script>window.pwned=1</script>")
+    );
+    b.goto(&format!("{base}/messages?template=THOSTILE")).await;
+    assert!(b.text("#messages").await.contains("<img src=x onerror="));
+    assert_eq!(b.eval("return typeof window.pwned;").await, "undefined");
+    let injected = b.count("main script, main img").await;
+    assert_eq!(injected, 0, "no element came from the row");
+
+    // One message's story, and an action: cancel it.
+    let later = id_of(&db, "oDashLater04").await;
+    b.goto(&format!("{base}/messages/{later}")).await;
+    assert!(
+        b.text("#timeline")
+            .await
+            .contains("inserted for oDashLater04")
+    );
+    if shots {
+        b.screenshot("message").await;
+    }
+    b.click("#cancel").await;
+    b.find("#status").await;
+    assert_eq!(b.text("#status").await, "cancelled");
+    assert_eq!(
+        db.app
+            .count(&format!("id = {later} AND status = 'cancelled'"))
+            .await,
+        1
+    );
+    assert!(b.text("#timeline").await.contains("cancel by ops"));
+
+    // Cancel all that match a filter, with the count to confirm.
+    b.goto(&format!("{base}/messages?template=TBULK")).await;
+    b.click("#cancel-matching").await;
+    assert_eq!(b.text("#count").await, "3");
+    if shots {
+        b.screenshot("confirm-cancel").await;
+    }
+    b.click("#confirm").await;
+    b.find("#audit").await;
+    assert_eq!(b.path().await, "/audit");
+    assert_eq!(
+        db.app
+            .count("template_id = 'TBULK' AND status = 'cancelled'")
+            .await,
+        3
+    );
+    assert_eq!(
+        db.app
+            .count_in(
+                "dashboard_audit",
+                "action = 'cancel_matching' AND row_count = 3 AND actor = 'ops'"
+            )
+            .await,
+        1
+    );
+    assert!(b.text("#audit").await.contains("cancel_matching"));
+    if shots {
+        b.screenshot("audit").await;
+    }
+
+    // Send again a row WeChat refused: a new row with a new client_msg_id, linked, once.
+    let refused = id_of(&db, "o_unfollowed_03").await;
+    b.goto(&format!("{base}/messages/{refused}")).await;
+    b.click("#resend").await;
+    b.find("#timeline").await;
+    let new_path = b.path().await;
+    let new_id: i64 = new_path.trim_start_matches("/messages/").parse().unwrap();
+    assert_ne!(new_id, refused);
+    assert!(
+        b.text("#timeline")
+            .await
+            .contains(&format!("sending #{refused} again"))
+    );
+    assert_eq!(db.app.count("touser = 'o_unfollowed_03'").await, 2);
+    assert_eq!(
+        db.app
+            .count_in(
+                "dashboard_audit",
+                &format!(
+                    "action = 'resend' AND outbox_id = {refused} AND new_outbox_id = {new_id}"
+                )
+            )
+            .await,
+        1
+    );
+    b.goto(&format!("{base}/messages/{refused}")).await;
+    assert_eq!(b.count("#resend").await, 0, "sent again once only");
+
+    // The other pages load with their data.
+    b.goto(&format!("{base}/errors")).await;
+    assert!(b.text("main").await.contains("43004"));
+    if shots {
+        b.screenshot("errors").await;
+    }
+    b.goto(&format!("{base}/templates")).await;
+    b.find("main").await;
+    if shots {
+        b.screenshot("templates").await;
+    }
+    b.goto(&format!("{base}/held")).await;
+    b.find("main").await;
+
+    b.close().await;
+    daemon.stop().await;
+}
+on_both_backends!(in_a_browser);
+
+/// Actions are refused without the CSRF token, from another site, or without credentials; the
+/// row stays as it was. Read-only by default: no action routes at all.
+async fn actions_are_guarded(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, _) = daemon_with_actions(&db, &sim, &dir).await;
+    let addr = daemon.dashboard.unwrap();
+    let later = db.app.now_plus(3600);
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data, send_after)
+             VALUES ('oGuarded0001', 'TNOTICE', '{{\"first\":\"x\"}}', {later})"
+        ))
+        .await
+        .unwrap();
+    let id = db.app.rows().await[0].id;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = http
+        .get(format!("http://{addr}/messages/{id}"))
+        .basic_auth("ops", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    let body = page.text().await.unwrap();
+    let token = body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("the page carries a CSRF token: {body}"))
+        .to_string();
+    let post = |form: Vec<(&'static str, String)>,
+                auth: Option<&'static str>,
+                origin: Option<&'static str>| {
+        let mut body = form_urlencoded::Serializer::new(String::new());
+        for (key, value) in &form {
+            body.append_pair(key, value);
+        }
+        let mut request = http
+            .post(format!("http://{addr}/actions/cancel"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.finish());
+        if let Some(password) = auth {
+            request = request.basic_auth("ops", Some(password));
+        }
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let id_field = ("id", id.to_string());
+    for (what, form, auth, origin, expected) in [
+        (
+            "no token",
+            vec![id_field.clone()],
+            Some(PASSWORD),
+            None,
+            403,
+        ),
+        (
+            "a wrong token",
+            vec![id_field.clone(), ("csrf", "0".repeat(64))],
+            Some(PASSWORD),
+            None,
+            403,
+        ),
+        (
+            "another site",
+            vec![id_field.clone(), ("csrf", token.clone())],
+            Some(PASSWORD),
+            Some("http://evil.example"),
+            403,
+        ),
+        (
+            "no credentials",
+            vec![id_field.clone(), ("csrf", token.clone())],
+            None,
+            None,
+            401,
+        ),
+        (
+            "a wrong password",
+            vec![id_field.clone(), ("csrf", token.clone())],
+            Some("not the password at all"),
+            None,
+            401,
+        ),
+    ] {
+        let answer = post(form, auth, origin).await.unwrap();
+        assert_eq!(answer.status().as_u16(), expected, "{what}");
+        assert_eq!(
+            db.app
+                .count(&format!("id = {id} AND status = 'pending'"))
+                .await,
+            1,
+            "{what}"
+        );
+    }
+    assert_eq!(db.app.count_in("dashboard_audit", "1 = 1").await, 0);
+    // With everything right, the same request cancels.
+    let answer = post(vec![id_field, ("csrf", token)], Some(PASSWORD), None)
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 303);
+    assert_eq!(
+        db.app
+            .count(&format!("id = {id} AND status = 'cancelled'"))
+            .await,
+        1
+    );
+    assert_eq!(
+        db.app
+            .count_in("dashboard_audit", "action = 'cancel' AND actor = 'ops'")
+            .await,
+        1
+    );
+    daemon.stop().await;
+
+    // The default: read-only on loopback, no login, no action routes, no buttons.
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
+    let addr = daemon.dashboard.unwrap();
+    let page = http
+        .get(format!("http://{addr}/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(!page.text().await.unwrap().contains("name=\"csrf\""));
+    let answer = http
+        .post(format!("http://{addr}/actions/cancel"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("id={id}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer.status().as_u16(), 403..=405),
+        "{}",
+        answer.status()
+    );
+    assert_eq!(
+        db.app
+            .count(&format!("id = {id} AND status = 'cancelled'"))
+            .await,
+        1
+    );
+    daemon.stop().await;
+}
+on_both_backends!(actions_are_guarded);
+
+/// Eight operators send the same failed row again at once: one new row, the others told so.
+async fn a_row_is_sent_again_once_however_many_click(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(Default::default()).await;
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
+    db.app
+        .exec(
+            "INSERT INTO outbox (touser, template_id, data)
+             VALUES ('o_unfollowed_05', 'TNOTICE', '{\"first\":\"x\"}')",
+        )
+        .await
+        .unwrap();
+    db.app.wait_settled(Duration::from_secs(30)).await;
+    let id = id_of(&db, "o_unfollowed_05").await;
+    let config = db.config(&sim.url(), "");
+    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let clicks = (0..8).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let audit = AuditEntry {
+                actor: format!("operator {i}"),
+                action: "resend",
+                ..AuditEntry::default()
+            };
+            store
+                .resend_row(id, audit, chrono::Utc::now())
+                .await
+                .unwrap()
+        })
+    });
+    let mut created = Vec::new();
+    let mut told = Vec::new();
+    for click in clicks.collect::<Vec<_>>() {
+        match click.await.unwrap() {
+            Resend::Created(new) => created.push(new),
+            Resend::AlreadyResent(new) => told.push(new),
+            Resend::NotEligible => panic!("a failed row is eligible"),
+        }
+    }
+    assert_eq!(created.len(), 1, "{created:?} {told:?}");
+    assert!(told.iter().all(|new| *new == created[0]), "{told:?}");
+    assert_eq!(db.app.count("touser = 'o_unfollowed_05'").await, 2);
+    assert_eq!(
+        db.app
+            .count_in("dashboard_audit", "action = 'resend'")
+            .await,
+        1
+    );
+    // A row WeChat accepted is never sent again.
+    db.app
+        .exec(
+            "INSERT INTO outbox (touser, template_id, data)
+             VALUES ('oSentRow0001', 'TNOTICE', '{\"first\":\"x\"}')",
+        )
+        .await
+        .unwrap();
+    db.app.wait_settled(Duration::from_secs(30)).await;
+    let sent = id_of(&db, "oSentRow0001").await;
+    let audit = AuditEntry {
+        actor: "ops".into(),
+        action: "resend",
+        ..AuditEntry::default()
+    };
+    let again = store.resend_row(sent, audit, chrono::Utc::now()).await;
+    assert_eq!(again.unwrap(), Resend::NotEligible);
+    assert_eq!(db.app.count("touser = 'oSentRow0001'").await, 1);
+    store.close().await;
+    daemon.stop().await;
+}
+on_both_backends!(a_row_is_sent_again_once_however_many_click);
+
+/// A cancel by filter takes the rows counted on the confirm page and none inserted since, and
+/// only waiting rows.
+async fn a_cancel_by_filter_takes_only_what_was_counted(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(Default::default()).await;
+    let config = db.config(&sim.url(), "");
+    wechat_outbox::app::migrate(&config).await.unwrap();
+    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let later = db.app.now_plus(3600);
+    let insert = |touser: &'static str, template: &'static str| {
+        let later = later.clone();
+        let db = &db;
+        async move {
+            db.app
+                .exec(&format!(
+                    "INSERT INTO outbox (touser, template_id, data, send_after)
+                     VALUES ('{touser}', '{template}', '{{\"first\":\"x\"}}', {later})"
+                ))
+                .await
+                .unwrap()
+        }
+    };
+    for touser in ["oBulk00001", "oBulk00002", "oBulk00003"] {
+        insert(touser, "TBULK").await;
+    }
+    insert("oOther0001", "TOTHER").await;
+    db.app
+        .exec("UPDATE outbox SET status = 'failed' WHERE touser = 'oBulk00003'")
+        .await
+        .unwrap();
+    let filter = MessageFilter {
+        template_id: Some("TBULK".into()),
+        ..MessageFilter::default()
+    };
+    let up_to = store.newest_id().await.unwrap();
+    assert_eq!(store.count_cancellable(&filter, up_to).await.unwrap(), 2);
+    insert("oBulk00004", "TBULK").await;
+    let audit = AuditEntry {
+        actor: "ops".into(),
+        action: "cancel_matching",
+        ..AuditEntry::default()
+    };
+    let cancelled = store
+        .cancel_rows(
+            &filter,
+            None,
+            up_to,
+            "cancelled by a test",
+            audit,
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled, 2);
+    assert_eq!(db.app.count("status = 'cancelled'").await, 2);
+    assert_eq!(
+        db.app
+            .count("status = 'pending' AND touser IN ('oBulk00004', 'oOther0001')")
+            .await,
+        2,
+        "a later row and another template's row wait on"
+    );
+    assert_eq!(
+        db.app
+            .count("touser = 'oBulk00003' AND status = 'failed'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.app
+            .count("status = 'cancelled' AND last_error = 'cancelled by a test'")
+            .await,
+        2
+    );
+    assert_eq!(
+        db.app
+            .count_in(
+                "dashboard_audit",
+                "action = 'cancel_matching' AND row_count = 2"
+            )
+            .await,
+        1
+    );
+    store.close().await;
+}
+on_both_backends!(a_cancel_by_filter_takes_only_what_was_counted);
