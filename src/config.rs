@@ -1020,6 +1020,62 @@ mod tests {
     "#;
 
     #[test]
+    fn the_dashboard_needs_a_password_for_actions_or_an_open_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |extra: &str| {
+            Config::from_toml(&format!("{MINIMAL}\n[dashboard]\n{extra}"))
+                .unwrap()
+                .dashboard_credentials()
+        };
+        assert!(
+            with("").unwrap().password.is_none(),
+            "loopback, read-only: open"
+        );
+        for needs in ["actions = true", "listen = \"0.0.0.0:9480\""] {
+            let error = format!("{:#}", with(needs).unwrap_err());
+            assert!(
+                error.contains("dashboard.password_file"),
+                "{needs}: {error}"
+            );
+        }
+        assert!(with("enabled = false\nlisten = \"0.0.0.0:9480\"").is_ok());
+        let short = dir.path().join("short");
+        std::fs::write(&short, "too short\n").unwrap();
+        let error = format!(
+            "{:#}",
+            with(&format!(
+                "actions = true\npassword_file = \"{}\"",
+                short.display()
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            error.contains("at least 16") && !error.contains("too short"),
+            "{error}"
+        );
+        let good = dir.path().join("good");
+        std::fs::write(&good, "a long enough dashboard password\n").unwrap();
+        let credentials = with(&format!(
+            "actions = true\nlisten = \"0.0.0.0:9480\"\npassword_file = \"{}\"",
+            good.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            credentials.password.as_ref().unwrap().expose_secret(),
+            "a long enough dashboard password"
+        );
+        let shown = format!("{credentials:?}");
+        assert!(
+            !shown.contains("long enough") && shown.contains("redacted"),
+            "{shown}"
+        );
+        assert!(
+            with("user = \"a:b\"").is_err(),
+            "a user name with ':' cannot log in"
+        );
+    }
+
+    #[test]
     fn defaults_fill_everything_but_the_database_and_accounts() {
         let config = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(config.workers.concurrency, 64);

@@ -577,3 +577,59 @@ async fn a_cancel_by_filter_takes_only_what_was_counted(backend: Backend) {
     store.close().await;
 }
 on_both_backends!(a_cancel_by_filter_takes_only_what_was_counted);
+
+/// `wechat-outbox dashboard` serves the pages alone, sending nothing, and refuses to start
+/// with actions on and no password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_command_serves_without_sending() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let sim = Sim::start(Default::default()).await;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let toml = db.config_toml(
+        &sim.url(),
+        &format!("[dashboard]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let mut refused = crate::helpers::Process::start(
+        &db.config_toml(&sim.url(), "[dashboard]\nactions = true"),
+        &["dashboard"],
+    );
+    assert!(!refused.wait_exit(Duration::from_secs(30)).await.success());
+    assert!(
+        refused.stderr().contains("dashboard.password_file"),
+        "{}",
+        refused.stderr()
+    );
+    let mut process = crate::helpers::Process::start(&toml, &["dashboard"]);
+    db.app
+        .exec("INSERT INTO outbox (touser, template_id, data) VALUES ('oAlone00001', 'TNOTICE', '{\"first\":\"x\"}')")
+        .await
+        .ok();
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        match http
+            .get(format!("http://127.0.0.1:{port}/messages"))
+            .send()
+            .await
+        {
+            Ok(page) => break page.text().await.unwrap(),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("no dashboard: {e}; {}", process.stderr()),
+        }
+    };
+    assert!(page.contains("oAlone00001"), "{page}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        db.app.count("status = 'pending'").await,
+        1,
+        "nothing is sent"
+    );
+    assert_eq!(sim.sim.stats().send_requests, 0);
+    process.signal("TERM");
+    assert!(process.wait_exit(Duration::from_secs(30)).await.success());
+}
