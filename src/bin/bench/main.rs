@@ -8,6 +8,7 @@
 //! `cargo run --release --bin bench -- --help`
 #![forbid(unsafe_code)]
 
+mod dashboard;
 mod db;
 mod host;
 mod peer;
@@ -88,6 +89,9 @@ pub struct Args {
     /// The peer kit (its README says what it installs).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/peers"))]
     pub peer_kit: PathBuf,
+    /// Only the dashboard's answer times, with this many rows in the table (say 1000000).
+    #[arg(long, default_value_t = 0)]
+    pub dashboard_rows: u64,
     /// Internal: run the daemon with this config (the benchmark starts itself this way).
     #[arg(long, hide = true)]
     pub daemon: Option<PathBuf>,
@@ -136,6 +140,12 @@ async fn bench(args: Args) -> Result<()> {
     }
     if args.peer {
         return peer::side_by_side(&args, &backends).await;
+    }
+    if args.dashboard_rows > 0 {
+        for backend in backends {
+            dashboard::dashboard(&args, backend, args.dashboard_rows).await?;
+        }
+        return Ok(());
     }
     let stand_in = |settings: SimSettings| match &args.api_url {
         Some(url) => StandIn::External(url.clone()),
