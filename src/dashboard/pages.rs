@@ -592,9 +592,25 @@ async fn message_page(
                 .into(),
         ));
     }
-    if l.attempts > 0 || l.last_error.is_some() {
+    let attempts = d.store.attempts_of_row(id).await?;
+    for a in &attempts {
+        let mut what = format!("attempt ended {}", cell(&a.status));
+        if let Some(code) = a.errcode {
+            what.push_str(&format!(
+                ": errcode {code} ({})",
+                errcode_meaning(Some(code))
+            ));
+        }
+        if let Some(e) = &a.error {
+            what.push_str(&format!(": {}", long(e, 500)));
+        }
+        timeline.push((a.at, what));
+    }
+    if attempts.is_empty() && (l.attempts > 0 || l.last_error.is_some()) {
+        // Nothing logged (an attempt that ended in a send, or a reason from maintenance or an
+        // app): what the row holds.
         let mut what = format!("{} request(s) made", l.attempts);
-        if let Some(code) = l.last_errcode {
+        if let Some(code) = l.last_errcode.filter(|c| *c != 0) {
             what.push_str(&format!(
                 "; last errcode {code} ({})",
                 errcode_meaning(Some(code))

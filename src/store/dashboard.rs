@@ -89,6 +89,30 @@ pub struct ActivityCount {
     pub rows: i64,
 }
 
+/// An attempt that did not end in a send, for the row's timeline.
+#[derive(Debug, Clone)]
+pub struct AttemptLine {
+    pub at: Option<DateTime<Utc>>,
+    pub status: String,
+    pub errcode: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// An attempt to log (see `Store::log_attempts`).
+#[derive(Debug, Clone)]
+pub struct AttemptLog<'a> {
+    pub outbox_id: i64,
+    pub at: DateTime<Utc>,
+    /// The status the attempt left the row in.
+    pub status: &'a str,
+    pub errcode: Option<i32>,
+    pub error: Option<&'a str>,
+}
+
+/// Entries `outbox_attempts` keeps per row, at most: a row waiting out 43117 for days makes
+/// one a minute.
+pub const ATTEMPTS_KEPT: i64 = 50;
+
 /// What an action did, as its audit row says.
 #[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
@@ -392,6 +416,55 @@ impl Store {
                 .bind(Time(now))
                 .fetch_all(pool)
                 .await
+        })
+    }
+
+    /// Logs attempts that did not end in a send. Up to [`ATTEMPTS_KEPT`] per row; beyond,
+    /// nothing is added.
+    pub async fn log_attempts(&self, attempts: &[AttemptLog<'_>]) -> StoreResult<()> {
+        on_backend!(self, |pool, _d| {
+            for a in attempts {
+                sqlx::query(
+                    "INSERT INTO outbox_attempts (outbox_id, at, status, errcode, error)
+                     SELECT $1, $2, $3, $4, $5
+                     WHERE (SELECT COUNT(*) FROM outbox_attempts WHERE outbox_id = $1) < $6",
+                )
+                .bind(a.outbox_id)
+                .bind(Time(a.at))
+                .bind(a.status)
+                .bind(a.errcode)
+                .bind(a.error)
+                .bind(ATTEMPTS_KEPT)
+                .execute(pool)
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A row's logged attempts, oldest first.
+    pub async fn attempts_of_row(&self, outbox_id: i64) -> StoreResult<Vec<AttemptLine>> {
+        on_backend!(self, |pool, _d| {
+            let rows = sqlx::query(
+                "SELECT at, status, CAST(errcode AS BIGINT) AS errcode, error FROM outbox_attempts
+                 WHERE outbox_id = $1 ORDER BY id LIMIT $2",
+            )
+            .bind(outbox_id)
+            .bind(ATTEMPTS_KEPT)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let mut r = RowReader::new(row);
+                    AttemptLine {
+                        at: r.time("at"),
+                        status: r.shown_text("status").unwrap_or_default(),
+                        errcode: r.get("errcode"),
+                        error: r.shown_text("error"),
+                    }
+                })
+                .collect())
         })
     }
 

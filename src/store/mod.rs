@@ -52,13 +52,14 @@ use tokio_util::sync::CancellationToken;
 
 pub use claim::{ClaimRequest, Claimed, CountTerms, Countable};
 pub use dashboard::{
-    ActivityCount, AuditEntry, AuditLine, JoinedEvent, MessageDetail, MessageFilter, MessageLine,
-    PAGE_ROWS, Page, Resend,
+    ATTEMPTS_KEPT, ActivityCount, AttemptLine, AttemptLog, AuditEntry, AuditLine, JoinedEvent,
+    MessageDetail, MessageFilter, MessageLine, PAGE_ROWS, Page, Resend,
 };
 pub use postgres::PostgresStore;
 pub use pushes::{InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush};
 pub use quota::{HoldLimits, QuotaReservation};
 pub use record::Finish;
+pub(crate) use record::errcode_column;
 pub use refusals::Refusal;
 pub use reports::{AccountLimitsRow, RowCount, ViewRows};
 pub use sqlite::SqliteStore;

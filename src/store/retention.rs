@@ -31,6 +31,15 @@ impl Store {
             .bind(batch)
             .execute(pool)
             .await?;
+            // An attempt is as old as its row's last change at least.
+            sqlx::query(
+                "DELETE FROM outbox_attempts WHERE id IN (SELECT id FROM outbox_attempts
+                     WHERE at < $1 LIMIT $2)",
+            )
+            .bind(Time(cutoff))
+            .bind(batch)
+            .execute(pool)
+            .await?;
             sqlx::query("DELETE FROM quota_usage WHERE updated_at < $1")
                 .bind(Time(cutoff - chrono::Duration::days(400)))
                 .execute(pool)

@@ -13,7 +13,7 @@ use std::future::Future;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Finish, Outcome, QuotaReservation, Reserved, Store, StoreResult};
+use crate::store::{AttemptLog, Finish, Outcome, QuotaReservation, Reserved, Store, StoreResult};
 
 /// The most requests written in one transaction.
 const MAX_GROUP: usize = 256;
@@ -100,7 +100,11 @@ impl Completions {
     pub fn spawn(store: Store, owner: String) -> Completions {
         Completions(Grouped::spawn(OUTCOME_LINGER, move |items: Vec<Finish>| {
             let (store, owner) = (store.clone(), owner.clone());
-            async move { store.finish_many(&owner, &items).await }
+            async move {
+                let written = store.finish_many(&owner, &items).await?;
+                log_attempts(&store, &items, &written).await;
+                Ok(written)
+            }
         }))
     }
 
@@ -120,6 +124,34 @@ impl Completions {
                 attempt_began,
             })
             .await
+    }
+}
+
+/// Logs the attempts of a written group that did not end in a send, for the dashboard's
+/// timeline: after the outcomes (a group of sends writes nothing more), and best effort (the
+/// row itself holds the last attempt's errcode and reason).
+async fn log_attempts(store: &Store, items: &[Finish], written: &[bool]) {
+    let columns: Vec<_> = items
+        .iter()
+        .zip(written)
+        .filter(|(item, written)| **written && !matches!(item.outcome, Outcome::Sent { .. }))
+        .map(|(item, _)| (item, item.outcome.columns(item.now)))
+        .collect();
+    if columns.is_empty() {
+        return;
+    }
+    let attempts: Vec<_> = columns
+        .iter()
+        .map(|(item, c)| AttemptLog {
+            outbox_id: item.id,
+            at: item.now,
+            status: c.status.as_str(),
+            errcode: c.errcode.map(crate::store::errcode_column),
+            error: c.error.as_deref(),
+        })
+        .collect();
+    if let Err(e) = store.log_attempts(&attempts).await {
+        tracing::warn!(error = %e, "attempts not logged for the dashboard's timeline");
     }
 }
 

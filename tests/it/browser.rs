@@ -119,6 +119,35 @@ impl Browser {
         self.find(css).await.click().await.expect("click");
     }
 
+    /// Clicks what submits a form or follows a link, and waits until the next page has loaded
+    /// (the old page's elements would otherwise still answer).
+    pub async fn click_to_next_page(&self, css: &str) {
+        self.eval("document.body.dataset.leaving = 'yes'; return null;")
+            .await;
+        self.click(css).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self
+                .client
+                .execute(
+                    "return document.readyState === 'complete' && !document.body.dataset.leaving;",
+                    vec![],
+                )
+                .await
+                .ok()
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            if left {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no next page after clicking {css}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Types into the form field named `name`, replacing what it held.
     pub async fn fill(&self, name: &str, value: &str) {
         let field = self.find(&format!("[name='{name}']")).await;

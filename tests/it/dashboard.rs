@@ -124,13 +124,13 @@ async fn in_a_browser(backend: Backend) {
     b.goto(&format!("{base}/messages")).await;
     assert_eq!(b.count("#messages tbody tr").await, 10);
     b.fill("openid", "oDashUser0001").await;
-    b.click("#apply").await;
+    b.click_to_next_page("#apply").await;
     b.find("#messages").await;
     assert_eq!(b.count("#messages tbody tr").await, 2, "{}", b.path().await);
     assert!(b.path().await.contains("openid=oDashUser0001"));
     b.goto(&format!("{base}/messages")).await;
     b.choose("status", "failed").await;
-    b.click("#apply").await;
+    b.click_to_next_page("#apply").await;
     b.find("#messages").await;
     assert_eq!(b.count("#messages tbody tr").await, 3);
     b.goto(&format!("{base}/messages?errcode=43004")).await;
@@ -172,7 +172,7 @@ async fn in_a_browser(backend: Backend) {
     if shots {
         b.screenshot("message").await;
     }
-    b.click("#cancel").await;
+    b.click_to_next_page("#cancel").await;
     b.find("#status").await;
     assert_eq!(b.text("#status").await, "cancelled");
     assert_eq!(
@@ -185,12 +185,12 @@ async fn in_a_browser(backend: Backend) {
 
     // Cancel all that match a filter, with the count to confirm.
     b.goto(&format!("{base}/messages?template=TBULK")).await;
-    b.click("#cancel-matching").await;
+    b.click_to_next_page("#cancel-matching").await;
     assert_eq!(b.text("#count").await, "3");
     if shots {
         b.screenshot("confirm-cancel").await;
     }
-    b.click("#confirm").await;
+    b.click_to_next_page("#confirm").await;
     b.find("#audit").await;
     assert_eq!(b.path().await, "/audit");
     assert_eq!(
@@ -216,7 +216,13 @@ async fn in_a_browser(backend: Backend) {
     // Send again a row WeChat refused: a new row with a new client_msg_id, linked, once.
     let refused = id_of(&db, "o_unfollowed_03").await;
     b.goto(&format!("{base}/messages/{refused}")).await;
-    b.click("#resend").await;
+    assert!(
+        b.text("#timeline")
+            .await
+            .contains("attempt ended failed: errcode 43004"),
+        "each attempt that did not end in a send is on the timeline"
+    );
+    b.click_to_next_page("#resend").await;
     b.find("#timeline").await;
     let new_path = b.path().await;
     let new_id: i64 = new_path.trim_start_matches("/messages/").parse().unwrap();
@@ -254,6 +260,32 @@ async fn in_a_browser(backend: Backend) {
     }
     b.goto(&format!("{base}/held")).await;
     b.find("main").await;
+
+    // The overview's numbers move without a reload (its figures may be a few seconds old when
+    // the page loads: they follow).
+    b.goto(&format!("{base}/")).await;
+    let later = db.app.now_plus(3600);
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (touser, template_id, data, send_after)
+             VALUES ('oDashLive01', 'TONE', '{{\"first\":\"e\"}}', {later})"
+        ))
+        .await
+        .unwrap();
+    let expected = db.app.count("status = 'pending'").await.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while shown("pending").await != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the overview did not refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_ne!(
+        b.eval("return document.body.dataset.refreshed || null;")
+            .await,
+        serde_json::Value::Null
+    );
 
     b.close().await;
     daemon.stop().await;
