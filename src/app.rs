@@ -146,6 +146,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 /// of that succeeded, so that a bad setting fails here, at start.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running> {
     let accounts = config.accounts()?;
+    // A dashboard with actions or an open address and no login fails the start.
+    if config.dashboard.enabled {
+        config.dashboard_credentials()?;
+    }
     let accounts_for_callback = accounts.clone();
     let store = Store::connect(&config.store_settings()).await?;
     let metrics = Arc::new(Metrics::new(accounts.iter().map(|a| a.name.clone())));
@@ -334,8 +338,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         accounts = dispatcher.accounts.len(),
         "wechat-outbox started"
     );
+    // The dashboard is not needed to send: an address it cannot bind (taken by another
+    // program after an upgrade, say) is logged and the daemon runs on. Its settings were
+    // checked above, with the rest.
     let dashboard = if config.dashboard.enabled {
-        Some(crate::dashboard::spawn(&config, store.clone(), shutdown.clone()).await?)
+        match crate::dashboard::spawn(&config, store.clone(), shutdown.clone()).await {
+            Ok(served) => Some(served),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "dashboard not served; the daemon runs on without it");
+                None
+            }
+        }
     } else {
         None
     };

@@ -163,6 +163,7 @@ async fn serve_connection(
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
+    let peer = stream.peer_addr().ok();
     let phase = Arc::new(Phase::new());
     let io = TokioIo::new(Watched {
         inner: stream,
@@ -174,7 +175,13 @@ async fn serve_connection(
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let in_request = phase.request_started();
             let deadline = BodyDeadline::default();
-            let request = deadline.wrap(request, limits.body_timeout);
+            let mut request = deadline.wrap(request, limits.body_timeout);
+            // Who is asking, for handlers that count per client (the dashboard's logins).
+            if let Some(peer) = peer {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+            }
             let answer = hyper::service::Service::call(&router, request);
             async move {
                 let response = answer.await?;

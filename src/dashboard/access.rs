@@ -2,6 +2,8 @@
 //! and the configuration requires one for actions or an address that is not loopback), a CSRF
 //! token on every form, and headers that keep the pages from running anything but our script.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,8 +38,12 @@ pub struct Access {
     credentials: DashboardCredentials,
     /// Random per process: a form rendered before a restart is refused after it.
     csrf: String,
-    failures: Mutex<(Instant, u32)>,
+    /// Failed logins per client address in its current window.
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
+
+/// Clients whose failures are remembered at once; beyond, the oldest windows are forgotten.
+const CLIENTS_REMEMBERED: usize = 10_000;
 
 /// Who made a request: the configured user, `token`, or `anyone` when no login is set.
 #[derive(Debug, Clone)]
@@ -56,7 +62,7 @@ impl Access {
             user: user.to_string(),
             credentials,
             csrf: bytes.iter().map(|b| format!("{b:02x}")).collect(),
-            failures: Mutex::new((Instant::now(), 0)),
+            failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -95,16 +101,29 @@ impl Access {
             })
     }
 
-    /// Counts a failed login; false once the window's allowance is spent.
-    fn allow_attempt(&self, failed: bool) -> bool {
+    /// Counts a failed login of `client` (with `failed`); false once its window's allowance
+    /// is spent.
+    fn allow_attempt(&self, client: IpAddr, failed: bool) -> bool {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.0.elapsed() > FAILURE_WINDOW {
-            *failures = (Instant::now(), 0);
+        if failures.len() >= CLIENTS_REMEMBERED {
+            failures.retain(|_, (since, _)| since.elapsed() <= FAILURE_WINDOW);
+            if failures.len() >= CLIENTS_REMEMBERED {
+                failures.clear();
+            }
+        }
+        let Some(entry) = failures.get_mut(&client) else {
+            if failed {
+                failures.insert(client, (Instant::now(), 1));
+            }
+            return true;
+        };
+        if entry.0.elapsed() > FAILURE_WINDOW {
+            *entry = (Instant::now(), 0);
         }
         if failed {
-            failures.1 = failures.1.saturating_add(1);
+            entry.1 = entry.1.saturating_add(1);
         }
-        failures.1 <= FAILURES_PER_WINDOW
+        entry.1 <= FAILURES_PER_WINDOW
     }
 }
 
@@ -128,7 +147,13 @@ pub async fn guard(
 ) -> Response {
     let access = &dashboard.access;
     let actor = if access.required() {
-        if !access.allow_attempt(false) {
+        // Failed logins are counted per client address: one that failed too often is refused
+        // before its login is compared, and cannot lock out the operator elsewhere.
+        let client = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        if !access.allow_attempt(client, false) {
             return refused(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many failed logins; wait a few seconds",
@@ -138,9 +163,10 @@ pub async fn guard(
             Some(actor) => actor,
             None => {
                 let attempted = request.headers().contains_key(header::AUTHORIZATION);
-                if attempted && !access.allow_attempt(true) {
+                if attempted && !access.allow_attempt(client, true) {
                     tracing::warn!(
-                        "dashboard: failed logins over the limit; refusing logins for a few seconds"
+                        client = %client,
+                        "dashboard: failed logins over the limit; refusing this client's logins for a few seconds"
                     );
                 }
                 let mut response = refused(StatusCode::UNAUTHORIZED, "login required");
@@ -152,6 +178,15 @@ pub async fn guard(
             }
         }
     } else {
+        // Without a login, only requests that name the machine by address or as localhost:
+        // a web page the operator opens cannot point a name of its own at 127.0.0.1 (DNS
+        // rebinding) and read the pages.
+        if !named_by_address(request.headers()) {
+            return refused(
+                StatusCode::MISDIRECTED_REQUEST,
+                "without a login the dashboard answers only to its address or localhost",
+            );
+        }
         Actor {
             name: "anyone".into(),
             by_token: false,
@@ -167,6 +202,12 @@ pub async fn guard(
     };
     let mut request = request;
     request.extensions_mut().insert(actor);
+    // At most a few pages read the database at once: under `run` the pool is the senders'.
+    let _reading = if request.uri().path().starts_with("/static/") {
+        None
+    } else {
+        dashboard.queries.acquire().await.ok()
+    };
     let mut response = next.run(request).await;
     secure(response.headers_mut());
     response
@@ -222,6 +263,18 @@ async fn checked_post(
         ));
     }
     Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// Whether the Host header names an IP address or localhost (with any port).
+fn named_by_address(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn refused(status: StatusCode, why: &'static str) -> Response {
@@ -305,11 +358,46 @@ mod tests {
     #[test]
     fn failed_logins_beyond_the_allowance_are_refused() {
         let a = access(Some("correct horse battery"), None);
+        let (guesser, operator) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
         for _ in 0..FAILURES_PER_WINDOW {
-            assert!(a.allow_attempt(true));
+            assert!(a.allow_attempt(guesser, true));
         }
-        assert!(!a.allow_attempt(true));
-        assert!(!a.allow_attempt(false), "the right password waits too");
+        assert!(!a.allow_attempt(guesser, true));
+        assert!(
+            !a.allow_attempt(guesser, false),
+            "refused before its login is compared"
+        );
+        assert!(
+            a.allow_attempt(operator, false),
+            "another client is not locked out"
+        );
+    }
+
+    #[test]
+    fn an_open_dashboard_answers_to_addresses_and_localhost_only() {
+        let host = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_str(value).unwrap());
+            named_by_address(&headers)
+        };
+        for ok in [
+            "127.0.0.1:9480",
+            "localhost:9480",
+            "LOCALHOST",
+            "[::1]:9480",
+            "10.0.0.5",
+        ] {
+            assert!(host(ok), "{ok}");
+        }
+        for rebound in [
+            "evil.example:9480",
+            "evil.example",
+            "127.0.0.1.nip.io:9480",
+            "",
+        ] {
+            assert!(!host(rebound), "{rebound}");
+        }
+        assert!(!named_by_address(&HeaderMap::new()));
     }
 
     #[test]

@@ -38,7 +38,12 @@ pub struct Dashboard {
     mask_openids: bool,
     access: Access,
     overview: Arc<overview::Cache>,
+    /// Pages reading the database at once, at most [`READERS`].
+    queries: tokio::sync::Semaphore,
 }
+
+/// Pages that read the database at once: under `run` the pool is the senders' too.
+const READERS: usize = 2;
 
 impl Dashboard {
     pub fn new(config: &Config, store: Store) -> Result<Dashboard> {
@@ -55,6 +60,7 @@ impl Dashboard {
             overview: Arc::new(overview::Cache::new(std::time::Duration::from_secs(
                 settings.refresh_secs,
             ))),
+            queries: tokio::sync::Semaphore::new(READERS),
         })
     }
 }

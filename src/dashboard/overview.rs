@@ -35,7 +35,7 @@ impl Figures {
         let since = now - chrono::Duration::days(1);
         Ok(Figures {
             at: now,
-            counts: store.row_counts().await?,
+            counts: store.shown_row_counts().await?,
             activity: store.activity_since(since).await?,
             quota: store
                 .read_query(
@@ -94,6 +94,8 @@ pub struct Cache {
     every: Duration,
     last: Mutex<Option<(Instant, Arc<Figures>)>>,
     last_took: Mutex<Duration>,
+    /// Since when readings have failed, and the last error: the page says its figures are old.
+    failing: Mutex<Option<(DateTime<Utc>, String)>>,
     /// Held while figures are read: one reading at a time.
     reading: Arc<tokio::sync::Mutex<()>>,
 }
@@ -104,6 +106,7 @@ impl Cache {
             every,
             last: Mutex::new(None),
             last_took: Mutex::new(Duration::ZERO),
+            failing: Mutex::new(None),
             reading: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -130,7 +133,13 @@ impl Cache {
                                 cache.keep(new, started.elapsed());
                             }
                             Err(e) => {
-                                tracing::warn!(error = %e, "dashboard: cannot read the overview's figures")
+                                let error =
+                                    crate::domain::text::loggable_within(&e.to_string(), 300);
+                                tracing::warn!(%error, "dashboard: cannot read the overview's figures");
+                                let mut failing =
+                                    cache.failing.lock().unwrap_or_else(|p| p.into_inner());
+                                let since = failing.as_ref().map_or_else(Utc::now, |f| f.0);
+                                *failing = Some((since, error));
                             }
                         }
                     });
@@ -149,8 +158,17 @@ impl Cache {
         }
     }
 
+    /// Since when the figures could not be read, and why; `None` while they can.
+    pub fn failing(&self) -> Option<(DateTime<Utc>, String)> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn keep(&self, figures: Figures, took: Duration) -> Arc<Figures> {
         let figures = Arc::new(figures);
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.last_took.lock().unwrap_or_else(|p| p.into_inner()) = took;
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), figures.clone()));

@@ -129,6 +129,8 @@ pub struct AccountCard {
 pub struct OverviewPage {
     pub frame: Frame,
     pub as_of: String,
+    /// Why the figures are older than they should be.
+    pub stale: Option<String>,
     pub accounts: Vec<AccountCard>,
     pub quota: Table,
     pub stuck: Table,
@@ -178,7 +180,11 @@ async fn overview_page(d: &Dashboard, actor: &Actor) -> anyhow::Result<OverviewP
                         .filter(|c| &c.account == name && c.status == s.as_str())
                         .map(|c| c.rows)
                         .sum();
-                    let link = messages_link(&[("status", s.as_str()), ("account", name)]);
+                    let link = if linkable(name) {
+                        messages_link(&[("status", s.as_str()), ("account", name)])
+                    } else {
+                        messages_link(&[("status", s.as_str())])
+                    };
                     (s.as_str().to_string(), rows, link)
                 })
                 .collect();
@@ -269,20 +275,35 @@ async fn overview_page(d: &Dashboard, actor: &Actor) -> anyhow::Result<OverviewP
     }
     let mut frame = d.frame("Overview", "overview", actor);
     frame.live = true;
+    let stale = d.overview.failing().map(|(since, error)| {
+        format!(
+            "The figures could not be read since {}: {error}. Shown: those of {}.",
+            d.time(Some(since)),
+            d.time(Some(figures.at))
+        )
+    });
     Ok(OverviewPage {
         frame,
+        stale,
         as_of: d.time(Some(figures.at)),
         accounts,
         quota: d.table(&figures.quota, |column, row, _| {
             (column == "template_id")
                 .then(|| row.get(1).and_then(|t| t.as_str()))
                 .flatten()
+                .filter(|t| linkable(t))
                 .map(|t| messages_link(&[("template", t)]))
         }),
         stuck: d.table(&stuck, id_link),
         stuck_total,
         events: d.table(&figures.events, |_, _, _| None),
     })
+}
+
+/// Whether a value read cut to 200 characters (or longer) can be a filter's value in a link:
+/// a value that long is never linked (a page of such links would be megabytes).
+fn linkable(value: &str) -> bool {
+    value.chars().count() < 200
 }
 
 /// `/messages?…` with these filters.
@@ -497,19 +518,20 @@ async fn messages_page(
     let page = query.page();
     let lines = d.store.list_messages(&filter, page).await?;
     let full = lines.len() as i64 == crate::store::PAGE_ROWS;
-    let newer = match (lines.first(), page) {
-        (Some(first), Page::Before(_)) | (Some(first), Page::After(_)) => {
-            Some(query.link("/messages", Some(("after", first.id.to_string()))))
-        }
-        _ => None,
+    let edge = |key: &str, id: i64| Some(query.link("/messages", Some((key, id.to_string()))));
+    // Going back (`after`) a short page is the newest; going on (`before`) a short page is the
+    // oldest. An empty page links back to the newest.
+    let newer = match (page, lines.first()) {
+        (Page::Newest, _) => None,
+        (Page::After(_), Some(first)) if full => edge("after", first.id),
+        (Page::After(_), _) => None,
+        (Page::Before(_), Some(first)) => edge("after", first.id),
+        (Page::Before(_), None) => Some(query.link("/messages", None)),
     };
-    let older = match (lines.last(), page) {
-        (Some(last), Page::After(_)) => {
-            Some(query.link("/messages", Some(("before", last.id.to_string()))))
-        }
-        (Some(last), _) if full => {
-            Some(query.link("/messages", Some(("before", last.id.to_string()))))
-        }
+    let older = match (page, lines.last()) {
+        (Page::After(_), Some(last)) => edge("before", last.id),
+        (Page::After(_), None) => Some(query.link("/messages", None)),
+        (_, Some(last)) if full => edge("before", last.id),
         _ => None,
     };
     let cancellable = matches!(filter.status.as_deref(), None | Some("pending" | "held"));
@@ -549,6 +571,8 @@ pub struct MessagePage {
     pub timeline: Vec<Moment>,
     pub can_cancel: bool,
     pub can_resend: bool,
+    /// A value of the row that could not be read (shown as none or 0).
+    pub unreadable: Option<String>,
 }
 
 pub async fn message(
@@ -738,6 +762,7 @@ async fn message_page(
             .collect(),
         can_cancel: d.actions && matches!(l.status.as_str(), "pending" | "held"),
         can_resend,
+        unreadable: m.unreadable.as_deref().map(|p| long(p, 300)),
     }))
 }
 
@@ -754,10 +779,11 @@ pub async fn held(State(d): State<Arc<Dashboard>>, Extension(actor): Extension<A
         let rows = d
             .store
             .read_query(
-                "SELECT account, held_for, template_id, COUNT(*) AS row_count,
+                "SELECT substr(account, 1, 200) AS account, substr(held_for, 1, 200) AS held_for,
+                        substr(template_id, 1, 200) AS template_id, COUNT(*) AS row_count,
                         MIN(created_at) AS oldest, MIN(next_attempt_at) AS next_look
                  FROM outbox WHERE status = 'held'
-                 GROUP BY account, held_for, template_id ORDER BY row_count DESC, account",
+                 GROUP BY 1, 2, 3 ORDER BY row_count DESC, account",
                 500,
             )
             .await?;
@@ -800,14 +826,17 @@ pub async fn errors(
                 200,
             )
             .await?;
-        by_code.columns.insert(1, "meaning".into());
-        for row in &mut by_code.rows {
-            let meaning = errcode_meaning(row[0].as_i64());
-            row.insert(1, serde_json::Value::from(meaning));
+        // No rows, no columns: nothing to add to.
+        if !by_code.columns.is_empty() {
+            by_code.columns.insert(1, "meaning".into());
+            for row in &mut by_code.rows {
+                let meaning = errcode_meaning(row.first().and_then(|v| v.as_i64()));
+                row.insert(1.min(row.len()), serde_json::Value::from(meaning));
+            }
         }
         let codes = d.table(&by_code, |column, row, _| {
             (column == "row_count")
-                .then(|| row[0].as_i64())
+                .then(|| row.first().and_then(|v| v.as_i64()))
                 .flatten()
                 .map(|code| messages_link(&[("errcode", &code.to_string())]))
         });
@@ -848,6 +877,7 @@ pub struct TemplateView {
     pub month: String,
     pub exhausted_on: String,
     pub link: String,
+    pub actionable: bool,
     pub account_raw: String,
     pub template_raw: String,
 }
@@ -857,7 +887,12 @@ pub struct TemplateView {
 pub struct TemplatesPage {
     pub frame: Frame,
     pub templates: Vec<TemplateView>,
+    /// More templates are known than shown.
+    pub cut: bool,
 }
+
+/// Templates the page lists at most (those in use first).
+const TEMPLATES_SHOWN: usize = 1_000;
 
 pub async fn templates(
     State(d): State<Arc<Dashboard>>,
@@ -874,19 +909,23 @@ pub async fn templates(
             .await?;
         let mut month: HashMap<(String, String), (String, String)> = HashMap::new();
         for row in &quota.rows {
-            let text = |i: usize| row[i].as_str().unwrap_or_default().to_string();
-            let number = |i: usize| row[i].as_i64().unwrap_or_default();
+            let text = |i: usize| {
+                row.get(i)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let number = |i: usize| row.get(i).and_then(|v| v.as_i64()).unwrap_or_default();
             month.insert(
                 (text(0), text(1)),
                 (format!("{} of {}", number(2), number(3)), text(4)),
             );
         }
-        let templates = d
-            .store
-            .list_templates()
-            .await?
+        let mut known = d.store.shown_templates(TEMPLATES_SHOWN as i64 + 1).await?;
+        let cut = known.len() > TEMPLATES_SHOWN;
+        known.truncate(TEMPLATES_SHOWN);
+        let templates = known
             .into_iter()
-            .take(1_000)
             .map(|t| {
                 let (used, exhausted_on) = month
                     .get(&(t.account.clone(), t.template_id.clone()))
@@ -902,7 +941,9 @@ pub async fn templates(
                         .as_deref()
                         .map(|c| cell(&crate::domain::template::parameters(c).join(", ")))
                         .unwrap_or_default(),
+                    // A name read cut cannot be acted on.
                     in_use: t.in_use,
+                    actionable: linkable(&t.account) && linkable(&t.template_id),
                     note: cell(t.note.as_deref().unwrap_or_default()),
                     month: used,
                     exhausted_on: cell(&exhausted_on),
@@ -914,6 +955,7 @@ pub async fn templates(
         Ok(TemplatesPage {
             frame: d.frame("Templates", "templates", &actor),
             templates,
+            cut,
         })
     };
     html(page.await)

@@ -69,6 +69,8 @@ pub struct MessageDetail {
     pub delivered_at: Option<DateTime<Utc>>,
     pub quota_month: Option<String>,
     pub quota_day: Option<String>,
+    /// The first value that could not be read (and is shown as none or 0), and why.
+    pub unreadable: Option<String>,
 }
 
 /// A delivery event joined to a row.
@@ -107,6 +109,8 @@ pub struct AttemptLog<'a> {
     pub status: &'a str,
     pub errcode: Option<i32>,
     pub error: Option<&'a str>,
+    /// The attempt may have reached WeChat.
+    pub in_doubt: bool,
 }
 
 /// Entries `outbox_attempts` keeps per row, at most: a row waiting out 43117 for days makes
@@ -225,7 +229,8 @@ macro_rules! insert_audit {
 const LINE_COLUMNS: &str =
     "id, substr(account, 1, 200) AS account, substr(touser, 1, 200) AS touser,
     substr(template_id, 1, 200) AS template_id, status, attempts, last_errcode,
-    substr(last_error, 1, 600) AS last_error, held_for, created_at, sent_at";
+    substr(last_error, 1, 600) AS last_error, substr(held_for, 1, 200) AS held_for, created_at,
+    sent_at";
 
 fn read_line<'r, R: sqlx::Row>(reader: &mut RowReader<'r, R>) -> MessageLine
 where
@@ -330,8 +335,8 @@ impl Store {
                 substr(url, 1, 2000) AS url, substr(miniprogram, 1, 2000) AS miniprogram,
                 substr(client_msg_id, 1, 200) AS client_msg_id, priority, send_after,
                 expires_at, next_attempt_at, in_doubt_since, msgid, updated_at,
-                substr(delivery_status, 1, 200) AS delivery_status, delivered_at, quota_month,
-                quota_day
+                substr(delivery_status, 1, 200) AS delivery_status, delivered_at,
+                substr(quota_month, 1, 40) AS quota_month, substr(quota_day, 1, 40) AS quota_day
              FROM outbox WHERE id = $1"
         );
         on_backend!(self, |pool, _d| {
@@ -358,6 +363,7 @@ impl Store {
                     delivered_at: r.time("delivered_at"),
                     quota_month: r.shown_text("quota_month"),
                     quota_day: r.shown_text("quota_day"),
+                    unreadable: r.problem.take(),
                 }
             }))
         })
@@ -420,14 +426,14 @@ impl Store {
     }
 
     /// Logs attempts that did not end in a send. Up to [`ATTEMPTS_KEPT`] per row; beyond,
-    /// nothing is added.
+    /// nothing is added but attempts in doubt, which keep a row from being sent again.
     pub async fn log_attempts(&self, attempts: &[AttemptLog<'_>]) -> StoreResult<()> {
         on_backend!(self, |pool, _d| {
             for a in attempts {
                 sqlx::query(
-                    "INSERT INTO outbox_attempts (outbox_id, at, status, errcode, error)
-                     SELECT $1, $2, $3, $4, $5
-                     WHERE (SELECT COUNT(*) FROM outbox_attempts WHERE outbox_id = $1) < $6",
+                    "INSERT INTO outbox_attempts (outbox_id, at, status, errcode, error, in_doubt)
+                     SELECT $1, $2, $3, $4, $5, $7
+                     WHERE $7 OR (SELECT COUNT(*) FROM outbox_attempts WHERE outbox_id = $1) < $6",
                 )
                 .bind(a.outbox_id)
                 .bind(Time(a.at))
@@ -435,6 +441,7 @@ impl Store {
                 .bind(a.errcode)
                 .bind(a.error)
                 .bind(ATTEMPTS_KEPT)
+                .bind(a.in_doubt)
                 .execute(pool)
                 .await?;
             }
@@ -462,6 +469,64 @@ impl Store {
                         status: r.shown_text("status").unwrap_or_default(),
                         errcode: r.get("errcode"),
                         error: r.shown_text("error"),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// Rows by account, status and held reason, as the overview shows them: text cut to 200
+    /// characters and read whatever an app wrote (text that is not UTF-8 included), so that
+    /// no row can keep the overview from being drawn.
+    pub async fn shown_row_counts(&self) -> StoreResult<Vec<super::RowCount>> {
+        on_backend!(self, |pool, _d| {
+            let rows = sqlx::query(
+                "SELECT substr(account, 1, 200) AS account, substr(status, 1, 20) AS status,
+                        substr(held_for, 1, 200) AS held_for, COUNT(*) AS rows
+                 FROM outbox GROUP BY 1, 2, 3 LIMIT 10000",
+            )
+            .fetch_all(pool)
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let mut r = RowReader::new(row);
+                    super::RowCount {
+                        account: r.shown_text("account").unwrap_or_default(),
+                        status: r.shown_text("status").unwrap_or_default(),
+                        held_for: r.shown_text("held_for"),
+                        rows: r.get("rows"),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// Templates in use first, then the others, at most `limit`, text cut and read whatever
+    /// it holds.
+    pub async fn shown_templates(&self, limit: i64) -> StoreResult<Vec<super::TemplateRow>> {
+        on_backend!(self, |pool, _d| {
+            let rows = sqlx::query(
+                "SELECT substr(account, 1, 200) AS account,
+                        substr(template_id, 1, 200) AS template_id,
+                        substr(title, 1, 200) AS title, in_use, substr(note, 1, 300) AS note,
+                        substr(content, 1, 2000) AS content
+                 FROM templates ORDER BY in_use DESC, account, template_id LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let mut r = RowReader::new(row);
+                    super::TemplateRow {
+                        account: r.shown_text("account").unwrap_or_default(),
+                        template_id: r.shown_text("template_id").unwrap_or_default(),
+                        title: r.shown_text("title"),
+                        in_use: r.get("in_use"),
+                        note: r.shown_text("note"),
+                        content: r.shown_text("content"),
                     }
                 })
                 .collect())
@@ -559,6 +624,11 @@ impl Store {
                 args
             );
             let done = query.execute(&mut *tx).await?.rows_affected() as i64;
+            // A row that was no longer waiting: nothing happened, nothing to audit. A filter
+            // that matched nothing is audited (someone asked for it).
+            if done == 0 && only_id.is_some() {
+                return Ok(0);
+            }
             audit.row_count = done;
             insert_audit!(&mut *tx, audit, now);
             tx.commit().await?;
@@ -612,11 +682,14 @@ impl Store {
             let mut tx = dialect::begin_write(pool).await?;
             let created: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO outbox (account, touser, template_id, data, url, miniprogram,
-                     priority, created_at, updated_at, next_attempt_at)
-                 SELECT account, touser, template_id, data, url, miniprogram, priority, $2, $2, $2
-                 FROM outbox
+                     priority, send_after, expires_at, created_at, updated_at, next_attempt_at)
+                 SELECT account, touser, template_id, data, url, miniprogram, priority,
+                        send_after, expires_at, $2, $2, $2
+                 FROM outbox o
                  WHERE id = $1 AND status = 'failed' AND sent_at IS NULL AND msgid IS NULL
-                   AND in_doubt = $3
+                   AND in_doubt = $3 AND in_doubt_since IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM outbox_attempts a
+                                   WHERE a.outbox_id = o.id AND a.in_doubt)
                  RETURNING id",
             )
             .bind(id)
@@ -650,10 +723,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected() as i64;
+            if done == 0 {
+                return Ok(false);
+            }
             audit.row_count = done;
             insert_audit!(&mut *tx, audit, now);
             tx.commit().await?;
-            Ok(done > 0)
+            Ok(true)
         })
     }
 

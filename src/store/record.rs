@@ -23,7 +23,8 @@ fn back_in_doubt(claimed_at: &str, rows: &str) -> AssertSqlSafe<String> {
         "UPDATE outbox SET status = 'pending', in_doubt = true,
                 in_doubt_since = COALESCE(in_doubt_since, {claimed_at}), lease_owner = NULL,
                 lease_expires_at = NULL, next_attempt_at = $1, last_error = $2, updated_at = $1
-         WHERE status = 'sending' AND {rows}"
+         WHERE status = 'sending' AND {rows}
+         RETURNING id"
     ))
 }
 
@@ -44,27 +45,52 @@ impl Store {
 
     /// Returns rows whose lease expired (their daemon died) to `pending`, marked in doubt.
     pub async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        on_backend!(self, |pool, dialect| {
-            let done = sqlx::query(back_in_doubt(dialect::CLAIMED_AT, "lease_expires_at < $1"))
+        let ids: Vec<i64> = on_backend!(self, |pool, dialect| {
+            sqlx::query_scalar(back_in_doubt(dialect::CLAIMED_AT, "lease_expires_at < $1"))
                 .bind(Time(now))
                 .bind(reason::LEASE_EXPIRED)
-                .execute(pool)
-                .await?;
-            Ok(done.rows_affected())
-        })
+                .fetch_all(pool)
+                .await?
+        });
+        self.log_doubt(&ids, now, reason::LEASE_EXPIRED).await;
+        Ok(ids.len() as u64)
     }
 
     /// Releases every row `owner` still holds, marked in doubt; for shutdown.
     pub async fn release_owned(&self, owner: &str, now: DateTime<Utc>) -> StoreResult<u64> {
-        on_backend!(self, |pool, dialect| {
-            let done = sqlx::query(back_in_doubt(dialect::CLAIMED_AT, "lease_owner = $3"))
+        let ids: Vec<i64> = on_backend!(self, |pool, dialect| {
+            sqlx::query_scalar(back_in_doubt(dialect::CLAIMED_AT, "lease_owner = $3"))
                 .bind(Time(now))
                 .bind(reason::RELEASED_AT_SHUTDOWN)
                 .bind(owner)
-                .execute(pool)
-                .await?;
-            Ok(done.rows_affected())
-        })
+                .fetch_all(pool)
+                .await?
+        });
+        self.log_doubt(&ids, now, reason::RELEASED_AT_SHUTDOWN)
+            .await;
+        Ok(ids.len() as u64)
+    }
+
+    /// Logs rows put back in doubt (a rare path: a daemon died or stopped mid-request), so that
+    /// the dashboard never offers to send them again. Best effort: the rows are what counts.
+    async fn log_doubt(&self, ids: &[i64], now: DateTime<Utc>, why: &str) {
+        if ids.is_empty() {
+            return;
+        }
+        let attempts: Vec<_> = ids
+            .iter()
+            .map(|&outbox_id| super::AttemptLog {
+                outbox_id,
+                at: now,
+                status: "pending",
+                errcode: None,
+                error: Some(why),
+                in_doubt: true,
+            })
+            .collect();
+        if let Err(e) = self.log_attempts(&attempts).await {
+            tracing::warn!(error = %e, "attempts in doubt not logged for the dashboard");
+        }
     }
 
     /// Marks waiting rows whose `expires_at` has passed as `expired`.

@@ -148,6 +148,7 @@ async fn log_attempts(store: &Store, items: &[Finish], written: &[bool]) {
             status: c.status.as_str(),
             errcode: c.errcode.map(crate::store::errcode_column),
             error: c.error.as_deref(),
+            in_doubt: c.in_doubt,
         })
         .collect();
     if let Err(e) = store.log_attempts(&attempts).await {

@@ -665,3 +665,199 @@ async fn the_dashboard_command_serves_without_sending() {
     process.signal("TERM");
     assert!(process.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+/// Rows built to hurt the pages (values of 1 MB, held rows with such template ids, on SQLite
+/// text that is not UTF-8) leave every page whole and small; a login attempt storm does not lock
+/// the operator out; a no-op cancel writes no audit.
+async fn hostile_rows_and_clients_fail_alone(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, _) = daemon_with_actions(&db, &sim, &dir).await;
+    let addr = daemon.dashboard.unwrap();
+    // Postgres refuses an index entry over 8 KB (outbox_held_for indexes held rows' template
+    // ids): its rows get what it admits.
+    let huge = "<".repeat(if backend == Backend::Sqlite {
+        1_000_000
+    } else {
+        6_000
+    });
+    let later = db.app.now_plus(3600);
+    for i in 0..5 {
+        db.app
+            .exec(&format!(
+                "INSERT INTO outbox (account, touser, template_id, data, status, held_for, send_after)
+                 VALUES ('{huge}{i}', 'oHuge{i:05}', '{huge}{i}', '{{}}', 'held', 'template', {later})"
+            ))
+            .await
+            .unwrap();
+    }
+    if backend == Backend::Sqlite {
+        db.app
+            .exec(&format!(
+                "INSERT INTO outbox (account, touser, template_id, data, send_after)
+                 VALUES (CAST(x'ff6163c3' AS TEXT), 'oBadUtf8001', CAST(x'c328' AS TEXT), '{{}}', {later})"
+            ))
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in ["/", "/held", "/messages", "/errors", "/templates", "/audit"] {
+        let page = http
+            .get(format!("http://{addr}{path}"))
+            .basic_auth("ops", Some(PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200, "{path}");
+        let body = page.text().await.unwrap();
+        assert!(body.len() < 300_000, "{path}: {} bytes", body.len());
+    }
+    // Twenty-five wrong logins from one client: it is refused for a while, even with the right
+    // password (not compared); the operator on another address logs in.
+    for _ in 0..25 {
+        http.get(format!("http://{addr}/"))
+            .basic_auth("ops", Some("guess"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let status = |client: reqwest::Client, password: &'static str| {
+        let url = format!("http://{addr}/");
+        async move {
+            let answer = client
+                .get(url)
+                .basic_auth("ops", Some(password))
+                .send()
+                .await;
+            answer.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(status(http.clone(), "guess").await, 429);
+    assert_eq!(status(http.clone(), PASSWORD).await, 429);
+    let elsewhere = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    assert_eq!(
+        status(elsewhere.clone(), PASSWORD).await,
+        200,
+        "not locked out"
+    );
+    // Cancelling a row that is not waiting changes nothing and audits nothing.
+    let page = elsewhere
+        .get(format!("http://{addr}/messages"))
+        .basic_auth("ops", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("name=\"csrf\""), "the list has no forms");
+    let one = elsewhere
+        .get(format!("http://{addr}/cancel"))
+        .basic_auth("ops", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let token = one
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let answer = elsewhere
+        .post(format!("http://{addr}/actions/cancel"))
+        .basic_auth("ops", Some(PASSWORD))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("id=999999&csrf={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 409);
+    assert_eq!(db.app.count_in("dashboard_audit", "1 = 1").await, 0);
+    daemon.stop().await;
+
+    // Read-only and open: only requests naming the machine by address or as localhost.
+    let daemon = Daemon::start(db.config(&sim.url(), "")).await;
+    let addr = daemon.dashboard.unwrap();
+    let rebound = http
+        .get(format!("http://{addr}/"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 421);
+    let local = http
+        .get(format!("http://{addr}/"))
+        .header("host", format!("localhost:{}", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), 200);
+    daemon.stop().await;
+}
+on_both_backends!(hostile_rows_and_clients_fail_alone);
+
+/// An attempt that may have reached WeChat is logged in doubt, and a row with one is never
+/// sent again from the dashboard, even if a later outcome cleared the row's own doubt.
+async fn a_row_once_in_doubt_is_never_sent_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(wechat_outbox::simulator::SimSettings {
+        faults: wechat_outbox::simulator::Faults {
+            hang_rate: 1.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let daemon = Daemon::start(db.config(
+        &sim.url(),
+        "[api]\ntimeout_ms = 300\n[workers]\nlease_secs = 2",
+    ))
+    .await;
+    db.app
+        .exec("INSERT INTO outbox (touser, template_id, data) VALUES ('oDoubt00001', 'TNOTICE', '{\"first\":\"x\"}')")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while db.app.count_in("outbox_attempts", "in_doubt").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no attempt logged in doubt"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+    let id = id_of(&db, "oDoubt00001").await;
+    // As a later permanent failure leaves it: failed, its own doubt cleared.
+    db.app
+        .exec(&format!(
+            "UPDATE outbox SET status = 'failed', in_doubt = false, in_doubt_since = NULL,
+                    sent_at = NULL, msgid = NULL WHERE id = {id}"
+        ))
+        .await
+        .unwrap();
+    let config = db.config(&sim.url(), "");
+    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let audit = AuditEntry {
+        actor: "ops".into(),
+        action: "resend",
+        ..AuditEntry::default()
+    };
+    let again = store
+        .resend_row(id, audit, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(again, Resend::NotEligible);
+    assert_eq!(db.app.count("touser = 'oDoubt00001'").await, 1);
+    store.close().await;
+}
+on_both_backends!(a_row_once_in_doubt_is_never_sent_again);
