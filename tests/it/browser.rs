@@ -93,9 +93,25 @@ impl Browser {
         self.client.goto(url).await.expect("page loads");
     }
 
-    /// The text of the first element `css` selects, waiting for it to appear.
+    /// The text of the first element `css` selects, waiting for it to appear. Read in one
+    /// script: a live page may swap its elements between a find and a read.
     pub async fn text(&self, css: &str) -> String {
-        self.find(css).await.text().await.expect("element text")
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self
+                .client
+                .execute(
+                    "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
+                    vec![serde_json::json!(css)],
+                )
+                .await
+                .expect("script runs");
+            if let Some(text) = text.as_str() {
+                return text.to_string();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no element {css}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
@@ -115,8 +131,20 @@ impl Browser {
             .len()
     }
 
+    /// Clicks the element; again if a live page swapped it meanwhile.
     pub async fn click(&self, css: &str) {
-        self.find(css).await.click().await.expect("click");
+        for _ in 0..5 {
+            match self.find(css).await.click().await {
+                Ok(()) => return,
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+                {
+                    continue;
+                }
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
+        panic!("{css} kept going stale");
     }
 
     /// Clicks what submits a form or follows a link, and waits until the next page has loaded

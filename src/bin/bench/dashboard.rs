@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use wechat_outbox::config::Config;
 use wechat_outbox::store::Store;
 
+use crate::run::FreshDatabase;
 use crate::{Args, Backend};
 
 /// Requests timed per page (after one not timed).
@@ -56,24 +57,8 @@ fn fill_sql(backend: Backend, rows: u64) -> String {
 }
 
 pub async fn dashboard(args: &Args, backend: Backend, rows: u64) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("wo-bench-dash-{:08x}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir)?;
-    let (database_url, pg_name) = match backend {
-        Backend::Sqlite => (
-            format!("sqlite://{}", dir.join("outbox.db").display()),
-            None,
-        ),
-        Backend::Postgres => {
-            let name = format!("wo_bench_{:08x}", fastrand::u32(..));
-            let mut admin = PgConnection::connect(&args.postgres_url).await?;
-            sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut admin)
-                .await?;
-            let mut url: reqwest::Url = args.postgres_url.parse()?;
-            url.set_path(&format!("/{name}"));
-            (url.to_string(), Some(name))
-        }
-    };
+    let fresh = FreshDatabase::create(args, backend).await?;
+    let database_url = fresh.url.clone();
     let config = Config::from_toml(&format!(
         r#"
         database_url = "{database_url}"
@@ -157,14 +142,6 @@ pub async fn dashboard(args: &Args, backend: Backend, rows: u64) -> Result<()> {
     shutdown.cancel();
     let _ = server.await;
     store.close().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    if let Some(name) = pg_name {
-        let mut admin = PgConnection::connect(&args.postgres_url).await?;
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut admin)
-        .await?;
-    }
+    fresh.drop(args).await?;
     Ok(())
 }

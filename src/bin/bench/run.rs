@@ -64,24 +64,11 @@ impl<'a> Run<'a> {
             }
             StandIn::External(url) => (None, url, Workload::KitStub),
         };
-        let dir = std::env::temp_dir().join(format!("wo-bench-{:08x}", fastrand::u32(..)));
-        std::fs::create_dir_all(&dir)?;
-        let (database_url, pg_name) = match backend {
-            Backend::Sqlite => (
-                format!("sqlite://{}", dir.join("outbox.db").display()),
-                None,
-            ),
-            Backend::Postgres => {
-                let name = format!("wo_bench_{:08x}", fastrand::u32(..));
-                let mut admin = PgConnection::connect(&args.postgres_url).await?;
-                sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut admin)
-                    .await?;
-                let mut url: reqwest::Url = args.postgres_url.parse()?;
-                url.set_path(&format!("/{name}"));
-                (url.to_string(), Some(name))
-            }
-        };
+        let FreshDatabase {
+            dir,
+            url: database_url,
+            pg_name,
+        } = FreshDatabase::create(args, backend).await?;
         let mut daemons = Vec::new();
         let mut first_toml = None;
         for i in 0..args.daemons.max(1) {
@@ -314,9 +301,52 @@ impl<'a> Run<'a> {
             self.dir.join("daemon-0.log"),
             std::env::temp_dir().join(format!("wo-bench-last-{}.log", self.backend.name())),
         );
+        FreshDatabase {
+            dir: self.dir,
+            url: self.database_url,
+            pg_name: self.pg_name,
+        }
+        .drop(self.args)
+        .await?;
+        Ok(())
+    }
+}
+
+/// A database of a run's own: a SQLite file in a new folder, or a new Postgres database.
+pub struct FreshDatabase {
+    pub dir: PathBuf,
+    pub url: String,
+    pub pg_name: Option<String>,
+}
+
+impl FreshDatabase {
+    pub async fn create(args: &Args, backend: Backend) -> Result<FreshDatabase> {
+        let dir = std::env::temp_dir().join(format!("wo-bench-{:08x}", fastrand::u32(..)));
+        std::fs::create_dir_all(&dir)?;
+        let (url, pg_name) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}", dir.join("outbox.db").display()),
+                None,
+            ),
+            Backend::Postgres => {
+                let name = format!("wo_bench_{:08x}", fastrand::u32(..));
+                let mut admin = PgConnection::connect(&args.postgres_url).await?;
+                sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut admin)
+                    .await?;
+                let mut url: reqwest::Url = args.postgres_url.parse()?;
+                url.set_path(&format!("/{name}"));
+                (url.to_string(), Some(name))
+            }
+        };
+        Ok(FreshDatabase { dir, url, pg_name })
+    }
+
+    /// Removes the folder and drops the Postgres database.
+    pub async fn drop(self, args: &Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(name) = &self.pg_name {
-            let mut admin = PgConnection::connect(&self.args.postgres_url).await?;
+            let mut admin = PgConnection::connect(&args.postgres_url).await?;
             sqlx::raw_sql(AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
             )))
