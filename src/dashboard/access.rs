@@ -104,16 +104,20 @@ impl Access {
     /// Counts a failed login of `client` (with `failed`); false once its window's allowance
     /// is spent.
     fn allow_attempt(&self, client: IpAddr, failed: bool) -> bool {
+        let client = network_of(client);
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() >= CLIENTS_REMEMBERED {
-            failures.retain(|_, (since, _)| since.elapsed() <= FAILURE_WINDOW);
-            if failures.len() >= CLIENTS_REMEMBERED {
-                failures.clear();
-            }
-        }
         let Some(entry) = failures.get_mut(&client) else {
             if failed {
-                failures.insert(client, (Instant::now(), 1));
+                if failures.len() >= CLIENTS_REMEMBERED {
+                    // Forget windows that ended, then clients under the limit; a client over
+                    // it is never forgotten before its window ends.
+                    failures.retain(|_, (since, count)| {
+                        since.elapsed() <= FAILURE_WINDOW && *count > FAILURES_PER_WINDOW
+                    });
+                }
+                if failures.len() < CLIENTS_REMEMBERED {
+                    failures.insert(client, (Instant::now(), 1));
+                }
             }
             return true;
         };
@@ -124,6 +128,19 @@ impl Access {
             entry.1 = entry.1.saturating_add(1);
         }
         entry.1 <= FAILURES_PER_WINDOW
+    }
+}
+
+/// The client as failures are counted: its IPv4 address, or its IPv6 /64 (one host commonly
+/// holds a whole /64).
+fn network_of(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
     }
 }
 
@@ -203,15 +220,36 @@ pub async fn guard(
     let mut request = request;
     request.extensions_mut().insert(actor);
     // At most a few pages read the database at once: under `run` the pool is the senders'.
-    let _reading = if request.uri().path().starts_with("/static/") {
-        None
+    // The page runs in a task of its own that holds the permit to its end, so that a client
+    // that hangs up cannot leave its statement running beyond the count. The overview reads
+    // figures kept in memory (and reads them one at a time), the static files nothing.
+    let path = request.uri().path();
+    let mut response = if path == "/" || path.starts_with("/static/") {
+        next.run(request).await
     } else {
-        dashboard.queries.acquire().await.ok()
+        let permit =
+            tokio::time::timeout(READER_WAIT, dashboard.queries.clone().acquire_owned()).await;
+        let Ok(Ok(permit)) = permit else {
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the dashboard is busy with other pages; try again in a moment",
+            );
+        };
+        let page = tokio::spawn(async move {
+            let _permit = permit;
+            next.run(request).await
+        });
+        match page.await {
+            Ok(response) => response,
+            Err(_) => refused(StatusCode::INTERNAL_SERVER_ERROR, "the page failed"),
+        }
     };
-    let mut response = next.run(request).await;
     secure(response.headers_mut());
     response
 }
+
+/// How long a page waits for a turn to read the database before it is answered 503.
+const READER_WAIT: Duration = Duration::from_secs(10);
 
 /// A POST passes with a form whose `csrf` field is this process's token, from a page of this
 /// dashboard (Origin, when the browser sends it, names the same host). The body is read here

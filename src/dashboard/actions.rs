@@ -321,6 +321,10 @@ pub async fn template_out_of_use(
         Ok(was) => was,
         Err(e) => return failed(e),
     };
+    if !was {
+        let what = format!("{} was not in use", cell(&form.template_id));
+        return notice(&d, &actor, StatusCode::CONFLICT, what, "/templates".into());
+    }
     let mut entry = audit(&actor, "template_out_of_use");
     entry.account = Some(form.account.clone());
     entry.template_id = Some(form.template_id.clone());

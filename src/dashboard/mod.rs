@@ -39,7 +39,7 @@ pub struct Dashboard {
     access: Access,
     overview: Arc<overview::Cache>,
     /// Pages reading the database at once, at most [`READERS`].
-    queries: tokio::sync::Semaphore,
+    queries: Arc<tokio::sync::Semaphore>,
 }
 
 /// Pages that read the database at once: under `run` the pool is the senders' too.
@@ -60,7 +60,7 @@ impl Dashboard {
             overview: Arc::new(overview::Cache::new(std::time::Duration::from_secs(
                 settings.refresh_secs,
             ))),
-            queries: tokio::sync::Semaphore::new(READERS),
+            queries: Arc::new(tokio::sync::Semaphore::new(READERS)),
         })
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use crate::store::{ActivityCount, RowCount, Store, StoreResult, ViewRows};
+use crate::store::{ActivityCount, DashboardTable, RowCount, Store, StoreResult, ViewRows};
 
 /// Everything the overview shows, as of `at`.
 pub struct Figures {
@@ -26,9 +26,6 @@ pub struct Figures {
     pub events: ViewRows,
 }
 
-/// Stuck rows the overview lists (the count is exact).
-pub const STUCK_SHOWN: i64 = 20;
-
 impl Figures {
     async fn read(store: &Store) -> StoreResult<Figures> {
         let now = Utc::now();
@@ -38,49 +35,16 @@ impl Figures {
             counts: store.shown_row_counts().await?,
             activity: store.activity_since(since).await?,
             quota: store
-                .read_query(
-                    "SELECT account, template_id, month_used, month_limit, month_remaining,
-                            month_exhausted_on, day_used, day_limit, wechat_day_used,
-                            wechat_day_limit
-                     FROM report_quota ORDER BY account, template_id",
-                    1_000,
-                )
+                .dashboard_table(DashboardTable::QuotaThisMonth)
                 .await?,
-            pauses: store
-                .read_query(
-                    "SELECT account, paused_until, errcode, reason FROM account_pauses
-                     ORDER BY account",
-                    1_000,
-                )
-                .await?,
-            limits: store
-                .read_query(
-                    "SELECT account, active_templates, daily_per_account, rate_per_second
-                     FROM account_limits ORDER BY account",
-                    1_000,
-                )
-                .await?,
+            pauses: store.dashboard_table(DashboardTable::Pauses).await?,
+            limits: store.dashboard_table(DashboardTable::AccountLimits).await?,
             templates_in_use: store
-                .read_query(
-                    "SELECT account, COUNT(*) AS in_use FROM templates WHERE in_use
-                     GROUP BY account ORDER BY account",
-                    1_000,
-                )
+                .dashboard_table(DashboardTable::TemplatesInUse)
                 .await?,
-            stuck: store
-                .read_query(
-                    "SELECT id, account, template_id, status, why, since,
-                            COUNT(*) OVER () AS total
-                     FROM report_stuck ORDER BY since, id",
-                    STUCK_SHOWN,
-                )
-                .await?,
+            stuck: store.dashboard_table(DashboardTable::Stuck).await?,
             events: store
-                .read_query(
-                    "SELECT account, state, problem, event_count, last_received
-                     FROM report_events WHERE state <> 'joined' ORDER BY account, state",
-                    100,
-                )
+                .dashboard_table(DashboardTable::UnjoinedEvents)
                 .await?,
         })
     }
@@ -89,11 +53,12 @@ impl Figures {
 /// A reading of the figures may take this share of the time between readings, at most.
 const READING_SHARE: u32 = 10;
 
-/// The last figures, when they were read and how long that took.
+/// The last figures, and when and how long the last reading was.
 pub struct Cache {
     every: Duration,
-    last: Mutex<Option<(Instant, Arc<Figures>)>>,
-    last_took: Mutex<Duration>,
+    last: Mutex<Option<Arc<Figures>>>,
+    /// When the last reading began (successful or not) and how long it took.
+    last_reading: Mutex<(Option<Instant>, Duration)>,
     /// Since when readings have failed, and the last error: the page says its figures are old.
     failing: Mutex<Option<(DateTime<Utc>, String)>>,
     /// Held while figures are read: one reading at a time.
@@ -105,55 +70,75 @@ impl Cache {
         Cache {
             every,
             last: Mutex::new(None),
-            last_took: Mutex::new(Duration::ZERO),
+            last_reading: Mutex::new((None, Duration::ZERO)),
             failing: Mutex::new(None),
             reading: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
-    fn last(&self) -> Option<(Instant, Arc<Figures>)> {
+    fn last(&self) -> Option<Arc<Figures>> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The figures, read now if there are none or they are older than `every` and nobody is
     /// reading them already; otherwise the last ones while a reading runs in the background.
+    /// A reading that fails counts as one for the spacing: failures are not retried on every
+    /// request.
     pub async fn figures(self: &Arc<Self>, store: &Store) -> StoreResult<Arc<Figures>> {
-        let took = *self.last_took.lock().unwrap_or_else(|p| p.into_inner());
-        let every = self.every.max(took * READING_SHARE);
         match self.last() {
-            Some((at, figures)) if at.elapsed() < every => Ok(figures),
-            Some((_, figures)) => {
+            Some(figures) if !self.due() => Ok(figures),
+            Some(figures) => {
                 if let Ok(reading) = self.reading.clone().try_lock_owned() {
                     let (cache, store) = (self.clone(), store.clone());
                     tokio::spawn(async move {
                         let _reading = reading;
-                        let started = Instant::now();
-                        match Figures::read(&store).await {
-                            Ok(new) => {
-                                cache.keep(new, started.elapsed());
-                            }
-                            Err(e) => {
-                                let error =
-                                    crate::domain::text::loggable_within(&e.to_string(), 300);
-                                tracing::warn!(%error, "dashboard: cannot read the overview's figures");
-                                let mut failing =
-                                    cache.failing.lock().unwrap_or_else(|p| p.into_inner());
-                                let since = failing.as_ref().map_or_else(Utc::now, |f| f.0);
-                                *failing = Some((since, error));
-                            }
-                        }
+                        let _ = cache.read(&store).await;
                     });
                 }
                 Ok(figures)
             }
             None => {
                 let _reading = self.reading.lock().await;
-                if let Some((_, figures)) = self.last() {
+                if let Some(figures) = self.last() {
                     return Ok(figures);
                 }
-                let started = Instant::now();
-                let figures = Figures::read(store).await?;
-                Ok(self.keep(figures, started.elapsed()))
+                if !self.due()
+                    && let Some((_, error)) = self.failing()
+                {
+                    return Err(sqlx::Error::Protocol(error));
+                }
+                self.read(store).await
+            }
+        }
+    }
+
+    /// Whether the spacing since the last reading (success or failure) has passed.
+    fn due(&self) -> bool {
+        let (at, took) = *self.last_reading.lock().unwrap_or_else(|p| p.into_inner());
+        let every = self.every.max(took * READING_SHARE);
+        at.is_none_or(|at| at.elapsed() >= every)
+    }
+
+    /// Reads the figures and keeps them, or records the failure.
+    async fn read(&self, store: &Store) -> StoreResult<Arc<Figures>> {
+        let started = Instant::now();
+        let read = Figures::read(store).await;
+        *self.last_reading.lock().unwrap_or_else(|p| p.into_inner()) =
+            (Some(started), started.elapsed());
+        match read {
+            Ok(figures) => {
+                let figures = Arc::new(figures);
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures.clone());
+                Ok(figures)
+            }
+            Err(e) => {
+                let error = crate::domain::text::loggable_within(&e.to_string(), 300);
+                tracing::warn!(%error, "dashboard: cannot read the overview's figures");
+                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                let since = failing.as_ref().map_or_else(Utc::now, |f| f.0);
+                *failing = Some((since, error));
+                Err(e)
             }
         }
     }
@@ -164,14 +149,5 @@ impl Cache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    fn keep(&self, figures: Figures, took: Duration) -> Arc<Figures> {
-        let figures = Arc::new(figures);
-        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.last_took.lock().unwrap_or_else(|p| p.into_inner()) = took;
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), figures.clone()));
-        figures
     }
 }

@@ -17,7 +17,7 @@ use super::access::Actor;
 use super::charts::Series;
 use super::show::{cell, errcode_meaning, long};
 use crate::domain::status::Status;
-use crate::store::{MessageFilter, MessageLine, Page, ViewRows};
+use crate::store::{DashboardTable, MessageFilter, MessageLine, Page, ViewRows};
 
 /// What the layout around every page needs.
 pub struct Frame {
@@ -301,9 +301,12 @@ async fn overview_page(d: &Dashboard, actor: &Actor) -> anyhow::Result<OverviewP
 }
 
 /// Whether a value read cut to 200 characters (or longer) can be a filter's value in a link:
-/// a value that long is never linked (a page of such links would be megabytes).
+/// a value that long is never linked (a page of such links would be megabytes), nor one read
+/// lossily.
 fn linkable(value: &str) -> bool {
-    value.chars().count() < 200
+    // A replacement character: the value was not UTF-8 and was read lossily; the link (or an
+    // action) would name another value.
+    value.chars().count() < 200 && !value.contains('\u{fffd}')
 }
 
 /// `/messages?…` with these filters.
@@ -776,17 +779,7 @@ pub struct TablePage {
 
 pub async fn held(State(d): State<Arc<Dashboard>>, Extension(actor): Extension<Actor>) -> Response {
     let page = async {
-        let rows = d
-            .store
-            .read_query(
-                "SELECT substr(account, 1, 200) AS account, substr(held_for, 1, 200) AS held_for,
-                        substr(template_id, 1, 200) AS template_id, COUNT(*) AS row_count,
-                        MIN(created_at) AS oldest, MIN(next_attempt_at) AS next_look
-                 FROM outbox WHERE status = 'held'
-                 GROUP BY 1, 2, 3 ORDER BY row_count DESC, account",
-                500,
-            )
-            .await?;
+        let rows = d.store.dashboard_table(DashboardTable::HeldGroups).await?;
         let table = d.table(&rows, |column, row, _| {
             (column == "row_count").then(|| {
                 let text = |i: usize| row.get(i).and_then(|v| v.as_str()).unwrap_or_default();
@@ -819,12 +812,7 @@ pub async fn errors(
     let page = async {
         let mut by_code = d
             .store
-            .read_query(
-                "SELECT errcode, CAST(SUM(row_count) AS BIGINT) AS row_count,
-                        COUNT(*) AS reasons, MAX(last_seen) AS last_seen
-                 FROM report_errors GROUP BY errcode ORDER BY row_count DESC",
-                200,
-            )
+            .dashboard_table(DashboardTable::ErrorsByCode)
             .await?;
         // No rows, no columns: nothing to add to.
         if !by_code.columns.is_empty() {
@@ -842,11 +830,7 @@ pub async fn errors(
         });
         let reasons = d
             .store
-            .read_query(
-                "SELECT errcode, error, row_count, last_seen FROM report_errors
-                 ORDER BY row_count DESC, errcode",
-                100,
-            )
+            .dashboard_table(DashboardTable::ErrorReasons)
             .await?;
         // Not live: the last 7 days' errors are a whole-table read (0.3 s at 1M rows on SQLite,
         // docs/dashboard.md), and they change slowly.
@@ -901,11 +885,7 @@ pub async fn templates(
     let page = async {
         let quota = d
             .store
-            .read_query(
-                "SELECT account, template_id, month_used, month_limit, month_exhausted_on
-                 FROM report_quota",
-                5_000,
-            )
+            .dashboard_table(DashboardTable::TemplateMonths)
             .await?;
         let mut month: HashMap<(String, String), (String, String)> = HashMap::new();
         for row in &quota.rows {

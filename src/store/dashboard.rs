@@ -82,7 +82,7 @@ pub struct JoinedEvent {
 }
 
 /// Rows sent or ended in one minute, by account and status.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ActivityCount {
     pub account: String,
     pub status: String,
@@ -148,6 +148,104 @@ pub enum Resend {
     AlreadyResent(i64),
     /// Not a failed row that never reached WeChat (or no such row).
     NotEligible,
+}
+
+/// The tables the dashboard shows as they come (report views and small tables), each one
+/// constant statement with its row limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DashboardTable {
+    /// Quota per template this month and the account's day (`report_quota`).
+    QuotaThisMonth,
+    /// Paused accounts, with until when and why.
+    Pauses,
+    /// The limits each account runs with (written by the daemons).
+    AccountLimits,
+    /// Templates in use per account.
+    TemplatesInUse,
+    /// Overdue rows (`report_stuck`), the first few, each with the total.
+    Stuck,
+    /// Delivery events not joined (`report_events`).
+    UnjoinedEvents,
+    /// Held rows by account, reason and template, with the oldest and the next look.
+    HeldGroups,
+    /// The last 7 days' errors by errcode (`report_errors`).
+    ErrorsByCode,
+    /// The last 7 days' most frequent reasons (`report_errors`).
+    ErrorReasons,
+    /// This month's sends and limit per template (`report_quota`).
+    TemplateMonths,
+}
+
+/// Overdue rows the overview lists (their count is exact).
+pub const STUCK_SHOWN: i64 = 20;
+
+impl DashboardTable {
+    fn statement(self) -> (&'static str, i64) {
+        match self {
+            DashboardTable::QuotaThisMonth => (
+                "SELECT substr(account, 1, 200) AS account, substr(template_id, 1, 200) AS template_id, month_used, month_limit, month_remaining,
+                month_exhausted_on, day_used, day_limit, wechat_day_used,
+                wechat_day_limit
+                FROM report_quota ORDER BY account, template_id",
+                1_000,
+            ),
+            DashboardTable::Pauses => (
+                "SELECT substr(account, 1, 200) AS account, paused_until, errcode,
+                substr(reason, 1, 600) AS reason FROM account_pauses
+                ORDER BY account",
+                1_000,
+            ),
+            DashboardTable::AccountLimits => (
+                "SELECT substr(account, 1, 200) AS account, active_templates, daily_per_account,
+                rate_per_second
+                FROM account_limits ORDER BY account",
+                1_000,
+            ),
+            DashboardTable::TemplatesInUse => (
+                "SELECT substr(account, 1, 200) AS account, COUNT(*) AS in_use FROM templates
+                WHERE in_use
+                GROUP BY 1 ORDER BY 1",
+                1_000,
+            ),
+            DashboardTable::Stuck => (
+                "SELECT id, substr(account, 1, 200) AS account, substr(template_id, 1, 200) AS template_id,
+                status, why, since,
+                COUNT(*) OVER () AS total
+                FROM report_stuck ORDER BY since, id",
+                STUCK_SHOWN,
+            ),
+            DashboardTable::UnjoinedEvents => (
+                "SELECT substr(account, 1, 200) AS account, state, substr(problem, 1, 300) AS problem,
+                event_count, last_received
+                FROM report_events WHERE state <> 'joined' ORDER BY account, state",
+                100,
+            ),
+            DashboardTable::HeldGroups => (
+                "SELECT substr(account, 1, 200) AS account, substr(held_for, 1, 200) AS held_for,
+                substr(template_id, 1, 200) AS template_id, COUNT(*) AS row_count,
+                MIN(created_at) AS oldest, MIN(next_attempt_at) AS next_look
+                FROM outbox WHERE status = 'held'
+                GROUP BY 1, 2, 3 ORDER BY row_count DESC, account",
+                500,
+            ),
+            DashboardTable::ErrorsByCode => (
+                "SELECT errcode, CAST(SUM(row_count) AS BIGINT) AS row_count,
+                COUNT(*) AS reasons, MAX(last_seen) AS last_seen
+                FROM report_errors GROUP BY errcode ORDER BY row_count DESC",
+                200,
+            ),
+            DashboardTable::ErrorReasons => (
+                "SELECT errcode, substr(error, 1, 600) AS error, row_count, last_seen FROM report_errors
+                ORDER BY row_count DESC, errcode",
+                100,
+            ),
+            DashboardTable::TemplateMonths => (
+                "SELECT substr(account, 1, 200) AS account, substr(template_id, 1, 200) AS template_id, month_used, month_limit, month_exhausted_on
+                FROM report_quota",
+                5_000,
+            ),
+        }
+    }
 }
 
 /// A value bound to a statement built from a filter.
@@ -403,37 +501,52 @@ impl Store {
             }
         };
         let sql = format!(
-            "SELECT account, status, {sent} AS minute, COUNT(*) AS rows
+            "SELECT substr(account, 1, 200) AS account, status, {sent} AS minute, COUNT(*) AS rows
              FROM outbox WHERE sent_at >= $1 AND sent_at <= $2
-             GROUP BY account, status, minute
+             GROUP BY 1, status, minute
              UNION ALL
-             SELECT account, status, {ended} AS minute, COUNT(*) AS rows
+             SELECT substr(account, 1, 200) AS account, status, {ended} AS minute,
+                    COUNT(*) AS rows
              FROM outbox
              WHERE sent_at IS NULL AND status IN ('failed', 'expired', 'cancelled', 'unknown')
                AND updated_at >= $1 AND updated_at <= $2
-             GROUP BY account, status, minute",
+             GROUP BY 1, status, minute",
             sent = minute("sent_at"),
             ended = minute("updated_at"),
         );
         let now = Utc::now() + chrono::Duration::minutes(1);
         on_backend!(self, |pool, _d| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(Time(since))
                 .bind(Time(now))
                 .fetch_all(pool)
-                .await
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let mut r = RowReader::new(row);
+                    ActivityCount {
+                        account: r.shown_text("account").unwrap_or_default(),
+                        status: r.shown_text("status").unwrap_or_default(),
+                        minute: r.get("minute"),
+                        rows: r.get("rows"),
+                    }
+                })
+                .collect())
         })
     }
 
     /// Logs attempts that did not end in a send. Up to [`ATTEMPTS_KEPT`] per row; beyond,
-    /// nothing is added but attempts in doubt, which keep a row from being sent again.
+    /// only a row's first attempt in doubt, which keeps it from being sent again.
     pub async fn log_attempts(&self, attempts: &[AttemptLog<'_>]) -> StoreResult<()> {
         on_backend!(self, |pool, _d| {
             for a in attempts {
                 sqlx::query(
                     "INSERT INTO outbox_attempts (outbox_id, at, status, errcode, error, in_doubt)
                      SELECT $1, $2, $3, $4, $5, $7
-                     WHERE $7 OR (SELECT COUNT(*) FROM outbox_attempts WHERE outbox_id = $1) < $6",
+                     WHERE (SELECT COUNT(*) FROM outbox_attempts WHERE outbox_id = $1) < $6
+                        OR ($7 AND NOT EXISTS (SELECT 1 FROM outbox_attempts
+                                               WHERE outbox_id = $1 AND in_doubt))",
                 )
                 .bind(a.outbox_id)
                 .bind(Time(a.at))
@@ -533,9 +646,9 @@ impl Store {
         })
     }
 
-    /// Reads up to `limit` rows of any SELECT the dashboard writes (a constant), each value as
-    /// JSON.
-    pub async fn read_query(&self, sql: &'static str, limit: i64) -> StoreResult<super::ViewRows> {
+    /// One of the dashboard's tables, each value as JSON.
+    pub async fn dashboard_table(&self, table: DashboardTable) -> StoreResult<super::ViewRows> {
+        let (sql, limit) = table.statement();
         let sql = sqlx::AssertSqlSafe(format!("{sql} LIMIT {limit}"));
         on_backend!(self, |pool, dialect| {
             let rows = sqlx::query(sql).fetch_all(pool).await?;

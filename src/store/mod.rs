@@ -52,8 +52,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use claim::{ClaimRequest, Claimed, CountTerms, Countable};
 pub use dashboard::{
-    ATTEMPTS_KEPT, ActivityCount, AttemptLine, AttemptLog, AuditEntry, AuditLine, JoinedEvent,
-    MessageDetail, MessageFilter, MessageLine, PAGE_ROWS, Page, Resend,
+    ATTEMPTS_KEPT, ActivityCount, AttemptLine, AttemptLog, AuditEntry, AuditLine, DashboardTable,
+    JoinedEvent, MessageDetail, MessageFilter, MessageLine, PAGE_ROWS, Page, Resend,
 };
 pub use postgres::PostgresStore;
 pub use pushes::{InboundEvent, JoinCounts, JoinPass, Recorded, SignedPush};

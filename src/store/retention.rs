@@ -31,15 +31,22 @@ impl Store {
             .bind(batch)
             .execute(pool)
             .await?;
-            // An attempt is as old as its row's last change at least.
-            sqlx::query(
-                "DELETE FROM outbox_attempts WHERE id IN (SELECT id FROM outbox_attempts
-                     WHERE at < $1 LIMIT $2)",
-            )
-            .bind(Time(cutoff))
-            .bind(batch)
-            .execute(pool)
-            .await?;
+            // The dashboard's log of attempts, by age (a row's attempts are no newer than its last
+            // change), batch after batch until none is left: it is not counted in what this
+            // returns, so the caller's loop would not come back for it.
+            loop {
+                let attempts = sqlx::query(
+                    "DELETE FROM outbox_attempts WHERE id IN (SELECT id FROM outbox_attempts
+                         WHERE at < $1 LIMIT $2)",
+                )
+                .bind(Time(cutoff))
+                .bind(batch)
+                .execute(pool)
+                .await?;
+                if attempts.rows_affected() < batch as u64 {
+                    break;
+                }
+            }
             sqlx::query("DELETE FROM quota_usage WHERE updated_at < $1")
                 .bind(Time(cutoff - chrono::Duration::days(400)))
                 .execute(pool)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::browser::{self, Browser};
 use crate::helpers::{Backend, Daemon, Sim, TestDb};
 use crate::on_both_backends;
-use wechat_outbox::store::{AuditEntry, MessageFilter, Resend, Store};
+use wechat_outbox::store::{AttemptLog, AuditEntry, MessageFilter, Resend, Store};
 
 const PASSWORD: &str = "a dashboard password of some length";
 
@@ -696,7 +696,12 @@ async fn hostile_rows_and_clients_fail_alone(backend: Backend) {
         db.app
             .exec(&format!(
                 "INSERT INTO outbox (account, touser, template_id, data, send_after)
-                 VALUES (CAST(x'ff6163c3' AS TEXT), 'oBadUtf8001', CAST(x'c328' AS TEXT), '{{}}', {later})"
+                 VALUES (CAST(x'ff6163c3' AS TEXT), 'oBadUtf8001', CAST(x'c328' AS TEXT), '{{}}', {later});
+                 INSERT INTO outbox (account, touser, template_id, data, status, updated_at)
+                 VALUES (CAST(x'ff41' AS TEXT), 'oBadUtf8002', 'T', '{{}}', 'cancelled',
+                         strftime('%Y-%m-%d %H:%M:%f', 'now'));
+                 INSERT INTO templates (account, template_id, in_use)
+                 VALUES ('default', CAST(x'ff3c62' AS TEXT), 1)"
             ))
             .await
             .unwrap();
@@ -715,6 +720,11 @@ async fn hostile_rows_and_clients_fail_alone(backend: Backend) {
         assert_eq!(page.status(), 200, "{path}");
         let body = page.text().await.unwrap();
         assert!(body.len() < 300_000, "{path}: {} bytes", body.len());
+        assert!(!body.contains("could not be read"), "{path}: figures read");
+        assert!(
+            !body.contains("name=\"template_id\" value=\"\u{fffd}"),
+            "{path}: a template id read lossily is not acted on"
+        );
     }
     // Twenty-five wrong logins from one client: it is refused for a while, even with the right
     // password (not compared); the operator on another address logs in.
@@ -861,3 +871,40 @@ async fn a_row_once_in_doubt_is_never_sent_again(backend: Backend) {
     store.close().await;
 }
 on_both_backends!(a_row_once_in_doubt_is_never_sent_again);
+
+/// Retention prunes the attempts log whole, however many batches it takes.
+async fn old_attempts_are_pruned_whole(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(Default::default()).await;
+    let config = db.config(&sim.url(), "");
+    wechat_outbox::app::migrate(&config).await.unwrap();
+    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let old = chrono::Utc::now() - chrono::Duration::days(400);
+    let attempts: Vec<AttemptLog> = (0..2_500)
+        .map(|i| AttemptLog {
+            outbox_id: i,
+            at: old,
+            status: "pending",
+            errcode: Some(-1),
+            error: Some("system busy"),
+            in_doubt: false,
+        })
+        .collect();
+    store.log_attempts(&attempts).await.unwrap();
+    let recent = AttemptLog {
+        at: chrono::Utc::now(),
+        outbox_id: 9_999,
+        ..attempts[0].clone()
+    };
+    store.log_attempts(&[recent]).await.unwrap();
+    assert_eq!(db.app.count_in("outbox_attempts", "1 = 1").await, 2_501);
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
+    store.prune(cutoff, 1_000).await.unwrap();
+    assert_eq!(
+        db.app.count_in("outbox_attempts", "1 = 1").await,
+        1,
+        "the recent one stays"
+    );
+    store.close().await;
+}
+on_both_backends!(old_attempts_are_pruned_whole);
