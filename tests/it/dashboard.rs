@@ -61,6 +61,13 @@ async fn insert_rows(db: &TestDb) {
         .unwrap();
 }
 
+/// The store of a migrated test database, with no daemon.
+async fn migrated_store(db: &TestDb) -> Store {
+    let config = db.config("http://127.0.0.1:9", "");
+    wechat_outbox::app::migrate(&config).await.unwrap();
+    Store::connect(&config.store_settings()).await.unwrap()
+}
+
 /// The id of the test's one row to `touser`.
 async fn id_of(db: &TestDb, touser: &str) -> i64 {
     let ids: Vec<i64> = db
@@ -466,8 +473,7 @@ async fn a_row_is_sent_again_once_however_many_click(backend: Backend) {
         .unwrap();
     db.app.wait_settled(Duration::from_secs(30)).await;
     let id = id_of(&db, "o_unfollowed_05").await;
-    let config = db.config(&sim.url(), "");
-    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let store = migrated_store(&db).await;
     let clicks = (0..8).map(|i| {
         let store = store.clone();
         tokio::spawn(async move {
@@ -527,10 +533,7 @@ on_both_backends!(a_row_is_sent_again_once_however_many_click);
 /// only waiting rows.
 async fn a_cancel_by_filter_takes_only_what_was_counted(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let sim = Sim::start(Default::default()).await;
-    let config = db.config(&sim.url(), "");
-    wechat_outbox::app::migrate(&config).await.unwrap();
-    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let store = migrated_store(&db).await;
     let later = db.app.now_plus(3600);
     let insert = |touser: &'static str, template: &'static str| {
         let later = later.clone();
@@ -855,8 +858,7 @@ async fn a_row_once_in_doubt_is_never_sent_again(backend: Backend) {
         ))
         .await
         .unwrap();
-    let config = db.config(&sim.url(), "");
-    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let store = migrated_store(&db).await;
     let audit = AuditEntry {
         actor: "ops".into(),
         action: "resend",
@@ -875,10 +877,7 @@ on_both_backends!(a_row_once_in_doubt_is_never_sent_again);
 /// Retention prunes the attempts log whole, however many batches it takes.
 async fn old_attempts_are_pruned_whole(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let sim = Sim::start(Default::default()).await;
-    let config = db.config(&sim.url(), "");
-    wechat_outbox::app::migrate(&config).await.unwrap();
-    let store = Store::connect(&config.store_settings()).await.unwrap();
+    let store = migrated_store(&db).await;
     let old = chrono::Utc::now() - chrono::Duration::days(400);
     let attempts: Vec<AttemptLog> = (0..2_500)
         .map(|i| AttemptLog {
