@@ -32,7 +32,7 @@ impl Figures {
         let since = now - chrono::Duration::days(1);
         Ok(Figures {
             at: now,
-            counts: store.shown_row_counts().await?,
+            counts: store.row_counts().await?,
             activity: store.activity_since(since).await?,
             quota: store
                 .dashboard_table(DashboardTable::QuotaThisMonth)

@@ -539,27 +539,47 @@ impl Store {
     /// Logs attempts that did not end in a send. Up to [`ATTEMPTS_KEPT`] per row; beyond,
     /// only a row's first attempt in doubt, which keeps it from being sent again.
     pub async fn log_attempts(&self, attempts: &[AttemptLog<'_>]) -> StoreResult<()> {
-        on_backend!(self, |pool, _d| {
-            for a in attempts {
-                sqlx::query(
-                    "INSERT INTO outbox_attempts (outbox_id, at, status, errcode, error, in_doubt)
-                     SELECT $1, $2, $3, $4, $5, $7
-                     WHERE (SELECT COUNT(*) FROM outbox_attempts WHERE outbox_id = $1) < $6
-                        OR ($7 AND NOT EXISTS (SELECT 1 FROM outbox_attempts
-                                               WHERE outbox_id = $1 AND in_doubt))",
-                )
-                .bind(a.outbox_id)
-                .bind(Time(a.at))
-                .bind(a.status)
-                .bind(a.errcode)
-                .bind(a.error)
-                .bind(ATTEMPTS_KEPT)
-                .bind(a.in_doubt)
-                .execute(pool)
-                .await?;
-            }
-            Ok(())
-        })
+        // One statement per hundred attempts: this runs on the task that writes the outcomes
+        // of every message, and a WeChat outage makes whole groups of retries.
+        for chunk in attempts.chunks(100) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let n = 2 + i * 6;
+                    format!(
+                        "SELECT ${n} AS outbox_id, ${} AS at, ${} AS status, ${} AS errcode, \
+                         ${} AS error, ${} AS in_doubt",
+                        n + 1,
+                        n + 2,
+                        n + 3,
+                        n + 4,
+                        n + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO outbox_attempts (outbox_id, at, status, errcode, error, in_doubt)
+                 SELECT v.outbox_id, v.at, v.status, v.errcode, v.error, v.in_doubt
+                 FROM ({}) AS v
+                 WHERE (SELECT COUNT(*) FROM outbox_attempts a WHERE a.outbox_id = v.outbox_id) < $1
+                    OR (v.in_doubt AND NOT EXISTS (SELECT 1 FROM outbox_attempts a
+                                                   WHERE a.outbox_id = v.outbox_id AND a.in_doubt))",
+                rows.join(" UNION ALL ")
+            );
+            on_backend!(self, |pool, _d| {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ATTEMPTS_KEPT);
+                for a in chunk {
+                    query = query
+                        .bind(a.outbox_id)
+                        .bind(Time(a.at))
+                        .bind(a.status)
+                        .bind(a.errcode)
+                        .bind(a.error)
+                        .bind(a.in_doubt);
+                }
+                query.execute(pool).await?;
+            });
+        }
+        Ok(())
     }
 
     /// A row's logged attempts, oldest first.
@@ -582,33 +602,6 @@ impl Store {
                         status: r.shown_text("status").unwrap_or_default(),
                         errcode: r.get("errcode"),
                         error: r.shown_text("error"),
-                    }
-                })
-                .collect())
-        })
-    }
-
-    /// Rows by account, status and held reason, as the overview shows them: text cut to 200
-    /// characters and read whatever an app wrote (text that is not UTF-8 included), so that
-    /// no row can keep the overview from being drawn.
-    pub async fn shown_row_counts(&self) -> StoreResult<Vec<super::RowCount>> {
-        on_backend!(self, |pool, _d| {
-            let rows = sqlx::query(
-                "SELECT substr(account, 1, 200) AS account, substr(status, 1, 20) AS status,
-                        substr(held_for, 1, 200) AS held_for, COUNT(*) AS rows
-                 FROM outbox GROUP BY 1, 2, 3 LIMIT 10000",
-            )
-            .fetch_all(pool)
-            .await?;
-            Ok(rows
-                .iter()
-                .map(|row| {
-                    let mut r = RowReader::new(row);
-                    super::RowCount {
-                        account: r.shown_text("account").unwrap_or_default(),
-                        status: r.shown_text("status").unwrap_or_default(),
-                        held_for: r.shown_text("held_for"),
-                        rows: r.get("rows"),
                     }
                 })
                 .collect())

@@ -26,7 +26,7 @@ pub struct AccountLimitsRow {
 }
 
 /// Rows counted by account, status and, for held rows, what they wait for.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct RowCount {
     pub account: String,
     pub status: String,
@@ -86,15 +86,31 @@ impl Store {
         })
     }
 
-    /// Rows by account, status and held reason, for `/metrics`.
+    /// Rows by account, status and held reason, for `/metrics` and the dashboard: text cut to
+    /// 200 characters and read whatever an app wrote (text that is not UTF-8 included), so that
+    /// no row can fail a scrape or keep the overview from being drawn. Callers add up groups
+    /// (long or odd values may fall into one).
     pub async fn row_counts(&self) -> StoreResult<Vec<RowCount>> {
         on_backend!(self, |pool, _d| {
-            sqlx::query_as(
-                "SELECT account, status, held_for, COUNT(*) AS rows
-                 FROM outbox GROUP BY account, status, held_for",
+            let rows = sqlx::query(
+                "SELECT substr(account, 1, 200) AS account, substr(status, 1, 20) AS status,
+                        substr(held_for, 1, 200) AS held_for, COUNT(*) AS rows
+                 FROM outbox GROUP BY 1, 2, 3",
             )
             .fetch_all(pool)
-            .await
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let mut r = super::RowReader::new(row);
+                    RowCount {
+                        account: r.shown_text("account").unwrap_or_default(),
+                        status: r.shown_text("status").unwrap_or_default(),
+                        held_for: r.shown_text("held_for"),
+                        rows: r.get("rows"),
+                    }
+                })
+                .collect())
         })
     }
 

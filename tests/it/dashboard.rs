@@ -729,6 +729,14 @@ async fn hostile_rows_and_clients_fail_alone(backend: Backend) {
             "{path}: a template id read lossily is not acted on"
         );
     }
+    // The same rows leave /metrics whole (it reads the same counts).
+    let metrics = http
+        .get(format!("http://{}/metrics", daemon.monitor))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("held"));
     // Twenty-five wrong logins from one client: it is refused for a while, even with the right
     // password (not compared); the operator on another address logs in.
     for _ in 0..25 {
