@@ -19,17 +19,18 @@ pub async fn templates(action: TemplatesAction) -> Result<()> {
         TemplatesAction::List(args) => {
             let (config, store) = open(&Config::load(&args.config)?).await?;
             println!(
-                "{:<12} {:<46} {:<7} {:<24} {:<40} note",
-                "account", "template_id", "in use", "title", "parameters"
+                "{:<12} {:<46} {:<22} {:<7} {:<24} {:<40} note",
+                "account", "template_id", "kind", "in use", "title", "parameters"
             );
             for t in store.list_templates().await? {
                 let in_use = if t.in_use { "yes" } else { "no" };
                 let shown = parameters_shown(t.content.as_deref(), config.templates.content_rules);
                 // The table holds WeChat's text, which SQL can change: escaped for the terminal.
                 println!(
-                    "{:<12} {:<46} {:<7} {:<24} {:<40} {}",
+                    "{:<12} {:<46} {:<22} {:<7} {:<24} {:<40} {}",
                     loggable(&t.account),
                     loggable(&t.template_id),
+                    t.kind,
                     in_use,
                     loggable(&t.title.unwrap_or_default()),
                     loggable_within(&shown, LIST_CELL_CHARS),
@@ -92,6 +93,28 @@ pub async fn templates(action: TemplatesAction) -> Result<()> {
                 )
                 .await?;
                 println!("{}: {n} templates listed by WeChat", account.name);
+                if config.subscribe.sync_templates {
+                    let listed = templates::sync_subscribe_account(
+                        &store,
+                        &api,
+                        &tokens,
+                        &account.name,
+                        &Clock::default(),
+                    )
+                    .await?;
+                    match listed {
+                        Ok(n) => println!(
+                            "{}: {n} subscription templates listed by WeChat",
+                            account.name
+                        ),
+                        Err(reply) => println!(
+                            "{}: no subscription templates (WeChat answered errcode {}: {})",
+                            account.name,
+                            reply.errcode,
+                            loggable(&reply.errmsg)
+                        ),
+                    }
+                }
             }
         }
     }
@@ -174,7 +197,7 @@ async fn add_template(args: TemplateAdd) -> Result<()> {
             .list_templates()
             .await?
             .iter()
-            .filter(|t| t.account == args.account && t.in_use)
+            .filter(|t| t.account == args.account && t.in_use && t.kind == "template")
             .count();
         if in_use >= limit as usize {
             bail!(

@@ -224,6 +224,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             accounts: runtimes.iter().map(|r| r.account.name.clone()).collect(),
             clock: clock.clone(),
             interval: Duration::from_secs(config.templates.sync_interval_secs),
+            subscribe: config.subscribe.sync_templates,
         })
         .await;
     let wechat_quota = WechatQuota {
@@ -260,6 +261,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         timezone,
         clock: clock.clone(),
         retry: config.retry_policy(),
+        subscribe_retry: config.retry_policy().without_dedup(),
+        subscribe: config.subscribe.clone(),
         owner: owner.clone(),
         lease: Duration::from_secs(config.workers.lease_secs),
         http_timeout,

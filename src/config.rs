@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::domain::content_rules::{ContentRules, Overlong};
 use crate::domain::errcode::UserErrcodes;
 use crate::domain::retry::{InDoubtPolicy, RetryPolicy};
+use crate::domain::subscribe::{MAX_CONSENT_WAIT_SECS, SubscribeSettings};
 use crate::http_server::ConnectionLimits;
 
 /// Environment variables with this prefix override the file: `WECHAT_OUTBOX_DATABASE_URL`,
@@ -44,6 +45,9 @@ pub struct Config {
     pub templates: TemplateSettings,
     #[serde(default)]
     pub errcodes: UserErrcodes,
+    /// Subscription notifications (订阅通知): consent, its wait, their own monthly limit.
+    #[serde(default)]
+    pub subscribe: SubscribeSettings,
     #[serde(default)]
     pub retention: RetentionSettings,
     #[serde(default)]
@@ -585,6 +589,11 @@ impl Config {
             .with_context(|| format!("api.base_url is not a URL: {:?}", self.api.base_url))?;
         if !matches!(url.scheme(), "http" | "https") {
             bail!("api.base_url must be an http:// or https:// URL");
+        }
+        if self.subscribe.consent_wait_secs > MAX_CONSENT_WAIT_SECS {
+            bail!(
+                "subscribe.consent_wait_secs must be at most {MAX_CONSENT_WAIT_SECS} (ten years)"
+            );
         }
         positive(
             "database.max_connections",

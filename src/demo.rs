@@ -11,6 +11,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::simulator::subscribe::ConsentAnswer;
 use crate::simulator::{self, CallbackTarget, SimSettings, Simulator};
 
 const CALLBACK_TOKEN: &str = "demo-callback-token";
@@ -44,7 +45,15 @@ INSERT INTO outbox (touser, template_id, data) VALUES
   ('o_refuse_Demo9', 'TEMPLATE_ID', '{"first":"this user refused the template (43101)"}');
 INSERT INTO outbox (touser, template_id, data, send_after) VALUES
   ('o_refuse_Demo9', 'TEMPLATE_ID', '{"first":"not sent: the refusal is remembered"}', datetime('now', '+2 seconds'));
+INSERT INTO outbox (kind, touser, template_id, data, page) VALUES
+  ('subscribe', 'oDemoUser0010', 'SUB_ORDER_SHIPPED',
+   '{"character_string1":"SO-2026-1203","phrase2":"已发货","time3":"2026年12月3日 15:01"}',
+   'https://example.com/orders/SO-2026-1203');
 "##;
+
+/// The demo's subscription notification: held until this user accepts the popup.
+const SUBSCRIBER: &str = "oDemoUser0010";
+const DEMO_APPID: &str = "wxdemo0000000001";
 
 /// The demo row whose keyword value is longer than WeChat shows since 2023.
 const LONG_VALUE_USER: &str = "oDemoUser0008";
@@ -75,7 +84,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         enabled = false
         [[accounts]]
         name = "default"
-        appid = "wxdemo0000000001"
+        appid = "{DEMO_APPID}"
         secret = "demo-secret"
         token = "{CALLBACK_TOKEN}"
         "#,
@@ -101,13 +110,28 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         .execute(&mut app)
         .await
         .context("inserting the demo rows")?;
-    println!("\ninserted 12 rows with plain SQL; waiting for each to reach its final status…\n");
+    println!(
+        "\ninserted 13 rows with plain SQL (one a subscription notification, kind = 'subscribe')"
+    );
+    // The subscription notification waits for its user's consent: the user accepts the
+    // popup, WeChat pushes subscribe_msg_popup_event, and the daemon sends it.
+    sim.subscribe_popup(&ConsentAnswer {
+        appid: DEMO_APPID.into(),
+        openid: SUBSCRIBER.into(),
+        template_ids: vec!["SUB_ORDER_SHIPPED".into()],
+        accept: true,
+    })
+    .await;
+    println!(
+        "{SUBSCRIBER} accepted the subscription popup; waiting for each row's final status…\n"
+    );
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         // `sent` is not final here: WeChat's delivery event follows within moments.
         let open: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending', 'sent')",
+            "SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending', 'sent')
+                OR (status = 'held' AND held_for = 'consent')",
         )
         .fetch_one(&mut app)
         .await?;

@@ -16,8 +16,11 @@ use crate::store::{HeldFor, Outcome, Store};
 
 /// The pushed `Event` / `MsgType` values a label may name; any other value is `other`, since
 /// whoever holds an account's token may push any type (300 made-up ones became 300 labels).
-pub const KNOWN_EVENTS: [&str; 14] = [
+pub const KNOWN_EVENTS: [&str; 17] = [
     "TEMPLATESENDJOBFINISH",
+    "subscribe_msg_popup_event",
+    "subscribe_msg_change_event",
+    "subscribe_msg_sent_event",
     "subscribe",
     "unsubscribe",
     "SCAN",

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail};
 
 use crate::domain::clock::Clock;
-use crate::store::{Store, SyncedTemplate};
+use crate::store::{Store, SyncedSubscribeTemplate, SyncedTemplate};
 use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
 
@@ -42,6 +42,43 @@ pub async fn sync_account(
             reply.errcode,
             reply.errmsg
         ),
+    }
+}
+
+/// Fetches one account's subscription templates (`/wxaapi/newtmpl/gettemplate`) and records
+/// them; `Ok(None)` when WeChat answered an errcode (an account without subscription
+/// notifications gets 48001): nothing is recorded, and nothing is wrong with the daemon.
+pub async fn sync_subscribe_account(
+    store: &Store,
+    api: &WechatApi,
+    tokens: &TokenManager,
+    account: &str,
+    clock: &Clock,
+) -> Result<Result<usize, ApiReply>> {
+    let listed = tokens
+        .with_token(account, |token| async move {
+            api.subscribe_templates(&token).await
+        })
+        .await
+        .context("listing subscription templates")?;
+    match listed {
+        Ok(list) => {
+            let synced: Vec<SyncedSubscribeTemplate> = list
+                .into_iter()
+                .map(|t| SyncedSubscribeTemplate {
+                    template_id: t.template_id,
+                    title: t.title,
+                    content: t.content,
+                    example: t.example,
+                    long_term: t.kind == 3,
+                })
+                .collect();
+            store
+                .sync_subscribe_templates(account, &synced, clock.now())
+                .await?;
+            Ok(Ok(synced.len()))
+        }
+        Err(reply) => Ok(Err(reply)),
     }
 }
 

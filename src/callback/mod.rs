@@ -27,12 +27,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Account, MessageMode};
+use crate::domain::message::MAX_ID_CHARS;
 #[cfg(test)]
 use crate::domain::text::LOGGED_CHARS;
+use crate::domain::text::echo;
 use crate::domain::text::loggable;
 use crate::http_server::{BodyDeadline, ConnectionLimits};
 use crate::metrics::Metrics;
-use crate::store::{InboundEvent, Recorded, SignedPush, Store};
+use crate::store::{ConsentChange, InboundEvent, Recorded, SignedPush, Store};
 use crate::wechat::crypto::{MessageCrypto, signature_matches};
 use crate::wechat::xml;
 
@@ -349,7 +351,9 @@ async fn receive(
             .collect(),
         forget_before: forget_before(now, state.window_secs),
     };
-    match state.store.record_push(&event, &signed, now).await {
+    let items = subscription_items(event, &fields);
+    let event = &items[0];
+    match state.store.record_push_items(&items, &signed, now).await {
         Ok(Recorded::Replayed) => Err(refuse(
             &account,
             StatusCode::FORBIDDEN,
@@ -364,7 +368,10 @@ async fn receive(
                     .event_received(&account, kind.unwrap_or("unknown"));
             }
             tracing::debug!(%account, new, event = ?event.event, msg_type = ?event.msg_type, "push stored");
-            if event.event.as_deref() == Some("TEMPLATESENDJOBFINISH") {
+            if matches!(
+                event.event.as_deref(),
+                Some("TEMPLATESENDJOBFINISH" | "subscribe_msg_sent_event")
+            ) {
                 state.joined.notify_one();
             }
             Ok("success")
@@ -453,5 +460,79 @@ pub fn inbound_event(
         create_time: Some(create_time),
         msgid,
         raw_xml: without_nul(&raw_xml),
+        template_id: None,
+        consent: None,
     })
+}
+
+/// A subscription event stored as one event per `<List>` item (a popup answers several
+/// templates at once; a sent event may report several sends), each with its template, its
+/// consent change or its delivery; any other push (or one without items) as it came.
+pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<InboundEvent> {
+    let kind = event.event.clone().unwrap_or_default();
+    let subscription = matches!(
+        kind.as_str(),
+        "subscribe_msg_popup_event" | "subscribe_msg_change_event" | "subscribe_msg_sent_event"
+    );
+    if !subscription || fields.list_items().is_empty() {
+        return vec![event];
+    }
+    fields
+        .list_items()
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let text = |name: &str| item.get(name).map(|v| without_nul(v.trim()));
+            // A template id longer than any WeChat issues is kept in raw_xml only.
+            let template_id =
+                text("TemplateId").filter(|t| !t.is_empty() && t.chars().count() <= MAX_ID_CHARS);
+            let said = text("SubscribeStatusString").unwrap_or_default();
+            let consent = match (kind.as_str(), said.as_str()) {
+                (_, "reject") => Some(ConsentChange::Withdrawn),
+                ("subscribe_msg_popup_event", "accept") => Some(ConsentChange::Granted),
+                ("subscribe_msg_change_event", "accept") => Some(ConsentChange::Resumed),
+                _ => None,
+            };
+            let said_or_status = said.clone();
+            let (msgid, status) = if kind == "subscribe_msg_sent_event" {
+                let msgid = text("MsgID").and_then(|m| m.parse::<i64>().ok());
+                (msgid, Some(sent_status(&text)))
+            } else {
+                (None, (!said.is_empty()).then_some(said))
+            };
+            // The item's own MsgID and template in the key: several sends to one user within
+            // a second are several events, while WeChat's retry of one push repeats them all.
+            InboundEvent {
+                dedup_key: format!(
+                    "{}:{index}:{}:{}:{said_or_status}",
+                    event.dedup_key,
+                    msgid.map(|m| m.to_string()).unwrap_or_default(),
+                    template_id.as_deref().unwrap_or_default()
+                ),
+                msgid,
+                status: status.map(|s| echo(&s).into_owned()),
+                template_id,
+                consent,
+                ..event.clone()
+            }
+        })
+        .collect()
+}
+
+/// The delivery status of one `subscribe_msg_sent_event` item, in the words of the template
+/// event that the join understands: `success` when ErrorCode is 0; else `failed:user block`
+/// when the user refused (43101, or a status naming a block), or `failed:` with WeChat's
+/// ErrorStatus and ErrorCode. The push itself stays in `raw_xml`.
+fn sent_status(text: &dyn Fn(&str) -> Option<String>) -> String {
+    let code = text("ErrorCode").and_then(|c| c.parse::<i64>().ok());
+    let said = text("ErrorStatus").unwrap_or_default();
+    match code {
+        Some(0) => "success".into(),
+        Some(43101) => format!("failed:user block ({said}, ErrorCode 43101)"),
+        _ if said.to_lowercase().contains("block") => {
+            format!("failed:user block ({said})")
+        }
+        Some(code) => format!("failed:{said} (ErrorCode {code})"),
+        None => format!("failed:{said} (no ErrorCode)"),
+    }
 }

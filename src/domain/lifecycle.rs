@@ -69,6 +69,8 @@ pub enum HeldFor {
     Template,
     MonthlyQuota,
     DailyQuota,
+    /// A subscription notification waits for the user's consent (`consents`).
+    Consent,
 }
 
 impl HeldFor {
@@ -77,6 +79,7 @@ impl HeldFor {
             HeldFor::Template => "template",
             HeldFor::MonthlyQuota => "monthly quota",
             HeldFor::DailyQuota => "daily quota",
+            HeldFor::Consent => "consent",
         }
     }
 }
@@ -243,6 +246,11 @@ pub mod reason {
     /// On rows to a user who refused their template (the `refusals` table).
     pub const REFUSED: &str = "the user refused this template (WeChat answered 43101 to an \
          earlier row; see report_refusals): not sent, no quota spent";
+    /// On subscription notifications whose request may have reached WeChat: bizsend takes no
+    /// client_msg_id, so nothing would stop a resend from reaching the user twice.
+    pub const SUBSCRIBE_IN_DOUBT: &str = "the request may have reached WeChat, and bizsend \
+         de-duplicates nothing (no client_msg_id), so it is not resent (retry.in_doubt = \
+         \"resend\" would)";
     pub const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window \
          has passed, so it is not resent";
 }

@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
+use super::subscribe::ValueType;
 use super::text::echo;
 
 /// Size limits of our own, far above what WeChat renders, that catch a runaway app early.
@@ -25,7 +26,14 @@ pub struct RawMessage {
     pub url: Option<String>,
     pub miniprogram: Option<String>,
     pub client_msg_id: Option<String>,
+    /// `kind` as the app wrote it: `template` (or NULL) or `subscribe`.
+    pub kind: Option<String>,
+    /// A subscribe row's link (`page`); a template row links with `url`.
+    pub page: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// When the row was first due (`send_after`, else `created_at`): a subscribe row waits for
+    /// the user's consent from then.
+    pub first_due: Option<DateTime<Utc>>,
     /// Attempts including the one just claimed.
     pub attempts: i32,
     /// When the first attempt that may have reached WeChat began (its window's start).
@@ -45,16 +53,51 @@ pub struct RawMessage {
     pub template_in_use: Option<bool>,
     /// The template's content when a sync has seen it.
     pub template_content: Option<String>,
+    /// A subscribe row's template is long-term (长期订阅) by the last sync; `None` when no sync
+    /// has listed it (treated as one-time).
+    pub long_term: Option<bool>,
+}
+
+/// What a row sends: a template message or a subscription notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MessageKind {
+    #[default]
+    Template,
+    Subscribe,
+}
+
+impl MessageKind {
+    /// The row's `kind` column; NULL is a template message (rows from before the column).
+    pub fn of_row(kind: Option<&str>) -> Result<MessageKind, String> {
+        match kind {
+            None | Some("template") => Ok(MessageKind::Template),
+            Some("subscribe") => Ok(MessageKind::Subscribe),
+            Some(other) => Err(format!(
+                "kind is {:?}: it must be 'template' (the default) or 'subscribe'",
+                echo(other)
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Template => "template",
+            MessageKind::Subscribe => "subscribe",
+        }
+    }
 }
 
 /// A message that passed every check, ready to be posted.
 #[derive(Debug, Clone)]
 pub struct TemplateMessage {
     pub id: i64,
+    pub kind: MessageKind,
     pub touser: String,
     pub template_id: String,
     pub client_msg_id: String,
-    /// The JSON body of `POST /cgi-bin/message/template/send`.
+    /// The JSON body of `POST /cgi-bin/message/template/send`, or of
+    /// `POST /cgi-bin/message/subscribe/bizsend` for a subscription notification (which takes
+    /// no `client_msg_id`: the key stays the app's idempotency key in the table).
     pub body: Value,
 }
 
@@ -69,9 +112,13 @@ impl TemplateMessage {
         if let Some(problem) = &raw.unreadable {
             return Err(problem.clone());
         }
+        let kind = MessageKind::of_row(raw.kind.as_deref())?;
         let touser = identifier("touser", raw.touser.as_deref())?;
         let template_id = identifier("template_id", raw.template_id.as_deref())?;
         let data = template_data(raw.data.as_deref())?;
+        if kind == MessageKind::Subscribe {
+            typed_values(&data)?;
+        }
         let client_msg_id = match raw.client_msg_id.as_deref() {
             None => derived_client_msg_id(raw.id),
             Some(own) => {
@@ -90,16 +137,33 @@ impl TemplateMessage {
         let mut body = Map::new();
         body.insert("touser".into(), json!(touser));
         body.insert("template_id".into(), json!(template_id));
-        if let Some(url) = optional_url(raw.url.as_deref())? {
-            body.insert("url".into(), json!(url));
+        // Each kind links with its own column; the other one set is a mistake worth a reason,
+        // not a link silently dropped.
+        let (link, other) = match kind {
+            MessageKind::Template => (("url", raw.url.as_deref()), ("page", raw.page.as_deref())),
+            MessageKind::Subscribe => (("page", raw.page.as_deref()), ("url", raw.url.as_deref())),
+        };
+        if other.1.is_some_and(|text| !text.is_empty()) {
+            return Err(format!(
+                "{} is not used by a {} row: link with {}",
+                other.0,
+                kind.as_str(),
+                link.0
+            ));
+        }
+        if let Some(url) = optional_url(link.0, link.1)? {
+            body.insert(link.0.into(), json!(url));
         }
         if let Some(mini) = miniprogram(raw.miniprogram.as_deref())? {
             body.insert("miniprogram".into(), mini);
         }
         body.insert("data".into(), data);
-        body.insert("client_msg_id".into(), json!(client_msg_id));
+        if kind == MessageKind::Template {
+            body.insert("client_msg_id".into(), json!(client_msg_id));
+        }
         Ok(TemplateMessage {
             id: raw.id,
+            kind,
             touser: touser.to_string(),
             template_id: template_id.to_string(),
             client_msg_id,
@@ -188,19 +252,55 @@ fn parameter(key: &str, fields: Map<String, Value>) -> Result<Value, String> {
     Ok(Value::Object(item))
 }
 
-fn optional_url(url: Option<&str>) -> Result<Option<&str>, String> {
+/// A subscription notification's values, each by its key's type (see `subscribe.rs`); they
+/// have no colour.
+fn typed_values(data: &Value) -> Result<(), String> {
+    let Some(params) = data.as_object() else {
+        return Ok(());
+    };
+    for (key, item) in params {
+        let Some(value_type) = ValueType::of_key(key) else {
+            return Err(format!(
+                "data.{} has no type a subscription template uses (its keys are named by type: \
+                 thing1, number2, time3, …)",
+                echo(key)
+            ));
+        };
+        if item.get("color").is_some() {
+            return Err(format!(
+                "data.{}.color: subscription notifications have no colour",
+                echo(key)
+            ));
+        }
+        let value = item["value"].as_str().unwrap_or_default();
+        if !value_type.admits(value) {
+            return Err(format!(
+                "data.{} = {:?} breaks the rule of its type, {}",
+                echo(key),
+                echo(value),
+                value_type.rule()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A link column (`url`, or a subscribe row's `page`): http or https, one token, bounded.
+fn optional_url<'a>(column: &str, url: Option<&'a str>) -> Result<Option<&'a str>, String> {
     let Some(url) = url else { return Ok(None) };
     if url.is_empty() {
         return Ok(None);
     }
     if url.len() > MAX_URL_BYTES {
-        return Err(format!("url is longer than {MAX_URL_BYTES} bytes"));
+        return Err(format!("{column} is longer than {MAX_URL_BYTES} bytes"));
     }
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err("url must start with http:// or https://".into());
+        return Err(format!("{column} must start with http:// or https://"));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("url contains whitespace or control characters".into());
+        return Err(format!(
+            "{column} contains whitespace or control characters"
+        ));
     }
     Ok(Some(url))
 }
@@ -410,7 +510,9 @@ mod properties {
     /// A reason repeats at most a few hundred characters of input, whatever the input.
     const MAX_REASON_CHARS: usize = 600;
 
-    const COLUMNS: [&str; 7] = [
+    const COLUMNS: [&str; 9] = [
+        "kind",
+        "page",
         "touser",
         "template_id",
         "data",

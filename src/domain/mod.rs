@@ -8,5 +8,6 @@ pub mod message;
 pub mod quota;
 pub mod retry;
 pub mod status;
+pub mod subscribe;
 pub mod template;
 pub mod text;

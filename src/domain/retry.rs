@@ -38,6 +38,15 @@ pub enum RetryDecision {
 }
 
 impl RetryPolicy {
+    /// The policy for a request nothing de-duplicates (subscription notifications: bizsend
+    /// takes no `client_msg_id`): a row in doubt is never resent, unless `in_doubt = "resend"`.
+    pub fn without_dedup(&self) -> RetryPolicy {
+        RetryPolicy {
+            dedup_window: Duration::ZERO,
+            ..self.clone()
+        }
+    }
+
     /// The delay before attempt `attempts + 1`: `base · 2^(attempts-1)`, capped, with the upper
     /// half jittered so that rows failed together do not return together.
     pub fn delay(&self, attempts: u32) -> Duration {

@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 
 use super::Service;
 use crate::domain::clock::Clock;
+use crate::domain::text::loggable;
 use crate::store::Store;
-use crate::templates::sync_account;
+use crate::templates::{sync_account, sync_subscribe_account};
 use crate::wechat::api::WechatApi;
 use crate::wechat::token::TokenManager;
 
@@ -23,6 +24,8 @@ pub struct TemplateSync {
     /// Stamps each list when it is written, after WeChat answered.
     pub clock: Arc<Clock>,
     pub interval: Duration,
+    /// Whether subscription templates are synced too (`subscribe.sync_templates`).
+    pub subscribe: bool,
 }
 
 impl Service for TemplateSync {
@@ -53,6 +56,25 @@ impl Service for TemplateSync {
                     listed += n;
                 }
                 Err(e) => failed.push(format!("account {account}: {e:#}")),
+            }
+            if !self.subscribe {
+                continue;
+            }
+            let synced =
+                sync_subscribe_account(&self.store, &self.api, &self.tokens, account, &self.clock);
+            match synced.await {
+                Ok(Ok(n)) => {
+                    tracing::info!(%account, templates = n, "subscription templates synced");
+                    listed += n;
+                }
+                // An account without subscription notifications: not a failure of the pass.
+                Ok(Err(reply)) => tracing::info!(
+                    %account,
+                    errcode = reply.errcode,
+                    errmsg = %loggable(&reply.errmsg),
+                    "subscription templates not listed by WeChat"
+                ),
+                Err(e) => failed.push(format!("account {account} (subscription templates): {e:#}")),
             }
         }
         if failed.is_empty() {

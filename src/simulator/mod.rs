@@ -9,6 +9,7 @@
 //! is in `today`.
 
 pub mod push;
+pub mod subscribe;
 pub mod today;
 
 use std::collections::HashMap;
@@ -98,6 +99,8 @@ pub struct SimSettings {
     pub library: Vec<today::LibraryTemplate>,
     /// Templates an account may hold; `api_add_template` beyond it answers 45026.
     pub max_private_templates: usize,
+    /// Subscription templates `gettemplate` lists and `bizsend` accepts.
+    pub subscribe_templates: Vec<subscribe::SimSubscribeTemplate>,
 }
 
 impl Default for SimSettings {
@@ -121,6 +124,7 @@ impl Default for SimSettings {
             duplicate_window: Duration::ZERO,
             library: today::demo_library(),
             max_private_templates: 25,
+            subscribe_templates: subscribe::demo_subscribe_templates(),
         }
     }
 }
@@ -163,6 +167,8 @@ pub struct Stats {
     /// Delivery events pushed and acknowledged, and pushes that failed all retries.
     pub events_acknowledged: u64,
     pub events_failed: u64,
+    /// Subscription notifications accepted by `bizsend` (also counted in `delivered`).
+    pub subscribe_sends: u64,
 }
 
 /// One message that reached a user.
@@ -204,6 +210,8 @@ pub(crate) struct SimState {
     last_send: HashMap<(String, String), Instant>,
     /// (appid, openid, template and data) → the last delivery of that content.
     recent_content: HashMap<(String, String, String), Instant>,
+    /// (appid, openid, subscription template) → the user's consent.
+    consents: HashMap<(String, String, String), subscribe::SimConsent>,
 }
 
 /// Counts a send request as in flight until it is answered (or its client went away).
@@ -376,6 +384,10 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/cgi-bin/token", get(classic_token))
         .route("/cgi-bin/stable_token", post(stable_token))
         .route("/cgi-bin/message/template/send", post(send_template))
+        .route("/cgi-bin/message/subscribe/bizsend", post(send_subscribe))
+        .route("/wxaapi/newtmpl/gettemplate", get(subscribe::get_templates))
+        .route("/sim/subscribe/popup", post(subscribe::popup))
+        .route("/sim/subscribe/change", post(subscribe::change))
         .route(
             "/cgi-bin/template/get_all_private_template",
             get(list_templates),
@@ -414,6 +426,15 @@ pub fn router(sim: Arc<Simulator>) -> Router {
             }),
         )
         .with_state(sim)
+}
+
+/// An openid as WeChat issues them: `o`, then 6-64 letters, digits, `_` or `-` in all.
+pub(crate) fn valid_openid(touser: &str) -> bool {
+    touser.starts_with('o')
+        && (6..=64).contains(&touser.len())
+        && touser
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 pub(crate) fn errcode(code: i64, msg: &str) -> Json<Value> {
@@ -552,6 +573,24 @@ async fn send_template(
     Query(q): Query<TokenQuery>,
     body: axum::body::Bytes,
 ) -> Response {
+    send(sim, q, body, false).await
+}
+
+/// `POST /cgi-bin/message/subscribe/bizsend`, with the same faults as a template send.
+async fn send_subscribe(
+    State(sim): State<Arc<Simulator>>,
+    Query(q): Query<TokenQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    send(sim, q, body, true).await
+}
+
+async fn send(
+    sim: Arc<Simulator>,
+    q: TokenQuery,
+    body: axum::body::Bytes,
+    subscribe: bool,
+) -> Response {
     let _in_flight = SendInFlight::begin(&sim);
     let settings = sim.settings();
     if settings.faults.delay_ms > 0 {
@@ -597,7 +636,12 @@ async fn send_template(
             }
             _ => {}
         }
-        let outcome = sim.deliver(&mut state, &settings, q.access_token.as_deref(), &body);
+        let token = q.access_token.as_deref();
+        let outcome = if subscribe {
+            sim.deliver_subscribe(&mut state, &settings, token, &body)
+        } else {
+            sim.deliver(&mut state, &settings, token, &body)
+        };
         let (code, msg, msgid) = match outcome {
             Ok((msgid, event)) => {
                 event_to_push = event.zip(settings.callback.clone());
@@ -655,12 +699,7 @@ impl Simulator {
         let req: SendRequest =
             serde_json::from_slice(body).map_err(|_| (47001, "data format error"))?;
         let touser = req.touser.unwrap_or_default();
-        let valid_openid = touser.starts_with('o')
-            && (6..=64).contains(&touser.len())
-            && touser
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid_openid {
+        if !valid_openid(&touser) {
             return Err((40003, "invalid openid"));
         }
         let template_id = req.template_id.unwrap_or_default();

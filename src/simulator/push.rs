@@ -22,6 +22,8 @@ pub struct Event {
     pub create_time: i64,
     pub msgid: i64,
     pub status: &'static str,
+    /// The fields after `MsgType` of any other event (subscription popups, changes, sends).
+    pub body: Option<String>,
 }
 
 impl Event {
@@ -44,10 +46,31 @@ impl Event {
             create_time: chrono::Utc::now().timestamp(),
             msgid,
             status,
+            body: None,
+        }
+    }
+
+    /// An event from `openid` whose fields after `MsgType` are `body` (`<Event>…`).
+    pub fn with_body(appid: &str, openid: &str, body: String) -> Event {
+        Event {
+            to_user_name: format!("gh_{appid}"),
+            appid: appid.to_string(),
+            from_user_name: openid.to_string(),
+            create_time: chrono::Utc::now().timestamp(),
+            msgid: 0,
+            status: "",
+            body: Some(body),
         }
     }
 
     pub fn to_xml(&self) -> String {
+        if let Some(body) = &self.body {
+            return format!(
+                "<xml><ToUserName><![CDATA[{}]]></ToUserName><FromUserName><![CDATA[{}]]></FromUserName>\
+                 <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType>{body}</xml>",
+                self.to_user_name, self.from_user_name, self.create_time
+            );
+        }
         format!(
             "<xml><ToUserName><![CDATA[{}]]></ToUserName><FromUserName><![CDATA[{}]]></FromUserName>\
              <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType>\

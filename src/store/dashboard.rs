@@ -633,6 +633,7 @@ impl Store {
                         in_use: r.get("in_use"),
                         note: r.shown_text("note"),
                         content: r.shown_text("content"),
+                        kind: "template".into(),
                     }
                 })
                 .collect())

@@ -24,7 +24,17 @@
 //! names, each with the reason it differs. Not `sqlx::Any` and not generic over the database:
 //! the per-backend code is checked against each driver's concrete types.
 
+/// The events that report a sent row's delivery: a template message's, and a subscription
+/// notification's (one per `<List>` item). Migration 0013's `inbound_events_unjoined` index
+/// has the same words, which SQLite needs to see to use it.
+macro_rules! delivery_events {
+    () => {
+        "('TEMPLATESENDJOBFINISH', 'subscribe_msg_sent_event')"
+    };
+}
+
 mod claim;
+mod consents;
 mod daemons;
 mod dashboard;
 mod pacing;
@@ -51,6 +61,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use claim::{ClaimRequest, Claimed, CountTerms, Countable};
+pub use consents::{ConsentChange, ConsentKey, ConsentTaken, MAX_GRANTED, SyncedSubscribeTemplate};
 pub use dashboard::{
     ATTEMPTS_KEPT, ActivityCount, AttemptLine, AttemptLog, AuditEntry, AuditLine, DashboardTable,
     JoinedEvent, MessageDetail, MessageFilter, MessageLine, PAGE_ROWS, Page, Resend,

@@ -176,8 +176,19 @@ const CLAIM_TEXT: &str =
                 due.counted_month AS quota_month, due.counted_day AS quota_day,
                 (SELECT t.in_use FROM templates t WHERE t.account = o.account
                     AND t.template_id = o.template_id) AS template_in_use,
-                (SELECT t.content FROM templates t WHERE t.account = o.account
-                    AND t.template_id = o.template_id) AS template_content";
+                o.kind, o.page,
+                CASE WHEN o.kind = 'subscribe'
+                     THEN (SELECT s.content FROM subscribe_templates s
+                           WHERE s.account = o.account AND s.template_id = o.template_id)
+                     ELSE (SELECT t.content FROM templates t WHERE t.account = o.account
+                           AND t.template_id = o.template_id) END AS template_content,
+                CASE WHEN o.kind = 'subscribe'
+                     THEN (SELECT s.long_term FROM subscribe_templates s
+                           WHERE s.account = o.account AND s.template_id = o.template_id)
+                     END AS long_term,
+                CASE WHEN o.kind = 'subscribe'
+                     THEN (SELECT f.t FROM (SELECT COALESCE(o.send_after, o.created_at) AS t) f
+                           WHERE isfinite(f.t)) END AS first_due";
 
 /// The claim as it runs: without the per-user condition, or with it (`$7`, the oldest first
 /// due time that still holds later rows back).
@@ -280,7 +291,7 @@ pub(super) static JOIN_EVENTS_TO_ROWS: LazyLock<String> = LazyLock::new(|| {
                                   AND o.touser = e.from_user AND o.status = 'sent'
                                 LIMIT 1) o
             WHERE e.joined_at IS NULL AND e.given_up_at IS NULL
-              AND e.event = 'TEMPLATESENDJOBFINISH'
+              AND e.event IN {}
               AND ($2::bigint IS NULL OR e.id = $2))
          UPDATE outbox SET status = {DELIVERY_STATUS_SQL},
                 delivery_status = j.status,
@@ -288,13 +299,14 @@ pub(super) static JOIN_EVENTS_TO_ROWS: LazyLock<String> = LazyLock::new(|| {
                                     THEN to_timestamp(j.create_time) ELSE $1 END,
                 updated_at = $1
          FROM j
-         WHERE outbox.id = j.id AND outbox.status = 'sent'"
+         WHERE outbox.id = j.id AND outbox.status = 'sent'",
+        delivery_events!()
     )
 });
 
 /// The join's second step: the events whose row took their status are marked joined, with
 /// the row's id, by the same `LATERAL` probe per event.
-pub(super) const MARK_EVENTS_JOINED: &str =
+pub(super) const MARK_EVENTS_JOINED: &str = concat!(
     "UPDATE inbound_events e SET joined_at = $1, outbox_id = j.outbox_id
      FROM (SELECT u.id, o.id AS outbox_id
            FROM inbound_events u
@@ -304,9 +316,12 @@ pub(super) const MARK_EVENTS_JOINED: &str =
                                  AND o.delivery_status IS NOT NULL
                                LIMIT 1) o
            WHERE u.joined_at IS NULL AND u.given_up_at IS NULL
-             AND u.event = 'TEMPLATESENDJOBFINISH'
+             AND u.event IN ",
+    delivery_events!(),
+    "
              AND ($2::bigint IS NULL OR u.id = $2)) AS j
-     WHERE e.id = j.id";
+     WHERE e.id = j.id"
+);
 
 pub(super) async fn claim_plan(
     pool: &PgPool,
@@ -681,6 +696,10 @@ fn raw_message(row: PgRow) -> StoreResult<RawMessage> {
         quota_day: r.get("quota_day"),
         template_in_use: r.get("template_in_use"),
         template_content: r.get("template_content"),
+        kind: r.get("kind"),
+        page: r.get("page"),
+        first_due: r.time("first_due"),
+        long_term: r.get("long_term"),
     };
     Ok(RawMessage {
         unreadable: r.problem,

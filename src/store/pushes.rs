@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::consents::{ConsentChange, WAKE_HELD_FOR_CONSENT, consent_upsert};
 use super::{Store, StoreResult, Time, bounded, on_backend};
 use crate::domain::lifecycle::reason;
 
@@ -20,6 +21,10 @@ pub struct InboundEvent {
     pub msgid: Option<i64>,
     pub status: Option<String>,
     pub raw_xml: String,
+    /// The template a subscription event's item is about.
+    pub template_id: Option<String>,
+    /// What a subscription popup or settings change does to the user's consent.
+    pub consent: Option<ConsentChange>,
 }
 
 impl InboundEvent {
@@ -93,10 +98,13 @@ pub struct JoinCounts {
     pub given_up: u64,
 }
 
-/// The events a join pass still looks at: template events neither joined nor given up on,
+/// The events a join pass still looks at: delivery events neither joined nor given up on,
 /// all of them or only `$2`.
-const UNSETTLED_EVENT: &str = "joined_at IS NULL AND given_up_at IS NULL
-    AND event = 'TEMPLATESENDJOBFINISH' AND (CAST($2 AS BIGINT) IS NULL OR id = $2)";
+const UNSETTLED_EVENT: &str = concat!(
+    "joined_at IS NULL AND given_up_at IS NULL AND event IN ",
+    delivery_events!(),
+    " AND (CAST($2 AS BIGINT) IS NULL OR id = $2)"
+);
 
 impl Store {
     /// Stores a push from the callback endpoint once, and applies subscribe and unsubscribe to
@@ -108,6 +116,23 @@ impl Store {
         signed: &SignedPush,
         now: DateTime<Utc>,
     ) -> StoreResult<Recorded> {
+        self.record_push_items(std::slice::from_ref(e), signed, now)
+            .await
+    }
+
+    /// `record_push` of a push stored as several events (a subscription event's `<List>`
+    /// items, each with its own dedup key), in one transaction; consent changes are applied to
+    /// the ledger, and rows held for a consent now given look again. `Recorded::New` when any
+    /// item was new.
+    pub async fn record_push_items(
+        &self,
+        items: &[InboundEvent],
+        signed: &SignedPush,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Recorded> {
+        let Some(e) = items.first() else {
+            return Ok(Recorded::Repeat);
+        };
         on_backend!(self, |pool, dialect| {
             let mut tx = dialect::begin_write(pool).await?;
             let first = sqlx::query(
@@ -146,27 +171,59 @@ impl Store {
                 .bind(REPLAYS_FORGOTTEN_PER_PUSH)
                 .execute(&mut *tx)
                 .await?;
-            let inserted = sqlx::query(
-                "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user,
-                        to_user, create_time, msgid, status, raw_xml, received_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 ON CONFLICT (account, dedup_key) DO NOTHING",
-            )
-            .bind(&e.account)
-            .bind(&e.dedup_key)
-            .bind(&e.msg_type)
-            .bind(&e.event)
-            .bind(&e.from_user)
-            .bind(&e.to_user)
-            .bind(e.create_time)
-            .bind(e.msgid)
-            .bind(&e.status)
-            .bind(&e.raw_xml)
-            .bind(Time(now))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
+            let mut any_inserted = false;
+            for e in items {
+                let inserted = sqlx::query(
+                    "INSERT INTO inbound_events (account, dedup_key, msg_type, event, from_user,
+                            to_user, create_time, msgid, status, raw_xml, received_at,
+                            template_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     ON CONFLICT (account, dedup_key) DO NOTHING",
+                )
+                .bind(&e.account)
+                .bind(&e.dedup_key)
+                .bind(&e.msg_type)
+                .bind(&e.event)
+                .bind(&e.from_user)
+                .bind(&e.to_user)
+                .bind(e.create_time)
+                .bind(e.msgid)
+                .bind(&e.status)
+                .bind(&e.raw_xml)
+                .bind(Time(now))
+                .bind(&e.template_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                any_inserted |= inserted;
+                if let (true, Some(change), Some(openid), Some(template_id)) =
+                    (inserted, e.consent, &e.from_user, &e.template_id)
+                {
+                    let source = match e.event.as_deref() {
+                        Some("subscribe_msg_change_event") => "change",
+                        _ => "popup",
+                    };
+                    sqlx::query(consent_upsert(change))
+                        .bind(&e.account)
+                        .bind(openid)
+                        .bind(template_id)
+                        .bind(Time(now))
+                        .bind(source)
+                        .execute(&mut *tx)
+                        .await?;
+                    if change != ConsentChange::Withdrawn {
+                        sqlx::query(WAKE_HELD_FOR_CONSENT)
+                            .bind(&e.account)
+                            .bind(openid)
+                            .bind(template_id)
+                            .bind(Time(now))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            let inserted = any_inserted;
             if inserted && let (Some(suppress), Some(openid)) = (e.suppression(), &e.from_user) {
                 let change = if suppress {
                     sqlx::query(
@@ -192,7 +249,7 @@ impl Store {
         })
     }
 
-    /// Joins unjoined TEMPLATESENDJOBFINISH events to their sent rows by account, msgid and
+    /// Joins unjoined delivery events (TEMPLATESENDJOBFINISH, subscribe_msg_sent_event) to their sent rows by account, msgid and
     /// openid, and gives up on the events that cannot join: a FromUserName that is not the
     /// row's touser, or no sent row within the window. One transaction; safe to run from
     /// several daemons at once.
@@ -258,12 +315,12 @@ impl Store {
     /// The oldest template events still waiting to join, for a pass one event at a time.
     pub async fn unjoined_events(&self, limit: i64) -> StoreResult<Vec<i64>> {
         on_backend!(self, |pool, _d| {
-            sqlx::query_scalar(
-                "SELECT id FROM inbound_events
-                 WHERE event = 'TEMPLATESENDJOBFINISH' AND joined_at IS NULL
-                   AND given_up_at IS NULL
-                 ORDER BY received_at LIMIT $1",
-            )
+            sqlx::query_scalar(concat!(
+                "SELECT id FROM inbound_events WHERE event IN ",
+                delivery_events!(),
+                " AND joined_at IS NULL AND given_up_at IS NULL
+                     ORDER BY received_at LIMIT $1"
+            ))
             .bind(limit)
             .fetch_all(pool)
             .await

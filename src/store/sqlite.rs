@@ -285,8 +285,19 @@ const CLAIM_TEXT: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1
                 quota_month, quota_day,
                 (SELECT t.in_use FROM templates t WHERE t.account = outbox.account
                     AND t.template_id = outbox.template_id) AS template_in_use,
-                (SELECT t.content FROM templates t WHERE t.account = outbox.account
-                    AND t.template_id = outbox.template_id) AS template_content";
+                CAST(kind AS BLOB) AS kind, CAST(page AS BLOB) AS page,
+                CASE WHEN kind = 'subscribe'
+                     THEN (SELECT s.content FROM subscribe_templates s
+                           WHERE s.account = outbox.account AND s.template_id = outbox.template_id)
+                     ELSE (SELECT t.content FROM templates t WHERE t.account = outbox.account
+                           AND t.template_id = outbox.template_id) END AS template_content,
+                CASE WHEN kind = 'subscribe'
+                     THEN (SELECT s.long_term FROM subscribe_templates s
+                           WHERE s.account = outbox.account AND s.template_id = outbox.template_id)
+                     END AS long_term,
+                CASE WHEN kind = 'subscribe'
+                     THEN COALESCE(send_after, strftime('%Y-%m-%d %H:%M:%f', created_at)) END
+                     AS first_due";
 
 /// The claim as it runs: without the per-user condition, or with it (`$5`, the oldest first
 /// due time that still holds later rows back).
@@ -350,7 +361,7 @@ pub(super) static JOIN_EVENTS_TO_ROWS: LazyLock<String> = LazyLock::new(|| {
             SELECT e.status AS status, e.create_time AS create_time, o.id AS id
             FROM inbound_events e CROSS JOIN outbox o
             WHERE e.joined_at IS NULL AND e.given_up_at IS NULL
-              AND e.event = 'TEMPLATESENDJOBFINISH' AND ($2 IS NULL OR e.id = $2)
+              AND e.event IN {} AND ($2 IS NULL OR e.id = $2)
               AND o.account = e.account AND o.msgid = e.msgid AND o.touser = e.from_user
               AND o.status = 'sent')
          UPDATE outbox SET status = {DELIVERY_STATUS_SQL},
@@ -359,24 +370,29 @@ pub(super) static JOIN_EVENTS_TO_ROWS: LazyLock<String> = LazyLock::new(|| {
                     THEN strftime('%Y-%m-%d %H:%M:%f', j.create_time, 'unixepoch') ELSE $1 END,
                 updated_at = $1
          FROM j
-         WHERE outbox.id = j.id AND outbox.status = 'sent'"
+         WHERE outbox.id = j.id AND outbox.status = 'sent'",
+        delivery_events!()
     )
 });
 
 /// The join's second step: the events whose row took their status are marked joined, with
 /// the row's id. Correlated subqueries, which SQLite runs per event through `outbox_msgid`.
-pub(super) const MARK_EVENTS_JOINED: &str = "UPDATE inbound_events SET joined_at = $1,
+pub(super) const MARK_EVENTS_JOINED: &str = concat!(
+    "UPDATE inbound_events SET joined_at = $1,
             outbox_id = (SELECT o.id FROM outbox o
                          WHERE o.account = inbound_events.account
                            AND o.msgid = inbound_events.msgid
                            AND o.touser = inbound_events.from_user)
-     WHERE joined_at IS NULL AND given_up_at IS NULL AND event = 'TEMPLATESENDJOBFINISH'
+     WHERE joined_at IS NULL AND given_up_at IS NULL AND event IN ",
+    delivery_events!(),
+    "
        AND ($2 IS NULL OR id = $2)
        AND EXISTS (SELECT 1 FROM outbox o
                    WHERE o.account = inbound_events.account
                      AND o.msgid = inbound_events.msgid
                      AND o.touser = inbound_events.from_user
-                     AND o.delivery_status IS NOT NULL)";
+                     AND o.delivery_status IS NOT NULL)"
+);
 
 /// The claim and, in its transaction, the quota of the rows `countable` gives terms for.
 /// App-written text comes back as bytes so that one row with invalid UTF-8 cannot break the
@@ -772,6 +788,10 @@ fn raw_message(row: SqliteRow) -> StoreResult<RawMessage> {
         quota_day: r.get("quota_day"),
         template_in_use: r.get("template_in_use"),
         template_content: r.get("template_content"),
+        kind: r.text("kind"),
+        page: r.text("page"),
+        first_due: r.time("first_due"),
+        long_term: r.get("long_term"),
     };
     Ok(RawMessage {
         unreadable: r.problem,

@@ -26,6 +26,9 @@ pub struct TemplateRow {
     pub note: Option<String>,
     /// Its text with `{{name.DATA}}` parameters, when WeChat's list gave it.
     pub content: Option<String>,
+    /// `template`, or `subscribe (one-time)` / `subscribe (long-term)` for the account's
+    /// subscription templates (`subscribe_templates`, never "in use": no slots apply to them).
+    pub kind: String,
 }
 
 /// A template as WeChat lists it.
@@ -168,8 +171,15 @@ impl Store {
     pub async fn list_templates(&self) -> StoreResult<Vec<TemplateRow>> {
         on_backend!(self, |pool, _d| {
             sqlx::query_as(
-                "SELECT account, template_id, title, in_use, note, content FROM templates
-                 ORDER BY account, in_use DESC, template_id",
+                "SELECT account, template_id, title, in_use, note, content, kind FROM (
+                    SELECT account, template_id, title, in_use, note, content,
+                           'template' AS kind FROM templates
+                    UNION ALL
+                    SELECT account, template_id, title, (1 = 0) AS in_use, note, content,
+                           CASE WHEN long_term THEN 'subscribe (long-term)'
+                                ELSE 'subscribe (one-time)' END AS kind
+                    FROM subscribe_templates) listed
+                 ORDER BY account, kind DESC, in_use DESC, template_id",
             )
             .fetch_all(pool)
             .await

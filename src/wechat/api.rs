@@ -21,6 +21,21 @@ pub struct ApiReply {
     pub msgid: Option<i64>,
 }
 
+/// One entry of `/wxaapi/newtmpl/gettemplate`: `type` 2 is one-time, 3 long-term.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListedSubscribeTemplate {
+    #[serde(rename = "priTmplId")]
+    pub template_id: String,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub content: String,
+    #[serde(default)]
+    pub example: String,
+    #[serde(rename = "type", default)]
+    pub kind: i64,
+}
+
 /// A call that produced no errcode: the request failed in transport, or the answer was not
 /// WeChat's JSON.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -112,6 +127,46 @@ impl WechatApi {
                 .post_json("cgi-bin/message/template/send", token, body)
                 .await?,
         )
+    }
+
+    /// `POST /cgi-bin/message/subscribe/bizsend?access_token=…`: a subscription notification.
+    /// WeChat answers a `msgid` (not in its documentation, seen by WxJava #3142) that its
+    /// `subscribe_msg_sent_event` repeats.
+    pub async fn send_subscribe(
+        &self,
+        token: &SecretString,
+        body: &Value,
+    ) -> Result<ApiReply, TransportError> {
+        reply(
+            &self
+                .post_json("cgi-bin/message/subscribe/bizsend", token, body)
+                .await?,
+        )
+    }
+
+    /// `GET /wxaapi/newtmpl/gettemplate?access_token=…`: the account's subscription templates,
+    /// or WeChat's errcode.
+    pub async fn subscribe_templates(
+        &self,
+        token: &SecretString,
+    ) -> Result<Result<Vec<ListedSubscribeTemplate>, ApiReply>, TransportError> {
+        let url = self.with_token("wxaapi/newtmpl/gettemplate", token);
+        let body = read_body(self.http.get(url).send().await).await?;
+        if body.get("errcode").and_then(Value::as_i64).unwrap_or(0) == 0
+            && let Some(list) = body.get("data")
+        {
+            return serde_json::from_value(list.clone())
+                .map(Ok)
+                .map_err(|e| TransportError {
+                    detail: format!("data is not as documented: {}", echo(&e.to_string())),
+                    may_have_reached: true,
+                });
+        }
+        Ok(Err(ApiReply {
+            errcode: body.get("errcode").and_then(Value::as_i64).unwrap_or(-1),
+            errmsg: errmsg(&body, ""),
+            msgid: None,
+        }))
     }
 
     /// `GET /cgi-bin/template/get_all_private_template?access_token=…`: the account's templates,

@@ -29,9 +29,13 @@ pub enum XmlError {
     Malformed(String),
 }
 
-/// The top-level fields of one push, by element name.
+/// The top-level fields of one push, by element name, and the `<List>` items nested one level
+/// below them (subscription events: `<SubscribeMsgPopupEvent><List>…</List>…`), in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Fields(pub BTreeMap<String, String>);
+pub struct Fields(
+    pub BTreeMap<String, String>,
+    pub Vec<BTreeMap<String, String>>,
+);
 
 impl Fields {
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -41,6 +45,19 @@ impl Fields {
     pub fn int(&self, name: &str) -> Option<i64> {
         self.get(name).and_then(|v| v.trim().parse().ok())
     }
+
+    /// The `<List>` items of the push, each by its fields' names.
+    pub fn list_items(&self) -> &[BTreeMap<String, String>] {
+        &self.1
+    }
+}
+
+/// A `<List>` item being read: its fields so far, and the one open.
+#[derive(Default)]
+struct Item {
+    fields: BTreeMap<String, String>,
+    field: String,
+    text: String,
 }
 
 #[derive(PartialEq)]
@@ -60,6 +77,7 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
     let mut depth = 0usize;
     let mut field = String::new();
     let mut text = String::new();
+    let mut item: Option<Item> = None;
     loop {
         let event = reader.read_event().map_err(|e| malformed(&e))?;
         match event {
@@ -79,6 +97,13 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
                         if depth == 1 {
                             field = name;
                             text.clear();
+                        } else if depth == 2 && name == "List" {
+                            item = Some(Item::default());
+                        } else if depth == 3
+                            && let Some(item) = item.as_mut()
+                        {
+                            item.field = name;
+                            item.text.clear();
                         }
                     }
                 }
@@ -92,14 +117,20 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
                 Root::Before => return Err(XmlError::NotWeChatXml),
                 Root::Closed => return Err(XmlError::Malformed("content after </xml>".into())),
             },
-            Event::Text(t) if depth > 0 => text.push_str(&t.xml10_content()),
-            Event::CData(c) if depth > 0 => text.push_str(&c.into_inner()),
-            Event::GeneralRef(r) if depth > 0 => match r.resolve_char_ref() {
-                Ok(Some(c)) => text.push(c),
-                Ok(None) => text
-                    .push(predefined(&r).ok_or_else(|| XmlError::UnknownEntity(echo(&r).into()))?),
-                Err(e) => return Err(malformed(&e)),
-            },
+            Event::Text(t) if depth > 0 => {
+                push_text(&mut text, &mut item, depth, &t.xml10_content())
+            }
+            Event::CData(c) if depth > 0 => push_text(&mut text, &mut item, depth, &c.into_inner()),
+            Event::GeneralRef(r) if depth > 0 => {
+                let c = match r.resolve_char_ref() {
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        predefined(&r).ok_or_else(|| XmlError::UnknownEntity(echo(&r).into()))?
+                    }
+                    Err(e) => return Err(malformed(&e)),
+                };
+                push_text(&mut text, &mut item, depth, c.encode_utf8(&mut [0; 4]));
+            }
             Event::Text(_) | Event::CData(_) | Event::GeneralRef(_) => {}
             Event::End(_) => match root {
                 Root::Open if depth == 0 => root = Root::Closed,
@@ -110,6 +141,22 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
                             std::mem::take(&mut field),
                             std::mem::take(&mut text),
                         )?;
+                    } else if depth == 2
+                        && let Some(done) = item.take()
+                    {
+                        if fields.1.len() >= MAX_FIELDS {
+                            return Err(XmlError::TooLarge);
+                        }
+                        fields.1.push(done.fields);
+                    } else if depth == 3
+                        && let Some(item) = item.as_mut()
+                    {
+                        if item.fields.len() >= MAX_FIELDS {
+                            return Err(XmlError::TooLarge);
+                        }
+                        let name = std::mem::take(&mut item.field);
+                        let value = std::mem::take(&mut item.text);
+                        item.fields.entry(name).or_insert(value);
                     }
                     depth -= 1;
                 }
@@ -122,6 +169,16 @@ pub fn parse(xml: &str) -> Result<Fields, XmlError> {
         return Err(XmlError::NotWeChatXml);
     }
     Ok(fields)
+}
+
+/// Text inside a field; inside a `<List>` item's field too.
+fn push_text(text: &mut String, item: &mut Option<Item>, depth: usize, piece: &str) {
+    text.push_str(piece);
+    if depth == 3
+        && let Some(item) = item.as_mut()
+    {
+        item.text.push_str(piece);
+    }
 }
 
 /// quick-xml's messages quote names from the input (a mismatched end tag of any length).
@@ -174,6 +231,28 @@ mod tests {
         assert_eq!(fields.get("A"), Some("x & y 你"));
         assert_eq!(fields.get("B"), Some("in"));
         assert_eq!(fields.get("D"), Some(""));
+    }
+
+    /// WxJava's WxMpXmlMessageTest and wechatpy's test_events carry this push.
+    #[test]
+    fn list_items_of_a_subscription_event_are_read_in_order() {
+        let xml = "<xml><ToUserName><![CDATA[gh_123456789abc]]></ToUserName><FromUserName><![CDATA[otFpruAK8D-E6EfStSYonYSBZ8_4]]></FromUserName><CreateTime>1610969440</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe_msg_popup_event]]></Event><SubscribeMsgPopupEvent><List><TemplateId><![CDATA[VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc]]></TemplateId><SubscribeStatusString><![CDATA[accept]]></SubscribeStatusString><PopupScene>2</PopupScene></List><List><TemplateId><![CDATA[9nLIlbOQZC5Y89AZteFEux3WCXRRRG5Wfzkpssu4bLI]]></TemplateId><SubscribeStatusString><![CDATA[reject]]></SubscribeStatusString><PopupScene>2</PopupScene></List></SubscribeMsgPopupEvent></xml>";
+        let fields = parse(xml).unwrap();
+        assert_eq!(fields.get("Event"), Some("subscribe_msg_popup_event"));
+        let items = fields.list_items();
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            items[0]["TemplateId"],
+            "VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc"
+        );
+        assert_eq!(items[0]["SubscribeStatusString"], "accept");
+        assert_eq!(items[1]["SubscribeStatusString"], "reject");
+        assert_eq!(items[1]["PopupScene"], "2");
+        let many = format!(
+            "<xml><E>{}</E></xml>",
+            "<List><TemplateId>t</TemplateId></List>".repeat(300)
+        );
+        assert_eq!(parse(&many), Err(XmlError::TooLarge));
     }
 
     #[test]

@@ -16,13 +16,14 @@ use super::rate::AccountRuntime;
 use crate::domain::clock::Clock;
 use crate::domain::content_rules::{self, ContentRules, Overlong};
 use crate::domain::errcode::{ErrcodeClass, UserErrcode, UserErrcodes, classify};
-use crate::domain::message::{RawMessage, TemplateMessage};
+use crate::domain::message::{MessageKind, RawMessage, TemplateMessage};
 use crate::domain::quota::periods;
 use crate::domain::retry::{RetryDecision, RetryPolicy};
+use crate::domain::subscribe::SubscribeSettings;
 use crate::domain::text::{ECHO_CHARS, echo, loggable, loggable_within};
 use crate::metrics::Metrics;
 use crate::monitor::Health;
-use crate::store::{Outcome, Refusal, Reserved, Store};
+use crate::store::{ConsentKey, Outcome, Refusal, Reserved, Store};
 use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
 
@@ -36,6 +37,10 @@ pub struct Dispatcher {
     pub tokens: Arc<TokenManager>,
     pub accounts: HashMap<String, Arc<AccountRuntime>>,
     pub retry: RetryPolicy,
+    /// The retry policy of subscription notifications: no de-duplication window.
+    pub subscribe_retry: RetryPolicy,
+    /// `[subscribe]`: consent policy, its wait, the monthly limit per template.
+    pub subscribe: SubscribeSettings,
     pub owner: String,
     pub lease: Duration,
     pub http_timeout: Duration,
@@ -167,20 +172,37 @@ impl Dispatcher {
             tracing::info!(id = raw.id, count = cut.len(), parameters = %names, "values cut to WeChat's 20 characters");
             self.metrics.values_cut(&raw.account, cut.len() as u64);
         }
+        let consent = match self.consent_for(raw, &message, claimed_at).await {
+            Ok(consent) => consent,
+            Err(outcome) => return outcome,
+        };
         let counted = match self.check_limits(raw, &message, claimed_at, reserved).await {
             Ok(counted) => counted,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                self.give_back_consent(raw, &message, consent).await;
+                return outcome;
+            }
         };
 
         runtime.until_ready().await;
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
+            self.give_back_consent(raw, &message, consent).await;
             return lost;
         }
         let sent = self.send(raw, &message, doubt_since, started).await;
         if sent.refused {
             self.uncount(raw, &message.template_id, &counted).await;
+            self.give_back_consent(raw, &message, consent).await;
         }
         sent.outcome
+    }
+
+    /// The retry policy of the row's kind (a row whose kind is unreadable fails in `admit`).
+    pub(super) fn retry_of(&self, raw: &RawMessage) -> &RetryPolicy {
+        match kind_of(raw) {
+            MessageKind::Subscribe => &self.subscribe_retry,
+            MessageKind::Template => &self.retry,
+        }
     }
 
     /// The checks that end a row before its limits are looked at: an account of this daemon,
@@ -213,12 +235,17 @@ impl Dispatcher {
             }
         };
         // The same input gives the same cut, so a resend in doubt sends what the first did.
-        let cut =
-            content_rules::apply(&mut message.body["data"], self.content_rules, self.overlong)
-                .map_err(|reason| Outcome::Failed {
+        // Subscription values were held to their types' rules instead (`from_raw`).
+        let cut = match message.kind {
+            MessageKind::Template => {
+                content_rules::apply(&mut message.body["data"], self.content_rules, self.overlong)
+                    .map_err(|reason| Outcome::Failed {
                     errcode: None,
                     reason,
-                })?;
+                })?
+            }
+            MessageKind::Subscribe => Vec::new(),
+        };
         if raw.suppressed {
             return Err(Outcome::Failed {
                 errcode: None,
@@ -242,10 +269,18 @@ impl Dispatcher {
         }
         // Doubt that arises in this attempt began when it was claimed.
         let doubt_since = raw.in_doubt_since.unwrap_or(claimed_at);
-        if raw.in_doubt && !self.retry.resend_is_safe(doubt_since, self.clock.now()) {
+        if raw.in_doubt
+            && !self
+                .retry_of(raw)
+                .resend_is_safe(doubt_since, self.clock.now())
+        {
+            let reason = match message.kind {
+                MessageKind::Template => crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT,
+                MessageKind::Subscribe => crate::domain::lifecycle::reason::SUBSCRIBE_IN_DOUBT,
+            };
             return Err(Outcome::Unknown {
                 errcode: None,
-                reason: crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT.into(),
+                reason: reason.into(),
             });
         }
         Ok(Admitted {
@@ -291,7 +326,11 @@ impl Dispatcher {
             }
             started.store(true, Ordering::SeqCst);
             let request_began = std::time::Instant::now();
-            let reply = match self.api.send_template(&token, &message.body).await {
+            let request = match message.kind {
+                MessageKind::Template => self.api.send_template(&token, &message.body).await,
+                MessageKind::Subscribe => self.api.send_subscribe(&token, &message.body).await,
+            };
+            let reply = match request {
                 Ok(reply) => {
                     self.metrics
                         .send_request(&raw.account, request_began.elapsed());
@@ -364,7 +403,7 @@ impl Dispatcher {
                 self.retry_later(raw, doubt_since, Some(errcode), described, in_doubt)
             }
             ErrcodeClass::Permanent => {
-                if errcode == 40037 {
+                if errcode == 40037 && message.kind == MessageKind::Template {
                     self.retire_unknown_template(&raw.account, &message.template_id, &described)
                         .await;
                 }
@@ -438,6 +477,24 @@ impl Dispatcher {
     ) -> Outcome {
         let now = self.clock.now();
         match meaning {
+            UserErrcode::Refused if message.kind == MessageKind::Subscribe => {
+                let key = ConsentKey {
+                    account: &raw.account,
+                    openid: &message.touser,
+                    template_id: &message.template_id,
+                };
+                if let Err(e) = self.store.learn_refusal(key, now).await {
+                    tracing::warn!(error = %e, "could not record the refusal in the consent ledger");
+                }
+                Outcome::Failed {
+                    errcode: Some(errcode),
+                    reason: format!(
+                        "{described} (the user has no consent to this subscription template: \
+                         refused, or a one-time consent used up; the ledger says so now, see \
+                         report_consents)"
+                    ),
+                }
+            }
             UserErrcode::Refused => {
                 let expires_at = now + self.user_errcodes.refusal_lasts();
                 let refusal = Refusal {
@@ -512,7 +569,7 @@ impl Dispatcher {
     ) -> Outcome {
         let attempts = raw.attempts.max(1) as u32;
         match self
-            .retry
+            .retry_of(raw)
             .after_failure(attempts, doubt_since, in_doubt, self.clock.now())
         {
             RetryDecision::RetryAt(at) => Outcome::Retry {
@@ -529,7 +586,11 @@ impl Dispatcher {
                 errcode,
                 reason: format!(
                     "{}; last error: {reason}",
-                    crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT
+                    match kind_of(raw) {
+                        MessageKind::Subscribe =>
+                            crate::domain::lifecycle::reason::SUBSCRIBE_IN_DOUBT,
+                        MessageKind::Template => crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT,
+                    }
                 ),
             },
         }
@@ -558,6 +619,11 @@ impl Dispatcher {
             }),
         }
     }
+}
+
+/// The row's kind, a template message when unreadable (such a row fails in `admit`).
+fn kind_of(raw: &RawMessage) -> MessageKind {
+    MessageKind::of_row(raw.kind.as_deref()).unwrap_or_default()
 }
 
 fn log_outcome(outcome: &Outcome) {

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 
 use super::Dispatcher;
 use super::record::ReservationRequest;
-use crate::domain::message::{RawMessage, TemplateMessage};
+use crate::domain::message::{MessageKind, RawMessage, TemplateMessage};
 use crate::domain::quota::{Periods, periods};
 use crate::domain::template::check_data;
 use crate::store::{CountTerms, HeldFor, Outcome, QuotaReservation, Reserved, TemplateUse};
@@ -27,10 +27,12 @@ impl Dispatcher {
     /// of this daemon, readable, not suppressed, expired or in doubt, not counted before, its
     /// template in use and its data fitting). The others are counted by their task.
     pub fn countable(&self, raw: &RawMessage, claimed_at: DateTime<Utc>) -> Option<CountTerms> {
+        // A subscription notification is counted by its task, after its consent is taken.
         let ready = raw.quota_month.is_none()
             && raw.quota_day.is_none()
             && !raw.in_doubt
-            && raw.template_in_use == Some(true);
+            && raw.template_in_use == Some(true)
+            && MessageKind::of_row(raw.kind.as_deref()) == Ok(MessageKind::Template);
         if !ready {
             return None;
         }
@@ -75,7 +77,9 @@ impl Dispatcher {
         }
         let limits = self.accounts[&raw.account].limits();
         let template_id = message.template_id.as_str();
-        if raw.template_in_use != Some(true) {
+        // Template slots are a rule of template messages; subscription templates have none.
+        let subscribe = message.kind == MessageKind::Subscribe;
+        if !subscribe && raw.template_in_use != Some(true) {
             if !limits.auto_activate_templates {
                 return Err(hold_for_room(
                     now,
@@ -118,7 +122,7 @@ impl Dispatcher {
             template_id: template_id.to_string(),
             month: p.month.clone(),
             day: p.day.clone(),
-            monthly_limit: limits.monthly_per_template,
+            monthly_limit: self.monthly_limit(message.kind, &limits),
             daily_limit: limits.daily_per_account,
             now,
         };
@@ -143,7 +147,10 @@ impl Dispatcher {
             Ok(Reserved::MonthFull) => Err(self.hold_for_quota(
                 HeldFor::MonthlyQuota,
                 template_id,
-                limits.monthly_per_template,
+                self.monthly_limit(
+                    MessageKind::of_row(raw.kind.as_deref()).unwrap_or_default(),
+                    &limits,
+                ),
                 &p,
             )),
             Ok(Reserved::DayFull) => Err(self.hold_for_quota(
@@ -158,6 +165,16 @@ impl Dispatcher {
                 in_doubt: raw.in_doubt,
             }),
             Err(e) => Err(database_trouble(raw, e)),
+        }
+    }
+
+    /// The monthly limit of one template of this kind: `limits.monthly_per_template` for
+    /// template messages, `subscribe.monthly_per_template` (none by default) for subscription
+    /// notifications.
+    fn monthly_limit(&self, kind: MessageKind, limits: &crate::config::Limits) -> u32 {
+        match kind {
+            MessageKind::Template => limits.monthly_per_template,
+            MessageKind::Subscribe => self.subscribe.monthly_limit(),
         }
     }
 

@@ -9,6 +9,7 @@
 //! another.
 
 mod claim;
+mod consent;
 pub mod dispatch;
 mod limits;
 pub mod rate;

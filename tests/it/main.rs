@@ -25,4 +25,5 @@ mod retries;
 mod services;
 mod simulator_pushes;
 mod store_contract;
+mod subscribe;
 mod todays_wechat;

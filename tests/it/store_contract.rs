@@ -1601,6 +1601,7 @@ fn template_event(account: &str, key: &str, msgid: i64, from: &str, status: &str
         msgid: Some(msgid),
         status: Some(status.into()),
         raw_xml: format!("<xml><MsgID>{msgid}</MsgID></xml>"),
+        ..InboundEvent::default()
     }
 }
 

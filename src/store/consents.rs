@@ -1,0 +1,239 @@
+//! Subscription notifications' store: the consent ledger (what each user allowed the account
+//! to send, per template) and the account's subscription templates.
+//!
+//! A one-time consent allows one send: the dispatcher takes it before the request and gives it
+//! back when WeChat refuses the message; a long-term one serves until the user withdraws it.
+//! Pushes write the ledger in `record_push` (see `pushes.rs`), in the push's transaction.
+
+use chrono::{DateTime, Utc};
+
+use super::{Store, StoreResult, Time, on_backend};
+
+/// One-time consents a ledger entry holds at most, however often a popup is accepted.
+pub const MAX_GRANTED: i64 = 1000;
+
+/// What a push says about one template for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentChange {
+    /// Accepted in a popup: one more one-time send allowed.
+    Granted,
+    /// Accepted again in the notification settings: long-term sends resume (no one-time send).
+    Resumed,
+    /// Rejected in a popup or in the settings: nothing may be sent until accepted again.
+    Withdrawn,
+}
+
+/// What `take_consent` found for a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentTaken {
+    /// One one-time consent used for this send.
+    OneTime,
+    /// The template is long-term and the user accepted it.
+    LongTerm,
+    /// No consent to send: the user never accepted, used it up, or rejected.
+    Missing { rejected: bool },
+}
+
+/// A subscription template as `/wxaapi/newtmpl/gettemplate` lists it.
+#[derive(Debug, Clone)]
+pub struct SyncedSubscribeTemplate {
+    pub template_id: String,
+    pub title: String,
+    pub content: String,
+    pub example: String,
+    pub long_term: bool,
+}
+
+/// Whose consent, for which template.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsentKey<'a> {
+    pub account: &'a str,
+    pub openid: &'a str,
+    pub template_id: &'a str,
+}
+
+/// The statement a push's consent change runs, with `$1` account, `$2` openid, `$3` template,
+/// `$4` now, `$5` source.
+pub(super) fn consent_upsert(change: ConsentChange) -> &'static str {
+    match change {
+        ConsentChange::Granted => {
+            "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
+                    updated_at)
+             VALUES ($1, $2, $3, 'accept', 1, 0, $5, $4)
+             ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'accept',
+                granted = CASE WHEN consents.status = 'reject' THEN 1
+                               WHEN consents.granted < 1000 THEN consents.granted + 1
+                               ELSE 1000 END,
+                source = excluded.source, updated_at = excluded.updated_at"
+        }
+        ConsentChange::Resumed => {
+            "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
+                    updated_at)
+             VALUES ($1, $2, $3, 'accept', 0, 0, $5, $4)
+             ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'accept',
+                source = excluded.source, updated_at = excluded.updated_at"
+        }
+        ConsentChange::Withdrawn => {
+            "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
+                    updated_at)
+             VALUES ($1, $2, $3, 'reject', 0, 0, $5, $4)
+             ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'reject',
+                granted = 0, source = excluded.source, updated_at = excluded.updated_at"
+        }
+    }
+}
+
+/// Rows held for this user's consent to this template look again now (`$1`-`$4` as above).
+pub(super) const WAKE_HELD_FOR_CONSENT: &str = "UPDATE outbox SET next_attempt_at = $4
+     WHERE status = 'held' AND held_for = 'consent' AND account = $1 AND template_id = $3
+       AND touser = $2";
+
+impl Store {
+    /// Takes the consent a send of this template to this user needs: a long-term one when the
+    /// template is long-term (by the last sync) and accepted, else one one-time consent, taken
+    /// atomically (two rows racing for one consent: one gets it).
+    pub async fn take_consent(
+        &self,
+        key: ConsentKey<'_>,
+        long_term: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<ConsentTaken> {
+        on_backend!(self, |pool, _d| {
+            if long_term {
+                let taken = sqlx::query(
+                    "UPDATE consents SET used = used + 1, updated_at = $4
+                     WHERE account = $1 AND openid = $2 AND template_id = $3
+                       AND status = 'accept'",
+                )
+                .bind(key.account)
+                .bind(key.openid)
+                .bind(key.template_id)
+                .bind(Time(now))
+                .execute(pool)
+                .await?;
+                if taken.rows_affected() == 1 {
+                    return Ok(ConsentTaken::LongTerm);
+                }
+            } else {
+                let taken = sqlx::query(
+                    "UPDATE consents SET granted = granted - 1, used = used + 1, updated_at = $4
+                     WHERE account = $1 AND openid = $2 AND template_id = $3
+                       AND status = 'accept' AND granted > 0",
+                )
+                .bind(key.account)
+                .bind(key.openid)
+                .bind(key.template_id)
+                .bind(Time(now))
+                .execute(pool)
+                .await?;
+                if taken.rows_affected() == 1 {
+                    return Ok(ConsentTaken::OneTime);
+                }
+            }
+            let status: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM consents
+                 WHERE account = $1 AND openid = $2 AND template_id = $3",
+            )
+            .bind(key.account)
+            .bind(key.openid)
+            .bind(key.template_id)
+            .fetch_optional(pool)
+            .await?;
+            Ok(ConsentTaken::Missing {
+                rejected: status.as_deref() == Some("reject"),
+            })
+        })
+    }
+
+    /// Gives back a consent taken for a send WeChat refused (or that never left).
+    pub async fn give_back_consent(
+        &self,
+        key: ConsentKey<'_>,
+        taken: ConsentTaken,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let one_time = match taken {
+            ConsentTaken::OneTime => 1_i64,
+            ConsentTaken::LongTerm => 0,
+            ConsentTaken::Missing { .. } => return Ok(()),
+        };
+        on_backend!(self, |pool, _d| {
+            sqlx::query(
+                "UPDATE consents SET
+                    granted = CASE WHEN status = 'accept' AND granted < $5 THEN granted + $4
+                                   ELSE granted END,
+                    used = CASE WHEN used > 0 THEN used - 1 ELSE 0 END, updated_at = $6
+                 WHERE account = $1 AND openid = $2 AND template_id = $3",
+            )
+            .bind(key.account)
+            .bind(key.openid)
+            .bind(key.template_id)
+            .bind(one_time)
+            .bind(MAX_GRANTED)
+            .bind(Time(now))
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// WeChat refused a send for want of consent (43101): the ledger learns the user has none.
+    pub async fn learn_refusal(&self, key: ConsentKey<'_>, now: DateTime<Utc>) -> StoreResult<()> {
+        on_backend!(self, |pool, _d| {
+            sqlx::query(consent_upsert(ConsentChange::Withdrawn))
+                .bind(key.account)
+                .bind(key.openid)
+                .bind(key.template_id)
+                .bind(Time(now))
+                .bind("wechat")
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Records WeChat's list of the account's subscription templates; those missing from it
+    /// get a note.
+    pub async fn sync_subscribe_templates(
+        &self,
+        account: &str,
+        listed: &[SyncedSubscribeTemplate],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_backend!(self, |pool, dialect| {
+            let mut tx = dialect::begin_write(pool).await?;
+            for t in listed {
+                sqlx::query(
+                    "INSERT INTO subscribe_templates (account, template_id, title, content,
+                            example, long_term, last_seen_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (account, template_id) DO UPDATE SET title = excluded.title,
+                        content = excluded.content, example = excluded.example,
+                        long_term = excluded.long_term, last_seen_at = excluded.last_seen_at,
+                        note = NULL",
+                )
+                .bind(account)
+                .bind(&t.template_id)
+                .bind(&t.title)
+                .bind(&t.content)
+                .bind(&t.example)
+                .bind(t.long_term)
+                .bind(Time(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(
+                "UPDATE subscribe_templates SET note = $3
+                 WHERE account = $1 AND (last_seen_at IS NULL OR last_seen_at < $2)
+                   AND note IS NULL",
+            )
+            .bind(account)
+            .bind(Time(now))
+            .bind(crate::domain::lifecycle::reason::MISSING_FROM_LIST)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}

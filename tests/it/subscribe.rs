@@ -1,0 +1,347 @@
+//! Subscription notifications (订阅通知) from the same outbox, against the simulator: rows wait
+//! for the user's consent (pushed by WeChat's popup event, in plain and encrypted mode), a
+//! one-time consent sends one row, a long-term one serves until withdrawn, `consent = "trust"`
+//! lets WeChat decide and the ledger learns, a held row fails after its wait, typed values are
+//! checked before any request, and an ambiguous bizsend is never resent.
+
+use std::time::Duration;
+
+use wechat_outbox::simulator::SimSettings;
+use wechat_outbox::simulator::subscribe::ConsentAnswer;
+
+use crate::delivery::daemon_with_callback;
+use crate::helpers::{Backend, Sim, TestDb};
+use crate::limits::wait_for;
+use crate::on_both_backends;
+
+const APPID: &str = "wxtest0000000001";
+const ONE_TIME: &str = "SUB_ORDER_SHIPPED";
+const LONG_TERM: &str = "SUB_APPOINTMENT";
+const SHIPPED: &str =
+    r#"{"character_string1":"SO-2026-0001","phrase2":"已发货","time3":"2026年12月3日 15:01"}"#;
+const APPOINTMENT: &str = r#"{"thing1":"门诊复查","date2":"2026年12月9日"}"#;
+
+async fn insert(db: &TestDb, touser: &str, template: &str, data: &str) {
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (kind, touser, template_id, data, page) \
+             VALUES ('subscribe', '{touser}', '{template}', '{data}', 'https://example.com/o/1')"
+        ))
+        .await
+        .unwrap();
+}
+
+fn answer(openid: &str, template: &str, accept: bool) -> ConsentAnswer {
+    ConsentAnswer {
+        appid: APPID.into(),
+        openid: openid.into(),
+        template_ids: vec![template.into()],
+        accept,
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A row waits held for consent; the popup's accept (pushed in plain or safe mode) sends it,
+/// its sent event delivers it; the one-time consent is used, so the next row waits again.
+async fn consent_sends_one_row_per_accept(backend: Backend, safe: bool) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, safe, "").await;
+
+    insert(&db, "oSubUser0001", ONE_TIME, SHIPPED).await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'held' AND held_for = 'consent'",
+        1,
+        WAIT,
+    )
+    .await;
+    let reason = db.app.rows().await[0].last_error.clone().unwrap();
+    assert!(reason.contains("waits for the user's consent"), "{reason}");
+    assert_eq!(
+        sim.sim.stats().send_requests,
+        0,
+        "no request without consent"
+    );
+
+    sim.sim
+        .subscribe_popup(&answer("oSubUser0001", ONE_TIME, true))
+        .await;
+    wait_for(&db, "outbox", "status = 'delivered'", 1, WAIT).await;
+    assert_eq!(sim.sim.stats().subscribe_sends, 1);
+    assert_eq!(
+        db.app
+            .count_in(
+                "report_consents",
+                "openid = 'oSubUser0001' AND granted = 0 AND used = 1 AND status = 'accept'"
+            )
+            .await,
+        1
+    );
+    assert_eq!(
+        db.app
+            .count_in(
+                "outbox",
+                "status = 'delivered' AND delivery_status = 'success' AND msgid IS NOT NULL"
+            )
+            .await,
+        1
+    );
+
+    insert(&db, "oSubUser0001", ONE_TIME, SHIPPED).await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'held' AND held_for = 'consent'",
+        1,
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        sim.sim.stats().subscribe_sends,
+        1,
+        "a used consent is not used again"
+    );
+}
+
+async fn consent_in_plain_mode(backend: Backend) {
+    consent_sends_one_row_per_accept(backend, false).await;
+}
+on_both_backends!(consent_in_plain_mode);
+
+async fn consent_in_safe_mode(backend: Backend) {
+    consent_sends_one_row_per_accept(backend, true).await;
+}
+on_both_backends!(consent_in_safe_mode);
+
+/// Eight rows race for two one-time consents among four workers: exactly two are sent.
+async fn one_time_consents_are_used_exactly_once_under_concurrency(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "[workers]\nconcurrency = 8").await;
+    for _ in 0..2 {
+        sim.sim
+            .subscribe_popup(&answer("oSubRacer001", ONE_TIME, true))
+            .await;
+        // Two popups of one user in one second are one push to the dedup key (see the docs).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    wait_for(&db, "consents", "granted = 2", 1, WAIT).await;
+    let values: Vec<String> = (0..8)
+        .map(|i| {
+            format!(
+                "('subscribe', 'oSubRacer001', '{ONE_TIME}', \
+                 '{{\"character_string1\":\"SO-{i}\",\"phrase2\":\"已发货\",\"time3\":\"15:01\"}}')"
+            )
+        })
+        .collect();
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (kind, touser, template_id, data) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    wait_for(&db, "outbox", "status = 'delivered'", 2, WAIT).await;
+    wait_for(&db, "outbox", "status = 'held'", 6, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.sim.stats().subscribe_sends, 2);
+    assert_eq!(
+        sim.sim.stats().errcodes.get("43101"),
+        None,
+        "{:?}",
+        sim.sim.stats()
+    );
+    assert_eq!(
+        db.app
+            .count_in("consents", "granted = 0 AND used = 2")
+            .await,
+        1
+    );
+}
+on_both_backends!(one_time_consents_are_used_exactly_once_under_concurrency);
+
+/// A long-term template's consent sends every row until the user rejects it in the settings;
+/// then rows wait again.
+async fn long_term_consent_serves_until_withdrawn(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
+    wait_for(&db, "subscribe_templates", "long_term", 1, WAIT).await;
+    sim.sim
+        .subscribe_popup(&answer("oSubPatient1", LONG_TERM, true))
+        .await;
+    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    for _ in 0..3 {
+        insert(&db, "oSubPatient1", LONG_TERM, APPOINTMENT).await;
+    }
+    wait_for(&db, "outbox", "status = 'delivered'", 3, WAIT).await;
+
+    sim.sim
+        .subscribe_change(&answer("oSubPatient1", LONG_TERM, false))
+        .await;
+    wait_for(
+        &db,
+        "report_consents",
+        "status = 'reject' AND source = 'change'",
+        1,
+        WAIT,
+    )
+    .await;
+    insert(&db, "oSubPatient1", LONG_TERM, APPOINTMENT).await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'held' AND held_for = 'consent'",
+        1,
+        WAIT,
+    )
+    .await;
+    let reason = db.app.rows().await[3].last_error.clone().unwrap();
+    assert!(reason.contains("the user rejected it"), "{reason}");
+    assert_eq!(sim.sim.stats().subscribe_sends, 3);
+}
+on_both_backends!(long_term_consent_serves_until_withdrawn);
+
+/// `consent = "trust"`: sent without a consent in the ledger; WeChat's 43101 fails the row and
+/// the ledger learns the refusal.
+async fn trust_lets_wechat_decide_and_the_ledger_learns(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "[subscribe]\nconsent = \"trust\"").await;
+    insert(&db, "oSubTrusted1", ONE_TIME, SHIPPED).await;
+    db.app.wait_settled(WAIT).await;
+    let row = db.app.rows().await.pop().unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.last_errcode),
+        ("failed", Some(43101))
+    );
+    assert!(row.last_error.unwrap().contains("report_consents"));
+    assert_eq!(
+        db.app
+            .count_in(
+                "consents",
+                "openid = 'oSubTrusted1' AND status = 'reject' AND source = 'wechat'"
+            )
+            .await,
+        1
+    );
+}
+on_both_backends!(trust_lets_wechat_decide_and_the_ledger_learns);
+
+/// Without a consent, a row waits `consent_wait_secs` from when it was due, then fails.
+async fn a_row_without_consent_fails_after_its_wait(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon =
+        daemon_with_callback(&db, &sim, false, "[subscribe]\nconsent_wait_secs = 1").await;
+    insert(&db, "oSubNobody01", ONE_TIME, SHIPPED).await;
+    wait_for(&db, "outbox", "status = 'failed'", 1, WAIT).await;
+    let row = db.app.rows().await.pop().unwrap();
+    assert_eq!(row.status, "failed");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("no consent from the user"),
+        "{row:?}"
+    );
+    assert_eq!(sim.sim.stats().send_requests, 0);
+}
+on_both_backends!(a_row_without_consent_fails_after_its_wait);
+
+/// Typed values, an unknown kind and the other kind's link column fail their own row before
+/// any request, naming the key and the rule; the good row beside them is sent.
+async fn bad_subscribe_rows_fail_alone_with_the_rule_named(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "[subscribe]\nconsent = \"trust\"").await;
+    sim.sim
+        .subscribe_popup(&answer("oSubGood0001", LONG_TERM, true))
+        .await;
+    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    let long = "长".repeat(21);
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (kind, touser, template_id, data, url) VALUES \
+             ('subscribe', 'oSubBad00001', '{LONG_TERM}', '{{\"thing1\":\"{long}\",\"date2\":\"2026-12-09\"}}', NULL),
+             ('subscribe', 'oSubBad00002', '{LONG_TERM}', '{{\"thing1\":\"x\",\"date2\":\"someday\"}}', NULL),
+             ('subscribe', 'oSubBad00003', '{LONG_TERM}', '{{\"first\":\"x\"}}', NULL),
+             ('subscribe', 'oSubBad00004', '{LONG_TERM}', '{{\"thing1\":\"x\",\"date2\":\"2026-12-09\"}}', 'https://x'),
+             ('postcard', 'oSubBad00005', '{LONG_TERM}', '{{}}', NULL),
+             ('subscribe', 'oSubGood0001', '{LONG_TERM}', '{{\"thing1\":\"x\",\"date2\":\"2026-12-09\"}}', NULL)"
+        ))
+        .await
+        .unwrap();
+    db.app.wait_settled(WAIT).await;
+    let rows = db.app.rows().await;
+    let reasons: Vec<String> = rows
+        .iter()
+        .map(|r| r.last_error.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        reasons[0].contains("data.thing1") && reasons[0].contains("at most 20 characters"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("data.date2") && reasons[1].contains("date:"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("data.first has no type"), "{reasons:?}");
+    assert!(
+        reasons[3].contains("url is not used by a subscribe row"),
+        "{reasons:?}"
+    );
+    assert!(reasons[4].contains("kind is \"postcard\""), "{reasons:?}");
+    for row in &rows[..5] {
+        assert_eq!(
+            (row.status.as_str(), row.last_errcode),
+            ("failed", None),
+            "{row:?}"
+        );
+    }
+    wait_for(&db, "outbox", "status = 'delivered'", 1, WAIT).await;
+    assert_eq!(
+        sim.sim.stats().send_requests,
+        1,
+        "only the good row was requested"
+    );
+}
+on_both_backends!(bad_subscribe_rows_fail_alone_with_the_rule_named);
+
+/// bizsend de-duplicates nothing: a request whose answer is lost ends `unknown` at once,
+/// reaching the user once, never twice.
+async fn an_ambiguous_bizsend_is_never_resent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "[api]\ntimeout_ms = 300").await;
+    sim.sim
+        .subscribe_popup(&answer("oSubHang0001", LONG_TERM, true))
+        .await;
+    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    sim.sim.set_faults(wechat_outbox::simulator::Faults {
+        hang_rate: 1.0,
+        ..Default::default()
+    });
+    insert(&db, "oSubHang0001", LONG_TERM, APPOINTMENT).await;
+    wait_for(&db, "outbox", "status = 'unknown'", 1, WAIT).await;
+    let row = db.app.rows().await.pop().unwrap();
+    assert!(
+        row.last_error
+            .unwrap()
+            .contains("bizsend de-duplicates nothing")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = sim.sim.stats();
+    assert_eq!(
+        (
+            stats.send_requests,
+            stats.delivered,
+            stats.duplicate_deliveries
+        ),
+        (1, 1, 0)
+    );
+}
+on_both_backends!(an_ambiguous_bizsend_is_never_resent);
