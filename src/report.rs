@@ -12,7 +12,7 @@ use crate::store::Store;
 pub const TABLE_CELL_CHARS: usize = 200;
 
 /// The views, each with the order its rows are printed in.
-pub const REPORTS: [(&str, &str); 8] = [
+pub const REPORTS: [(&str, &str); 9] = [
     ("report_status", "account, template_id, status"),
     ("report_quota", "account, template_id"),
     ("report_daily", "day DESC, account, template_id"),
@@ -21,6 +21,7 @@ pub const REPORTS: [(&str, &str); 8] = [
     ("report_stuck", "since, id"),
     ("report_events", "account, state, problem"),
     ("report_refusals", "account, template_id, refused_at DESC"),
+    ("report_consents", "account, template_id, openid"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

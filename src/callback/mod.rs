@@ -493,7 +493,6 @@ pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<Inbo
                 ("subscribe_msg_change_event", "accept") => Some(ConsentChange::Resumed),
                 _ => None,
             };
-            let said_or_status = said.clone();
             let (msgid, status) = if kind == "subscribe_msg_sent_event" {
                 let msgid = text("MsgID").and_then(|m| m.parse::<i64>().ok());
                 (msgid, Some(sent_status(&text)))
@@ -504,10 +503,11 @@ pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<Inbo
             // a second are several events, while WeChat's retry of one push repeats them all.
             InboundEvent {
                 dedup_key: format!(
-                    "{}:{index}:{}:{}:{said_or_status}",
+                    "{}:{index}:{}:{}:{:?}",
                     event.dedup_key,
                     msgid.map(|m| m.to_string()).unwrap_or_default(),
-                    template_id.as_deref().unwrap_or_default()
+                    template_id.as_deref().unwrap_or_default(),
+                    consent
                 ),
                 msgid,
                 status: status.map(|s| echo(&s).into_owned()),

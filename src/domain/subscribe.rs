@@ -264,14 +264,27 @@ fn date_time(value: &str, date_first: bool) -> bool {
     date.is_none_or(is_date) && time.is_none_or(is_time)
 }
 
+/// WeChat's footnote: "y年m月d日, y年m月, m月d日, or joined by - / . (2018-01-01, 2018-01,
+/// 01-01)"; `号` for `日` is ours.
 fn is_date(text: &str) -> bool {
-    let numbers: Vec<&str> = if text.contains('月') {
-        let trimmed = text.strip_suffix('日').or_else(|| text.strip_suffix('号'));
+    let chinese = text.contains('月');
+    let numbers: Vec<&str> = if chinese {
+        let trimmed = text
+            .strip_suffix('日')
+            .or_else(|| text.strip_suffix('号'))
+            .or_else(|| text.strip_suffix('月').filter(|t| t.contains('年')));
         let Some(trimmed) = trimmed else { return false };
         trimmed.split(['年', '月']).collect()
     } else {
         text.split(['-', '/', '.']).collect()
     };
+    // Two numbers: a year and a month (`2019年10月`, `2018-01`) or a month and a day.
+    let year_month = numbers.len() == 2
+        && if chinese {
+            text.contains('年')
+        } else {
+            numbers[0].len() == 4
+        };
     let parsed: Option<Vec<u32>> = numbers
         .iter()
         .map(|n| {
@@ -284,9 +297,8 @@ fn is_date(text: &str) -> bool {
         Some([year, month, day]) => {
             (1..=9999).contains(year) && (1..=12).contains(month) && (1..=31).contains(day)
         }
-        Some([month, day]) => {
-            text.contains('月') && (1..=12).contains(month) && (1..=31).contains(day)
-        }
+        Some([year, month]) if year_month => (1..=9999).contains(year) && (1..=12).contains(month),
+        Some([month, day]) => (1..=12).contains(month) && (1..=31).contains(day),
         _ => false,
     }
 }
@@ -392,6 +404,12 @@ mod tests {
             ("date1", "2019年10月1日 15:01", true),
             ("date1", "2019年10月1日~2019年10月7日", true),
             ("date1", "2019-13-01", false),
+            ("date1", "2019年10月", true),
+            ("date1", "2018-01", true),
+            ("date1", "01-01", true),
+            ("date1", "10月1日", true),
+            ("date1", "2019年", false),
+            ("date1", "13-01", false),
             ("date1", "soon", false),
             ("amount1", "¥39.80", true),
             ("amount1", "39.8元", true),

@@ -101,6 +101,8 @@ pub struct SimSettings {
     pub max_private_templates: usize,
     /// Subscription templates `gettemplate` lists and `bizsend` accepts.
     pub subscribe_templates: Vec<subscribe::SimSubscribeTemplate>,
+    /// Answer every `bizsend` with this errcode (48001: an account without the feature).
+    pub subscribe_errcode: Option<i64>,
 }
 
 impl Default for SimSettings {
@@ -125,6 +127,7 @@ impl Default for SimSettings {
             library: today::demo_library(),
             max_private_templates: 25,
             subscribe_templates: subscribe::demo_subscribe_templates(),
+            subscribe_errcode: None,
         }
     }
 }

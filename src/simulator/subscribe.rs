@@ -144,6 +144,9 @@ impl Simulator {
         body: &[u8],
     ) -> Result<(i64, Option<Event>), (i64, &'static str)> {
         let appid = self.check_token(token, state)?;
+        if let Some(code) = settings.subscribe_errcode {
+            return Err((code, "api unauthorized"));
+        }
         let req: Value = serde_json::from_slice(body).map_err(|_| (47001, "data format error"))?;
         let text = |name: &str| req.get(name).and_then(Value::as_str).unwrap_or_default();
         let touser = text("touser").to_string();

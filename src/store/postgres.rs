@@ -621,6 +621,9 @@ pub(super) async fn release_holds_with_room(
                                    AND q.scope LIKE 'template:%' AND q.used < l.monthly
                  JOIN outbox h ON h.status = 'held' AND h.account = l.account
                               AND h.held_for = 'monthly quota'
+                              -- Subscription notifications have their own month
+                              -- (subscribe.monthly_per_template): released when it ends.
+                              AND h.kind = 'template'
                               AND h.template_id = substr(q.scope, 10)) ranked
                WHERE n <= room) r
          WHERE o.id = r.id AND o.status = 'held'",

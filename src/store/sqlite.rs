@@ -560,6 +560,9 @@ pub(super) async fn release_holds_with_room(
                                   AND q.used < l.value ->> 'monthly'
                 JOIN outbox h ON h.status = 'held' AND h.account = q.account
                              AND h.held_for = 'monthly quota'
+                             -- Subscription notifications have their own month
+                             -- (subscribe.monthly_per_template): released when it ends.
+                             AND h.kind = 'template'
                              AND h.template_id = substr(q.scope, 10))
             WHERE n <= room)
          UPDATE outbox SET status = 'pending', held_for = NULL, next_attempt_at = $3,

@@ -244,9 +244,26 @@ impl Dispatcher {
                     reason,
                 })?
             }
-            MessageKind::Subscribe => Vec::new(),
+            // Checked against the synced template here, not with the limits: a row that can
+            // never be sent must not first wait days for a consent.
+            MessageKind::Subscribe => {
+                if let Some(content) = &raw.template_content {
+                    crate::domain::template::check_data(
+                        &message.template_id,
+                        content,
+                        &message.body["data"],
+                    )
+                    .map_err(|reason| Outcome::Failed {
+                        errcode: None,
+                        reason,
+                    })?;
+                }
+                Vec::new()
+            }
         };
-        if raw.suppressed {
+        // A subscription notification reaches users who do not follow the account (in 服务通知):
+        // that is what it is for.
+        if raw.suppressed && message.kind == MessageKind::Template {
             return Err(Outcome::Failed {
                 errcode: None,
                 reason: crate::domain::lifecycle::reason::SUPPRESSED.into(),
@@ -410,6 +427,30 @@ impl Dispatcher {
                 Outcome::Failed {
                     errcode: Some(errcode),
                     reason: described,
+                }
+            }
+            // The account's template messages are not held back by what WeChat says about
+            // its subscription notifications (an account without the feature answers 48001).
+            ErrcodeClass::NotAuthorised if message.kind == MessageKind::Subscribe => {
+                Outcome::Failed {
+                    errcode: Some(errcode),
+                    reason: format!(
+                        "{described} (WeChat does not let this account send subscription \
+                         notifications; its template messages go on)"
+                    ),
+                }
+            }
+            ErrcodeClass::DailyLimit if message.kind == MessageKind::Subscribe => {
+                let until = periods(self.clock.now(), self.timezone).day_ends;
+                Outcome::Wait {
+                    until,
+                    errcode: Some(errcode),
+                    reason: format!(
+                        "{described} (WeChat's daily limit of subscription notifications; this \
+                         row waits until {} UTC, template messages go on)",
+                        until.format("%Y-%m-%d %H:%M")
+                    ),
+                    in_doubt,
                 }
             }
             ErrcodeClass::DailyLimit | ErrcodeClass::NotAuthorised => {

@@ -306,7 +306,14 @@ fn the_demo_runs_end_to_end() {
     }
     assert_eq!(
         stdout.matches("delivery event: success").count(),
-        4,
+        5,
+        "{stdout}"
+    );
+    // The subscription notification, sent once its user accepted the popup.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("oDemoUser0010") && l.contains("delivered")),
         "{stdout}"
     );
 }

@@ -6,11 +6,12 @@
 
 use std::time::Duration;
 
-use wechat_outbox::simulator::SimSettings;
+use wechat_outbox::config::Config;
 use wechat_outbox::simulator::subscribe::ConsentAnswer;
+use wechat_outbox::simulator::{CallbackTarget, SimSettings};
 
 use crate::delivery::daemon_with_callback;
-use crate::helpers::{Backend, Sim, TestDb};
+use crate::helpers::{Backend, Daemon, Sim, TestDb};
 use crate::limits::wait_for;
 use crate::on_both_backends;
 
@@ -42,12 +43,36 @@ fn answer(openid: &str, template: &str, accept: bool) -> ConsentAnswer {
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A row waits held for consent; the popup's accept (pushed in plain or safe mode) sends it,
-/// its sent event delivers it; the one-time consent is used, so the next row waits again.
-async fn consent_sends_one_row_per_accept(backend: Backend, safe: bool) {
+const TOKEN: &str = "subscribe-callback-token";
+const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+
+/// A daemon whose account takes pushes in `mode` (plain, compatible or safe), and the
+/// simulator pushing to it (sealed unless plain).
+async fn daemon_in_mode(db: &TestDb, sim: &Sim, mode: &str) -> Daemon {
+    let mut keys = format!("token = \"{TOKEN}\"\nmessage_mode = \"{mode}\"\n");
+    if mode != "plain" {
+        keys.push_str(&format!("encoding_aes_key = \"{AES_KEY}\"\n"));
+    }
+    let toml = db.config_toml(&sim.url(), "").replace(
+        "secret = \"test-app-secret-value\"",
+        &format!("secret = \"test-app-secret-value\"\n{keys}"),
+    );
+    let daemon = Daemon::start(Config::from_toml(&toml).unwrap()).await;
+    sim.sim.set_callback(Some(CallbackTarget {
+        url: daemon.callback_url("default"),
+        token: TOKEN.into(),
+        encoding_aes_key: (mode != "plain").then(|| AES_KEY.to_string()),
+    }));
+    daemon
+}
+
+/// A row waits held for consent; the popup's accept (pushed in the account's message mode)
+/// sends it, its sent event delivers it; the one-time consent is used, so the next row waits
+/// again.
+async fn consent_sends_one_row_per_accept(backend: Backend, mode: &str) {
     let db = TestDb::new(backend).await;
     let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, safe, "").await;
+    let _daemon = daemon_in_mode(&db, &sim, mode).await;
 
     insert(&db, "oSubUser0001", ONE_TIME, SHIPPED).await;
     wait_for(
@@ -107,12 +132,17 @@ async fn consent_sends_one_row_per_accept(backend: Backend, safe: bool) {
 }
 
 async fn consent_in_plain_mode(backend: Backend) {
-    consent_sends_one_row_per_accept(backend, false).await;
+    consent_sends_one_row_per_accept(backend, "plain").await;
 }
 on_both_backends!(consent_in_plain_mode);
 
+async fn consent_in_compatible_mode(backend: Backend) {
+    consent_sends_one_row_per_accept(backend, "compatible").await;
+}
+on_both_backends!(consent_in_compatible_mode);
+
 async fn consent_in_safe_mode(backend: Backend) {
-    consent_sends_one_row_per_accept(backend, true).await;
+    consent_sends_one_row_per_accept(backend, "safe").await;
 }
 on_both_backends!(consent_in_safe_mode);
 
@@ -257,7 +287,7 @@ on_both_backends!(a_row_without_consent_fails_after_its_wait);
 async fn bad_subscribe_rows_fail_alone_with_the_rule_named(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, false, "[subscribe]\nconsent = \"trust\"").await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
     sim.sim
         .subscribe_popup(&answer("oSubGood0001", LONG_TERM, true))
         .await;
@@ -271,6 +301,7 @@ async fn bad_subscribe_rows_fail_alone_with_the_rule_named(backend: Backend) {
              ('subscribe', 'oSubBad00003', '{LONG_TERM}', '{{\"first\":\"x\"}}', NULL),
              ('subscribe', 'oSubBad00004', '{LONG_TERM}', '{{\"thing1\":\"x\",\"date2\":\"2026-12-09\"}}', 'https://x'),
              ('postcard', 'oSubBad00005', '{LONG_TERM}', '{{}}', NULL),
+             ('subscribe', 'oSubBad00006', '{ONE_TIME}', '{{\"character_string1\":\"A1\",\"phrase2\":\"已发货\"}}', NULL),
              ('subscribe', 'oSubGood0001', '{LONG_TERM}', '{{\"thing1\":\"x\",\"date2\":\"2026-12-09\"}}', NULL)"
         ))
         .await
@@ -295,7 +326,11 @@ async fn bad_subscribe_rows_fail_alone_with_the_rule_named(backend: Backend) {
         "{reasons:?}"
     );
     assert!(reasons[4].contains("kind is \"postcard\""), "{reasons:?}");
-    for row in &rows[..5] {
+    assert!(
+        reasons[5].contains("data lacks parameter \"time3\""),
+        "{reasons:?}"
+    );
+    for row in &rows[..6] {
         assert_eq!(
             (row.status.as_str(), row.last_errcode),
             ("failed", None),
@@ -345,3 +380,157 @@ async fn an_ambiguous_bizsend_is_never_resent(backend: Backend) {
     );
 }
 on_both_backends!(an_ambiguous_bizsend_is_never_resent);
+
+/// The account's subscription templates are synced from gettemplate at start (one-time and
+/// long-term told apart) and listed beside the template messages' templates.
+async fn subscription_templates_are_synced_and_listed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
+    wait_for(&db, "subscribe_templates", "note IS NULL", 2, WAIT).await;
+    let listed = db.store().await.list_templates().await.unwrap();
+    let kinds: Vec<(&str, &str)> = listed
+        .iter()
+        .filter(|t| t.kind.starts_with("subscribe"))
+        .map(|t| (t.template_id.as_str(), t.kind.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (ONE_TIME, "subscribe (one-time)"),
+            (LONG_TERM, "subscribe (long-term)")
+        ]
+    );
+    assert!(listed.iter().any(|t| t.kind == "template"));
+}
+on_both_backends!(subscription_templates_are_synced_and_listed);
+
+/// The ledger's own contract, straight on the store: ten takes race for two one-time consents
+/// and two win; a give-back returns one; a refusal WeChat answered empties it; a long-term
+/// consent is taken without using a one-time one.
+async fn the_ledger_hands_out_each_consent_once(backend: Backend) {
+    use wechat_outbox::store::{ConsentKey, ConsentTaken};
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let now = chrono::Utc::now();
+    let key = ConsentKey {
+        account: "default",
+        openid: "oLedger00001",
+        template_id: ONE_TIME,
+    };
+    db.app
+        .exec(&format!(
+            "INSERT INTO consents (account, openid, template_id, status, granted, used, source, \
+             updated_at) VALUES ('default', 'oLedger00001', '{ONE_TIME}', 'accept', 2, 0, \
+             'popup', CURRENT_TIMESTAMP)"
+        ))
+        .await
+        .unwrap();
+    let takes = (0..10).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let key = ConsentKey {
+                account: "default",
+                openid: "oLedger00001",
+                template_id: ONE_TIME,
+            };
+            store.take_consent(key, false, now).await.unwrap()
+        })
+    });
+    let results: Vec<ConsentTaken> = futures_results(takes).await;
+    let won = results
+        .iter()
+        .filter(|t| **t == ConsentTaken::OneTime)
+        .count();
+    assert_eq!(won, 2, "{results:?}");
+    assert_eq!(
+        store.take_consent(key, false, now).await.unwrap(),
+        ConsentTaken::Missing { rejected: false }
+    );
+    store
+        .give_back_consent(key, ConsentTaken::OneTime, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.app
+            .count_in("consents", "granted = 1 AND used = 1")
+            .await,
+        1
+    );
+    assert_eq!(
+        store.take_consent(key, true, now).await.unwrap(),
+        ConsentTaken::LongTerm,
+        "an accepted long-term template needs no one-time consent"
+    );
+    assert_eq!(
+        db.app
+            .count_in("consents", "granted = 1 AND used = 2")
+            .await,
+        1
+    );
+    store.learn_refusal(key, now).await.unwrap();
+    assert_eq!(
+        store.take_consent(key, false, now).await.unwrap(),
+        ConsentTaken::Missing { rejected: true }
+    );
+    assert_eq!(
+        db.app
+            .count_in(
+                "report_consents",
+                "status = 'reject' AND granted = 0 AND source = 'wechat'"
+            )
+            .await,
+        1
+    );
+}
+on_both_backends!(the_ledger_hands_out_each_consent_once);
+
+async fn futures_results<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for task in tasks.collect::<Vec<_>>() {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+/// A subscription notification reaches a user who unfollowed the account (in 服务通知), and an
+/// account WeChat does not let send them (48001) fails those rows alone: its template messages
+/// go on, and the account is not paused.
+async fn subscribe_rows_go_where_template_messages_do_not(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
+    sim.sim
+        .subscribe_popup(&answer("oSubGone0001", LONG_TERM, true))
+        .await;
+    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    db.app
+        .exec(
+            "INSERT INTO suppressed_openids (account, openid, since) \
+             VALUES ('default', 'oSubGone0001', CURRENT_TIMESTAMP)",
+        )
+        .await
+        .unwrap();
+    insert(&db, "oSubGone0001", LONG_TERM, APPOINTMENT).await;
+    wait_for(&db, "outbox", "status = 'delivered'", 1, WAIT).await;
+
+    sim.sim.update(|s| s.subscribe_errcode = Some(48001));
+    insert(&db, "oSubGone0001", LONG_TERM, APPOINTMENT).await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'failed' AND last_errcode = 48001",
+        1,
+        WAIT,
+    )
+    .await;
+    db.app
+        .exec("INSERT INTO outbox (touser, template_id, data) VALUES ('oTemplate001', 'TEMPLATE_ID', '{\"first\":\"x\"}')")
+        .await
+        .unwrap();
+    wait_for(&db, "outbox", "status = 'delivered'", 2, WAIT).await;
+    assert_eq!(db.app.count_in("account_pauses", "1 = 1").await, 0);
+}
+on_both_backends!(subscribe_rows_go_where_template_messages_do_not);
