@@ -392,6 +392,7 @@ impl Metrics {
                     HeldFor::Template,
                     HeldFor::MonthlyQuota,
                     HeldFor::DailyQuota,
+                    HeldFor::Consent,
                 ]
                 .map(HeldFor::as_str);
                 let labels = HeldLabels {

@@ -6,6 +6,12 @@ ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'template';
 -- A subscribe row's link (bizsend's `page`); template rows keep `url`.
 ALTER TABLE outbox ADD COLUMN page TEXT;
 
+-- Rows held for a user's consent, found when WeChat pushes it (one index probe per pushed
+-- item, however many rows wait for other users). touser and template_id are at most 128
+-- characters on a held row: longer ones fail before any hold.
+CREATE INDEX outbox_held_for_consent ON outbox (account, touser, template_id)
+    WHERE status = 'held' AND held_for = 'consent';
+
 -- The account's subscription templates as /wxaapi/newtmpl/gettemplate lists them. `long_term`
 -- is WeChat's type 3 (长期订阅: a consent serves until withdrawn); type 2 is one-time.
 CREATE TABLE subscribe_templates (
@@ -68,9 +74,10 @@ GROUP BY 1, 2, 3, 7;
 -- Whom the account may notify, and with which template. docs/reports.md.
 CREATE VIEW report_consents AS
 SELECT c.account, c.openid, c.template_id, t.title, c.status,
-       COALESCE(t.long_term, false) AS long_term, c.granted, c.used,
+       CASE WHEN t.long_term THEN 1 ELSE 0 END AS long_term, c.granted, c.used,
+       -- 1 or 0, as on SQLite, so that apps and `wechat-outbox report` read one shape.
        CASE WHEN c.status = 'accept' AND (c.granted > 0 OR COALESCE(t.long_term, false))
-            THEN true ELSE false END AS may_send,
+            THEN 1 ELSE 0 END AS may_send,
        c.source, c.updated_at
 FROM consents c
 LEFT JOIN subscribe_templates t ON t.account = c.account AND t.template_id = c.template_id;

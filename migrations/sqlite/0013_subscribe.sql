@@ -6,6 +6,12 @@ ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'template';
 -- A subscribe row's link (bizsend's `page`); template rows keep `url`.
 ALTER TABLE outbox ADD COLUMN page TEXT;
 
+-- Rows held for a user's consent, found when WeChat pushes it (one index probe per pushed
+-- item, however many rows wait for other users). touser and template_id are at most 128
+-- characters on a held row: longer ones fail before any hold.
+CREATE INDEX outbox_held_for_consent ON outbox (account, touser, template_id)
+    WHERE status = 'held' AND held_for = 'consent';
+
 -- The account's subscription templates as /wxaapi/newtmpl/gettemplate lists them. `long_term`
 -- is WeChat's type 3 (长期订阅: a consent serves until withdrawn); type 2 is one-time.
 CREATE TABLE subscribe_templates (

@@ -477,7 +477,12 @@ pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<Inbo
     if !subscription || fields.list_items().is_empty() {
         return vec![event];
     }
-    fields
+    // Consent is written for an openid no longer than any WeChat issues.
+    let openid_fits = event
+        .from_user
+        .as_deref()
+        .is_some_and(|openid| openid.chars().count() <= MAX_ID_CHARS);
+    let mut items: Vec<InboundEvent> = fields
         .list_items()
         .iter()
         .enumerate()
@@ -492,7 +497,8 @@ pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<Inbo
                 ("subscribe_msg_popup_event", "accept") => Some(ConsentChange::Granted),
                 ("subscribe_msg_change_event", "accept") => Some(ConsentChange::Resumed),
                 _ => None,
-            };
+            }
+            .filter(|_| openid_fits);
             let (msgid, status) = if kind == "subscribe_msg_sent_event" {
                 let msgid = text("MsgID").and_then(|m| m.parse::<i64>().ok());
                 (msgid, Some(sent_status(&text)))
@@ -513,10 +519,21 @@ pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<Inbo
                 status: status.map(|s| echo(&s).into_owned()),
                 template_id,
                 consent,
+                // The push is kept once, on its first item: 256 items of a 64 KB body would
+                // otherwise store 16 MB.
+                raw_xml: if index == 0 {
+                    event.raw_xml.clone()
+                } else {
+                    String::new()
+                },
                 ..event.clone()
             }
         })
-        .collect()
+        .collect();
+    // Applied in one order (by template) whoever pushes: two pushes for one user then lock
+    // the user's ledger entries in the same order (no deadlock on Postgres).
+    items.sort_by(|a, b| a.template_id.cmp(&b.template_id));
+    items
 }
 
 /// The delivery status of one `subscribe_msg_sent_event` item, in the words of the template

@@ -797,7 +797,8 @@ pub async fn held(State(d): State<Arc<Dashboard>>, Extension(actor): Extension<A
             intro: "Held rows wait for room and move on by themselves when it appears: \
                     'template' for a place among the account's templates in use, 'monthly quota' \
                     for the template's next month (or a raised limit), 'daily quota' for the \
-                    account's next day."
+                    account's next day, 'consent' for the user to accept a subscription \
+                    notification (failed after subscribe.consent_wait_secs)."
                 .into(),
             sections: vec![("By reason, account and template".into(), table)],
         })

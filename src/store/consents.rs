@@ -177,17 +177,31 @@ impl Store {
         })
     }
 
-    /// WeChat refused a send for want of consent (43101): the ledger learns the user has none.
-    pub async fn learn_refusal(&self, key: ConsentKey<'_>, now: DateTime<Utc>) -> StoreResult<()> {
+    /// WeChat refused a send for want of consent (43101): the ledger learns the user has none,
+    /// unless the entry changed after `since` (the request's start): a popup answered while
+    /// the request was in flight is the user's newer word.
+    pub async fn learn_refusal(
+        &self,
+        key: ConsentKey<'_>,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+    ) -> StoreResult<()> {
         on_backend!(self, |pool, _d| {
-            sqlx::query(consent_upsert(ConsentChange::Withdrawn))
-                .bind(key.account)
-                .bind(key.openid)
-                .bind(key.template_id)
-                .bind(Time(now))
-                .bind("wechat")
-                .execute(pool)
-                .await?;
+            sqlx::query(
+                "INSERT INTO consents (account, openid, template_id, status, granted, used,
+                        source, updated_at)
+                 VALUES ($1, $2, $3, 'reject', 0, 0, 'wechat', $4)
+                 ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'reject',
+                    granted = 0, source = excluded.source, updated_at = excluded.updated_at
+                 WHERE consents.updated_at <= $5",
+            )
+            .bind(key.account)
+            .bind(key.openid)
+            .bind(key.template_id)
+            .bind(Time(now))
+            .bind(Time(since))
+            .execute(pool)
+            .await?;
             Ok(())
         })
     }

@@ -789,9 +789,11 @@ impl Store {
             let mut tx = dialect::begin_write(pool).await?;
             let created: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO outbox (account, touser, template_id, data, url, miniprogram,
-                     priority, send_after, expires_at, created_at, updated_at, next_attempt_at)
+                     priority, send_after, expires_at, created_at, updated_at, next_attempt_at,
+                     kind, page)
                  SELECT account, touser, template_id, data, url, miniprogram, priority,
-                        send_after, expires_at, $2, $2, $2
+                        CASE WHEN kind = 'subscribe' THEN NULL ELSE send_after END,
+                        expires_at, $2, $2, $2, kind, page
                  FROM outbox o
                  WHERE id = $1 AND status = 'failed' AND sent_at IS NULL AND msgid IS NULL
                    AND in_doubt = $3 AND in_doubt_since IS NULL

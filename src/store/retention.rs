@@ -47,6 +47,30 @@ impl Store {
                     break;
                 }
             }
+            // Ledger entries that allow nothing (rejected, or one-time consents used up) and
+            // have not changed since the cutoff: what is left of them is the reason text a
+            // missing entry gives too. Consents in force are kept, however old.
+            loop {
+                let consents = sqlx::query(
+                    "DELETE FROM consents WHERE (account, openid, template_id) IN (
+                         SELECT c.account, c.openid, c.template_id FROM consents c
+                         WHERE c.updated_at < $1
+                           AND (c.status = 'reject'
+                                OR (c.granted = 0
+                                    AND NOT EXISTS (SELECT 1 FROM subscribe_templates t
+                                                    WHERE t.account = c.account
+                                                      AND t.template_id = c.template_id
+                                                      AND t.long_term)))
+                         LIMIT $2)",
+                )
+                .bind(Time(cutoff))
+                .bind(batch)
+                .execute(pool)
+                .await?;
+                if consents.rows_affected() < batch as u64 {
+                    break;
+                }
+            }
             sqlx::query("DELETE FROM quota_usage WHERE updated_at < $1")
                 .bind(Time(cutoff - chrono::Duration::days(400)))
                 .execute(pool)

@@ -296,7 +296,8 @@ const CLAIM_TEXT: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1
                            WHERE s.account = outbox.account AND s.template_id = outbox.template_id)
                      END AS long_term,
                 CASE WHEN kind = 'subscribe'
-                     THEN COALESCE(send_after, strftime('%Y-%m-%d %H:%M:%f', created_at)) END
+                     THEN COALESCE(strftime('%Y-%m-%d %H:%M:%f', send_after),
+                                   strftime('%Y-%m-%d %H:%M:%f', created_at)) END
                      AS first_due";
 
 /// The claim as it runs: without the per-user condition, or with it (`$5`, the oldest first

@@ -19,7 +19,7 @@ impl Dispatcher {
         &self,
         raw: &RawMessage,
         message: &TemplateMessage,
-        claimed_at: DateTime<Utc>,
+        _claimed_at: DateTime<Utc>,
     ) -> Result<Option<ConsentTaken>, Outcome> {
         if message.kind != MessageKind::Subscribe || raw.in_doubt {
             return Ok(None);
@@ -42,8 +42,20 @@ impl Dispatcher {
             "none in the ledger, or a one-time consent used up"
         };
         let wait = self.subscribe.consent_wait();
-        let deadline = raw.first_due.unwrap_or(claimed_at) + wait;
         let template = echo(&message.template_id);
+        // The wait counts from a time of the row's own; one that is no time (an app wrote
+        // `infinity` or an odd text) or runs past chrono's range ends it now, with that reason,
+        // rather than letting each claim start the wait again.
+        let Some(deadline) = raw.first_due.and_then(|due| due.checked_add_signed(wait)) else {
+            return Err(Outcome::Failed {
+                errcode: None,
+                reason: format!(
+                    "no consent from the user to subscription template {template} ({why}), and \
+                     send_after / created_at is not a time the wait for one can count from: not \
+                     sent"
+                ),
+            });
+        };
         if now >= deadline {
             return Err(Outcome::Failed {
                 errcode: None,
@@ -67,6 +79,44 @@ impl Dispatcher {
                  (subscribe.consent_wait_secs); see report_consents"
             ),
         })
+    }
+
+    /// WeChat answered that the user has no consent (43101). The ledger learns it, unless the
+    /// user answered a popup since the request left; a resend in doubt (`in_doubt =
+    /// "resend"`) is told so because its first attempt may have used the consent: it ends
+    /// `unknown`, and the ledger is left alone.
+    pub(super) async fn without_consent(
+        &self,
+        raw: &RawMessage,
+        message: &TemplateMessage,
+        errcode: i64,
+        described: String,
+        in_doubt: bool,
+        began_at: DateTime<Utc>,
+    ) -> Outcome {
+        if in_doubt {
+            return Outcome::Unknown {
+                errcode: Some(errcode),
+                reason: format!(
+                    "{described} (to a resend of a request that may have reached WeChat: the \
+                     first may have used the consent, and the user may have it)"
+                ),
+            };
+        }
+        let learned = self
+            .store
+            .learn_refusal(key(raw, message), self.clock.now(), began_at)
+            .await;
+        if let Err(e) = learned {
+            tracing::warn!(error = %e, "could not record the refusal in the consent ledger");
+        }
+        Outcome::Failed {
+            errcode: Some(errcode),
+            reason: format!(
+                "{described} (the user has no consent to this subscription template: refused, \
+                 or a one-time consent used up; the ledger says so now, see report_consents)"
+            ),
+        }
     }
 
     /// Gives back a consent taken for a message that did not go out (held for quota, refused

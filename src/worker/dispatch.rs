@@ -23,7 +23,7 @@ use crate::domain::subscribe::SubscribeSettings;
 use crate::domain::text::{ECHO_CHARS, echo, loggable, loggable_within};
 use crate::metrics::Metrics;
 use crate::monitor::Health;
-use crate::store::{ConsentKey, Outcome, Refusal, Reserved, Store};
+use crate::store::{ConsentTaken, Outcome, Refusal, Reserved, Store};
 use crate::wechat::api::{ApiReply, WechatApi};
 use crate::wechat::token::TokenManager;
 
@@ -83,6 +83,20 @@ pub(super) struct Admitted<'d> {
 struct Sent {
     outcome: Outcome,
     refused: bool,
+    /// The consent a subscription notification took just before its request.
+    consent: Option<ConsentTaken>,
+}
+
+/// Whether an attempt that ended so may have delivered its message (which then keeps the
+/// consent it took).
+fn may_have_reached(outcome: &Outcome) -> bool {
+    match outcome {
+        Outcome::Sent { .. } | Outcome::SentEarlier { .. } | Outcome::Unknown { .. } => true,
+        Outcome::Retry { in_doubt, .. }
+        | Outcome::Wait { in_doubt, .. }
+        | Outcome::Release { in_doubt, .. } => *in_doubt,
+        Outcome::Failed { .. } | Outcome::Expired { .. } | Outcome::Hold { .. } => false,
+    }
 }
 
 impl Dispatcher {
@@ -172,27 +186,24 @@ impl Dispatcher {
             tracing::info!(id = raw.id, count = cut.len(), parameters = %names, "values cut to WeChat's 20 characters");
             self.metrics.values_cut(&raw.account, cut.len() as u64);
         }
-        let consent = match self.consent_for(raw, &message, claimed_at).await {
-            Ok(consent) => consent,
-            Err(outcome) => return outcome,
-        };
         let counted = match self.check_limits(raw, &message, claimed_at, reserved).await {
             Ok(counted) => counted,
-            Err(outcome) => {
-                self.give_back_consent(raw, &message, consent).await;
-                return outcome;
-            }
+            Err(outcome) => return outcome,
         };
 
         runtime.until_ready().await;
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
-            self.give_back_consent(raw, &message, consent).await;
             return lost;
         }
-        let sent = self.send(raw, &message, doubt_since, started).await;
+        let sent = self
+            .send(raw, &message, doubt_since, claimed_at, started)
+            .await;
         if sent.refused {
             self.uncount(raw, &message.template_id, &counted).await;
-            self.give_back_consent(raw, &message, consent).await;
+        }
+        // A consent is spent by a message that may have reached WeChat, and only by one.
+        if !may_have_reached(&sent.outcome) {
+            self.give_back_consent(raw, &message, sent.consent).await;
         }
         sent.outcome
     }
@@ -314,9 +325,11 @@ impl Dispatcher {
         raw: &RawMessage,
         message: &TemplateMessage,
         doubt_since: DateTime<Utc>,
+        claimed_at: DateTime<Utc>,
         started: &AtomicBool,
     ) -> Sent {
         let mut in_doubt = raw.in_doubt;
+        let mut consent = None;
         let _slot = self.requests.acquire().await.expect("never closed");
         for round in 0..=TOKEN_RETRIES {
             let token = match self.tokens.get(&raw.account).await {
@@ -327,6 +340,7 @@ impl Dispatcher {
                     return Sent {
                         outcome,
                         refused: false,
+                        consent,
                     };
                 }
             };
@@ -339,8 +353,24 @@ impl Dispatcher {
                 return Sent {
                     outcome: waits,
                     refused: true,
+                    consent,
                 };
             }
+            // The consent too is taken at the last moment: nothing that can stop the request
+            // from leaving (a wait, a shutdown) comes between taking it and sending.
+            if round == 0 {
+                match self.consent_for(raw, message, claimed_at).await {
+                    Ok(taken) => consent = taken,
+                    Err(outcome) => {
+                        return Sent {
+                            outcome,
+                            refused: true,
+                            consent,
+                        };
+                    }
+                }
+            }
+            let began_at = self.clock.now();
             started.store(true, Ordering::SeqCst);
             let request_began = std::time::Instant::now();
             let request = match message.kind {
@@ -360,6 +390,7 @@ impl Dispatcher {
                     return Sent {
                         outcome,
                         refused: false,
+                        consent,
                     };
                 }
             };
@@ -368,7 +399,9 @@ impl Dispatcher {
                     .await;
                 continue;
             }
-            let outcome = self.judge(raw, message, doubt_since, reply, in_doubt).await;
+            let outcome = self
+                .judge(raw, message, doubt_since, began_at, reply, in_doubt)
+                .await;
             // A duplicate answered to a resend in doubt stays counted: the first one got through.
             // So does a row in doubt told to wait: 43117 may be the first attempt's doing.
             let refused = !matches!(
@@ -377,12 +410,17 @@ impl Dispatcher {
                     | Outcome::SentEarlier { .. }
                     | Outcome::Wait { in_doubt: true, .. }
             );
-            return Sent { outcome, refused };
+            return Sent {
+                outcome,
+                refused,
+                consent,
+            };
         }
         let reason = "the access token was rejected again after refreshing".to_string();
         Sent {
             outcome: self.retry_later(raw, doubt_since, Some(40001), reason, in_doubt),
             refused: true,
+            consent,
         }
     }
 
@@ -399,6 +437,7 @@ impl Dispatcher {
         raw: &RawMessage,
         message: &TemplateMessage,
         doubt_since: DateTime<Utc>,
+        began_at: DateTime<Utc>,
         reply: ApiReply,
         in_doubt: bool,
     ) -> Outcome {
@@ -409,6 +448,11 @@ impl Dispatcher {
         } = reply;
         let described = format!("errcode {errcode}: {errmsg}");
         if let Some(meaning) = self.user_errcodes.meaning(errcode) {
+            if meaning == UserErrcode::Refused && message.kind == MessageKind::Subscribe {
+                return self
+                    .without_consent(raw, message, errcode, described, in_doubt, began_at)
+                    .await;
+            }
             return self
                 .for_this_user(raw, message, meaning, errcode, described, in_doubt)
                 .await;
@@ -518,24 +562,6 @@ impl Dispatcher {
     ) -> Outcome {
         let now = self.clock.now();
         match meaning {
-            UserErrcode::Refused if message.kind == MessageKind::Subscribe => {
-                let key = ConsentKey {
-                    account: &raw.account,
-                    openid: &message.touser,
-                    template_id: &message.template_id,
-                };
-                if let Err(e) = self.store.learn_refusal(key, now).await {
-                    tracing::warn!(error = %e, "could not record the refusal in the consent ledger");
-                }
-                Outcome::Failed {
-                    errcode: Some(errcode),
-                    reason: format!(
-                        "{described} (the user has no consent to this subscription template: \
-                         refused, or a one-time consent used up; the ledger says so now, see \
-                         report_consents)"
-                    ),
-                }
-            }
             UserErrcode::Refused => {
                 let expires_at = now + self.user_errcodes.refusal_lasts();
                 let refusal = Refusal {

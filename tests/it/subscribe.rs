@@ -468,7 +468,7 @@ async fn the_ledger_hands_out_each_consent_once(backend: Backend) {
             .await,
         1
     );
-    store.learn_refusal(key, now).await.unwrap();
+    store.learn_refusal(key, now, now).await.unwrap();
     assert_eq!(
         store.take_consent(key, false, now).await.unwrap(),
         ConsentTaken::Missing { rejected: true }
@@ -534,3 +534,134 @@ async fn subscribe_rows_go_where_template_messages_do_not(backend: Backend) {
     assert_eq!(db.app.count_in("account_pauses", "1 = 1").await, 0);
 }
 on_both_backends!(subscribe_rows_go_where_template_messages_do_not);
+
+/// A one-time consent taken for a request WeChat refused (-1 busy) is given back, so the retry
+/// sends the row; and a failed subscribe row resent from the dashboard stays a subscription
+/// notification with its link (not a template message).
+async fn a_refused_attempt_gives_its_consent_back_and_a_resend_keeps_the_kind(backend: Backend) {
+    use wechat_outbox::store::{AuditEntry, Resend};
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
+    sim.sim
+        .subscribe_popup(&answer("oSubBusy0001", ONE_TIME, true))
+        .await;
+    wait_for(&db, "consents", "granted = 1", 1, WAIT).await;
+    sim.sim.set_faults(wechat_outbox::simulator::Faults {
+        busy_rate: 1.0,
+        ..Default::default()
+    });
+    insert(&db, "oSubBusy0001", ONE_TIME, SHIPPED).await;
+    wait_for(&db, "outbox", "attempts >= 3", 1, WAIT).await;
+    assert_eq!(
+        db.app.count_in("consents", "granted = 1").await,
+        1,
+        "given back each time"
+    );
+    sim.sim.set_faults(Default::default());
+    wait_for(&db, "outbox", "status = 'delivered'", 1, WAIT).await;
+    assert_eq!(
+        db.app
+            .count_in("consents", "granted = 0 AND used = 1")
+            .await,
+        1
+    );
+
+    // A row that failed for want of consent, resent once the user consents.
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (kind, touser, template_id, data, page, status, last_error) \
+             VALUES ('subscribe', 'oSubLate0001', '{ONE_TIME}', '{SHIPPED}', \
+             'https://example.com/late', 'failed', 'no consent')"
+        ))
+        .await
+        .unwrap();
+    let failed = db.app.rows().await.pop().unwrap().id;
+    sim.sim
+        .subscribe_popup(&answer("oSubLate0001", ONE_TIME, true))
+        .await;
+    let store = db.store().await;
+    let audit = AuditEntry {
+        actor: "test".into(),
+        action: "resend",
+        ..AuditEntry::default()
+    };
+    let Resend::Created(new) = store
+        .resend_row(failed, audit, chrono::Utc::now())
+        .await
+        .unwrap()
+    else {
+        panic!("a failed row is resent");
+    };
+    wait_for(
+        &db,
+        "outbox",
+        &format!(
+            "id = {new} AND kind = 'subscribe' AND page = 'https://example.com/late' \
+             AND status = 'delivered'"
+        ),
+        1,
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        db.app
+            .count_in("templates", "template_id = 'SUB_ORDER_SHIPPED'")
+            .await,
+        0
+    );
+    store.close().await;
+}
+on_both_backends!(a_refused_attempt_gives_its_consent_back_and_a_resend_keeps_the_kind);
+
+/// A row whose wait has no start (an app wrote `created_at` that is no time) fails at once
+/// with that reason, rather than starting the wait again on each claim; ledger entries that
+/// allow nothing are pruned with the old rows, consents in force are kept.
+async fn odd_rows_end_and_the_ledger_is_pruned(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
+    let odd_time = match backend {
+        Backend::Sqlite => "'not a time'",
+        Backend::Postgres => "'-infinity'",
+    };
+    db.app
+        .exec(&format!(
+            "INSERT INTO outbox (kind, touser, template_id, data, created_at) \
+             VALUES ('subscribe', 'oSubOdd00001', '{ONE_TIME}', '{SHIPPED}', {odd_time})"
+        ))
+        .await
+        .unwrap();
+    wait_for(&db, "outbox", "status = 'failed'", 1, WAIT).await;
+    let reason = db.app.rows().await[0].last_error.clone().unwrap();
+    assert!(reason.contains("is not a time the wait"), "{reason}");
+
+    let store = db.store().await;
+    let old = "'2020-01-01 00:00:00'";
+    db.app
+        .exec(&format!(
+            "INSERT INTO consents (account, openid, template_id, status, granted, used, source, updated_at) VALUES \
+             ('default', 'oOld1', '{ONE_TIME}', 'reject', 0, 0, 'change', {old}), \
+             ('default', 'oOld2', '{ONE_TIME}', 'accept', 0, 1, 'popup', {old}), \
+             ('default', 'oOld3', '{ONE_TIME}', 'accept', 1, 0, 'popup', {old}), \
+             ('default', 'oOld4', '{LONG_TERM}', 'accept', 0, 5, 'popup', {old})"
+        ))
+        .await
+        .unwrap();
+    wait_for(&db, "subscribe_templates", "1 = 1", 2, WAIT).await;
+    store
+        .prune(chrono::Utc::now() - chrono::Duration::days(1), 100)
+        .await
+        .unwrap();
+    let mut kept = Vec::new();
+    for i in 1..=4 {
+        kept.push(
+            db.app
+                .count_in("consents", &format!("openid = 'oOld{i}'"))
+                .await,
+        );
+    }
+    assert_eq!(kept, [0, 0, 1, 1], "rejected and used-up go; in force stay");
+    store.close().await;
+}
+on_both_backends!(odd_rows_end_and_the_ledger_is_pruned);
