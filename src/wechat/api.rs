@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::domain::message::MessageKind;
 use crate::domain::text::echo;
 
 /// WeChat's answer to a template send (or any call answering with an errcode).
@@ -122,26 +123,23 @@ impl WechatApi {
         token: &SecretString,
         body: &Value,
     ) -> Result<ApiReply, TransportError> {
-        reply(
-            &self
-                .post_json("cgi-bin/message/template/send", token, body)
-                .await?,
-        )
+        self.send_message(MessageKind::Template, token, body).await
     }
 
-    /// `POST /cgi-bin/message/subscribe/bizsend?access_token=…`: a subscription notification.
-    /// WeChat answers a `msgid` (not in its documentation, seen by WxJava #3142) that its
-    /// `subscribe_msg_sent_event` repeats.
-    pub async fn send_subscribe(
+    /// Sends a message of either kind: a template message to `template/send`, a subscription
+    /// notification to `subscribe/bizsend`, whose answer carries a `msgid` too (not in WeChat's
+    /// documentation, seen by WxJava #3142) that its `subscribe_msg_sent_event` repeats.
+    pub async fn send_message(
         &self,
+        kind: MessageKind,
         token: &SecretString,
         body: &Value,
     ) -> Result<ApiReply, TransportError> {
-        reply(
-            &self
-                .post_json("cgi-bin/message/subscribe/bizsend", token, body)
-                .await?,
-        )
+        let path = match kind {
+            MessageKind::Template => "cgi-bin/message/template/send",
+            MessageKind::Subscribe => "cgi-bin/message/subscribe/bizsend",
+        };
+        reply(&self.post_json(path, token, body).await?)
     }
 
     /// `GET /wxaapi/newtmpl/gettemplate?access_token=…`: the account's subscription templates,

@@ -373,10 +373,10 @@ impl Dispatcher {
             let began_at = self.clock.now();
             started.store(true, Ordering::SeqCst);
             let request_began = std::time::Instant::now();
-            let request = match message.kind {
-                MessageKind::Template => self.api.send_template(&token, &message.body).await,
-                MessageKind::Subscribe => self.api.send_subscribe(&token, &message.body).await,
-            };
+            let request = self
+                .api
+                .send_message(message.kind, &token, &message.body)
+                .await;
             let reply = match request {
                 Ok(reply) => {
                     self.metrics

@@ -43,6 +43,25 @@ fn answer(openid: &str, template: &str, accept: bool) -> ConsentAnswer {
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A daemon (plain pushes, `extra` settings) on a new database, after `openid` accepted
+/// `template`'s popup once.
+async fn with_consent(
+    backend: Backend,
+    extra: &str,
+    openid: &str,
+    template: &str,
+) -> (TestDb, Sim, Daemon) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings::default()).await;
+    let daemon = daemon_with_callback(&db, &sim, false, extra).await;
+    sim.sim
+        .subscribe_popup(&answer(openid, template, true))
+        .await;
+    let accepted = format!("openid = '{openid}' AND status = 'accept'");
+    wait_for(&db, "consents", &accepted, 1, WAIT).await;
+    (db, sim, daemon)
+}
+
 const TOKEN: &str = "subscribe-callback-token";
 const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
 
@@ -196,14 +215,7 @@ on_both_backends!(one_time_consents_are_used_exactly_once_under_concurrency);
 /// A long-term template's consent sends every row until the user rejects it in the settings;
 /// then rows wait again.
 async fn long_term_consent_serves_until_withdrawn(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
-    wait_for(&db, "subscribe_templates", "long_term", 1, WAIT).await;
-    sim.sim
-        .subscribe_popup(&answer("oSubPatient1", LONG_TERM, true))
-        .await;
-    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    let (db, sim, _daemon) = with_consent(backend, "", "oSubPatient1", LONG_TERM).await;
     for _ in 0..3 {
         insert(&db, "oSubPatient1", LONG_TERM, APPOINTMENT).await;
     }
@@ -285,13 +297,7 @@ on_both_backends!(a_row_without_consent_fails_after_its_wait);
 /// Typed values, an unknown kind and the other kind's link column fail their own row before
 /// any request, naming the key and the rule; the good row beside them is sent.
 async fn bad_subscribe_rows_fail_alone_with_the_rule_named(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
-    sim.sim
-        .subscribe_popup(&answer("oSubGood0001", LONG_TERM, true))
-        .await;
-    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    let (db, sim, _daemon) = with_consent(backend, "", "oSubGood0001", LONG_TERM).await;
     let long = "长".repeat(21);
     db.app
         .exec(&format!(
@@ -349,13 +355,13 @@ on_both_backends!(bad_subscribe_rows_fail_alone_with_the_rule_named);
 /// bizsend de-duplicates nothing: a request whose answer is lost ends `unknown` at once,
 /// reaching the user once, never twice.
 async fn an_ambiguous_bizsend_is_never_resent(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, false, "[api]\ntimeout_ms = 300").await;
-    sim.sim
-        .subscribe_popup(&answer("oSubHang0001", LONG_TERM, true))
-        .await;
-    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    let (db, sim, _daemon) = with_consent(
+        backend,
+        "[api]\ntimeout_ms = 300",
+        "oSubHang0001",
+        LONG_TERM,
+    )
+    .await;
     sim.sim.set_faults(wechat_outbox::simulator::Faults {
         hang_rate: 1.0,
         ..Default::default()
@@ -499,13 +505,7 @@ async fn futures_results<T: Send + 'static>(
 /// account WeChat does not let send them (48001) fails those rows alone: its template messages
 /// go on, and the account is not paused.
 async fn subscribe_rows_go_where_template_messages_do_not(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
-    sim.sim
-        .subscribe_popup(&answer("oSubGone0001", LONG_TERM, true))
-        .await;
-    wait_for(&db, "consents", "status = 'accept'", 1, WAIT).await;
+    let (db, sim, _daemon) = with_consent(backend, "", "oSubGone0001", LONG_TERM).await;
     db.app
         .exec(
             "INSERT INTO suppressed_openids (account, openid, since) \
@@ -540,13 +540,7 @@ on_both_backends!(subscribe_rows_go_where_template_messages_do_not);
 /// notification with its link (not a template message).
 async fn a_refused_attempt_gives_its_consent_back_and_a_resend_keeps_the_kind(backend: Backend) {
     use wechat_outbox::store::{AuditEntry, Resend};
-    let db = TestDb::new(backend).await;
-    let sim = Sim::start(SimSettings::default()).await;
-    let _daemon = daemon_with_callback(&db, &sim, false, "").await;
-    sim.sim
-        .subscribe_popup(&answer("oSubBusy0001", ONE_TIME, true))
-        .await;
-    wait_for(&db, "consents", "granted = 1", 1, WAIT).await;
+    let (db, sim, _daemon) = with_consent(backend, "", "oSubBusy0001", ONE_TIME).await;
     sim.sim.set_faults(wechat_outbox::simulator::Faults {
         busy_rate: 1.0,
         ..Default::default()
