@@ -39,11 +39,14 @@ CREATE TABLE consents (
     status      TEXT    NOT NULL,
     -- One-time sends allowed and not used yet (each accept in a popup allows one).
     granted     INTEGER NOT NULL DEFAULT 0,
-    -- Sends WeChat accepted under this consent.
+    -- Sends made under this consent that may have reached the user (accepted, or unknown).
     used        INTEGER NOT NULL DEFAULT 0,
     -- What wrote the last change: 'popup', 'change', 'wechat' (an answer such as 43101).
     source      TEXT    NOT NULL,
     updated_at  TEXT    NOT NULL,
+    -- When the user (or WeChat's 43101) last said accept or reject; sends do not move it, so
+    -- a 43101 answered to a request older than the user's last word does not overwrite it.
+    answered_at TEXT,
     PRIMARY KEY (account, openid, template_id)
 );
 

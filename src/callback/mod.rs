@@ -493,6 +493,7 @@ pub fn subscription_items(event: InboundEvent, fields: &xml::Fields) -> Vec<Inbo
                 text("TemplateId").filter(|t| !t.is_empty() && t.chars().count() <= MAX_ID_CHARS);
             let said = text("SubscribeStatusString").unwrap_or_default();
             let consent = match (kind.as_str(), said.as_str()) {
+                ("subscribe_msg_sent_event", _) => None,
                 (_, "reject") => Some(ConsentChange::Withdrawn),
                 ("subscribe_msg_popup_event", "accept") => Some(ConsentChange::Granted),
                 ("subscribe_msg_change_event", "accept") => Some(ConsentChange::Resumed),

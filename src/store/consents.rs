@@ -58,27 +58,30 @@ pub(super) fn consent_upsert(change: ConsentChange) -> &'static str {
     match change {
         ConsentChange::Granted => {
             "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
-                    updated_at)
-             VALUES ($1, $2, $3, 'accept', 1, 0, $5, $4)
+                    updated_at, answered_at)
+             VALUES ($1, $2, $3, 'accept', 1, 0, $5, $4, $4)
              ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'accept',
                 granted = CASE WHEN consents.status = 'reject' THEN 1
                                WHEN consents.granted < 1000 THEN consents.granted + 1
                                ELSE 1000 END,
-                source = excluded.source, updated_at = excluded.updated_at"
+                source = excluded.source, updated_at = excluded.updated_at,
+                answered_at = excluded.answered_at"
         }
         ConsentChange::Resumed => {
             "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
-                    updated_at)
-             VALUES ($1, $2, $3, 'accept', 0, 0, $5, $4)
+                    updated_at, answered_at)
+             VALUES ($1, $2, $3, 'accept', 0, 0, $5, $4, $4)
              ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'accept',
-                source = excluded.source, updated_at = excluded.updated_at"
+                source = excluded.source, updated_at = excluded.updated_at,
+                answered_at = excluded.answered_at"
         }
         ConsentChange::Withdrawn => {
             "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
-                    updated_at)
-             VALUES ($1, $2, $3, 'reject', 0, 0, $5, $4)
+                    updated_at, answered_at)
+             VALUES ($1, $2, $3, 'reject', 0, 0, $5, $4, $4)
              ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'reject',
-                granted = 0, source = excluded.source, updated_at = excluded.updated_at"
+                granted = 0, source = excluded.source, updated_at = excluded.updated_at,
+                answered_at = excluded.answered_at"
         }
     }
 }
@@ -178,8 +181,8 @@ impl Store {
     }
 
     /// WeChat refused a send for want of consent (43101): the ledger learns the user has none,
-    /// unless the entry changed after `since` (the request's start): a popup answered while
-    /// the request was in flight is the user's newer word.
+    /// unless the user answered after `since` (the request's start): a popup answered while
+    /// the request was in flight is the newer word. Sends (takes, give-backs) do not count.
     pub async fn learn_refusal(
         &self,
         key: ConsentKey<'_>,
@@ -189,11 +192,12 @@ impl Store {
         on_backend!(self, |pool, _d| {
             sqlx::query(
                 "INSERT INTO consents (account, openid, template_id, status, granted, used,
-                        source, updated_at)
-                 VALUES ($1, $2, $3, 'reject', 0, 0, 'wechat', $4)
+                        source, updated_at, answered_at)
+                 VALUES ($1, $2, $3, 'reject', 0, 0, 'wechat', $4, $4)
                  ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'reject',
-                    granted = 0, source = excluded.source, updated_at = excluded.updated_at
-                 WHERE consents.updated_at <= $5",
+                    granted = 0, source = excluded.source, updated_at = excluded.updated_at,
+                    answered_at = excluded.answered_at
+                 WHERE consents.answered_at IS NULL OR consents.answered_at <= $5",
             )
             .bind(key.account)
             .bind(key.openid)

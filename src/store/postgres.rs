@@ -184,7 +184,8 @@ const CLAIM_TEXT: &str =
                            AND t.template_id = o.template_id) END AS template_content,
                 CASE WHEN o.kind = 'subscribe'
                      THEN (SELECT s.long_term FROM subscribe_templates s
-                           WHERE s.account = o.account AND s.template_id = o.template_id)
+                           WHERE s.account = o.account AND s.template_id = o.template_id
+                             AND s.note IS NULL)
                      END AS long_term,
                 CASE WHEN o.kind = 'subscribe'
                      THEN (SELECT f.t FROM (SELECT COALESCE(o.send_after, o.created_at) AS t) f

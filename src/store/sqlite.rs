@@ -293,7 +293,8 @@ const CLAIM_TEXT: &str = "UPDATE outbox SET status = 'sending', lease_owner = $1
                            AND t.template_id = outbox.template_id) END AS template_content,
                 CASE WHEN kind = 'subscribe'
                      THEN (SELECT s.long_term FROM subscribe_templates s
-                           WHERE s.account = outbox.account AND s.template_id = outbox.template_id)
+                           WHERE s.account = outbox.account AND s.template_id = outbox.template_id
+                             AND s.note IS NULL)
                      END AS long_term,
                 CASE WHEN kind = 'subscribe'
                      THEN COALESCE(strftime('%Y-%m-%d %H:%M:%f', send_after),

@@ -1,6 +1,6 @@
-//! A subscription notification's consent: taken from the ledger before its quota and request
-//! are spent, given back when the message does not go out, and waited for (held) when the
-//! user has given none yet.
+//! A subscription notification's consent: taken from the ledger just before its request
+//! leaves (in `send`, after its quota, rate and pacing), given back unless the attempt may have
+//! reached WeChat, and waited for (held) when the user has given none yet.
 
 use chrono::{DateTime, Utc};
 
@@ -119,8 +119,9 @@ impl Dispatcher {
         }
     }
 
-    /// Gives back a consent taken for a message that did not go out (held for quota, refused
-    /// by WeChat, lease lost). A failed write leaves the consent used: the safe side.
+    /// Gives back a consent taken for a message that did not reach WeChat (refused with an
+    /// errcode, a connection that never got there). A failed write leaves the consent used:
+    /// the safe side.
     pub(super) async fn give_back_consent(
         &self,
         raw: &RawMessage,

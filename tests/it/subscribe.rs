@@ -488,6 +488,24 @@ async fn the_ledger_hands_out_each_consent_once(backend: Backend) {
             .await,
         1
     );
+
+    // The user accepts again while a request is in flight; its late 43101 leaves that be.
+    db.app
+        .exec(
+            "UPDATE consents SET status = 'accept', granted = 1, source = 'popup', \
+             answered_at = CURRENT_TIMESTAMP",
+        )
+        .await
+        .unwrap();
+    let request_began = now - chrono::Duration::hours(1);
+    store.learn_refusal(key, now, request_began).await.unwrap();
+    assert_eq!(
+        db.app
+            .count_in("consents", "status = 'accept' AND granted = 1")
+            .await,
+        1,
+        "a 43101 to an older request does not overwrite the user's newer accept"
+    );
 }
 on_both_backends!(the_ledger_hands_out_each_consent_once);
 
@@ -531,6 +549,14 @@ async fn subscribe_rows_go_where_template_messages_do_not(backend: Backend) {
         .await
         .unwrap();
     wait_for(&db, "outbox", "status = 'delivered'", 2, WAIT).await;
+
+    // WeChat's daily limit of bizsend: that row waits for the next day, nothing else does.
+    sim.sim.update(|s| s.subscribe_errcode = Some(45009));
+    insert(&db, "oSubGone0001", LONG_TERM, APPOINTMENT).await;
+    let waits = "status = 'pending' AND last_errcode = 45009 AND attempts = 0";
+    wait_for(&db, "outbox", waits, 1, WAIT).await;
+    let reason = db.app.rows().await.pop().unwrap().last_error.unwrap();
+    assert!(reason.contains("template messages go on"), "{reason}");
     assert_eq!(db.app.count_in("account_pauses", "1 = 1").await, 0);
 }
 on_both_backends!(subscribe_rows_go_where_template_messages_do_not);
