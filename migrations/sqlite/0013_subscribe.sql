@@ -50,6 +50,9 @@ CREATE TABLE consents (
     PRIMARY KEY (account, openid, template_id)
 );
 
+-- The consents answered lately, for the release pass that wakes rows held for them.
+CREATE INDEX consents_answered ON consents (answered_at);
+
 -- Which template a subscription push is about (one row per <List> item).
 ALTER TABLE inbound_events ADD COLUMN template_id TEXT;
 

@@ -25,7 +25,15 @@ pub struct ReleaseHeld {
 pub struct Released {
     pub due: u64,
     pub with_room: u64,
+    /// Rows held for a consent the user has given since (a push that landed while the row was
+    /// being held, after the push's own wake-up).
+    pub consented: u64,
 }
+
+/// How far back a pass looks for consents given: far more than a hold takes to be written
+/// after its claim (milliseconds; seconds with a slow database), so none is missed, and few
+/// enough that a burst of popups costs each pass one probe per recent consent.
+const CONSENTS_LOOKBACK: chrono::Duration = chrono::Duration::seconds(15);
 
 impl Service for ReleaseHeld {
     type Report = Released;
@@ -63,6 +71,15 @@ impl Service for ReleaseHeld {
             .collect();
         let mut released = Released::default();
         let mut failed = Vec::new();
+        // First, so that the rows it wakes are released by the next step of this pass.
+        match self
+            .store
+            .wake_held_for_given_consent(now, now - CONSENTS_LOOKBACK)
+            .await
+        {
+            Ok(rows) => released.consented = rows,
+            Err(e) => failed.push(format!("wake rows held for a given consent: {e}")),
+        }
         match self.store.release_due_holds(now).await {
             Ok(rows) => {
                 if rows > 0 {

@@ -89,9 +89,47 @@ pub(super) fn consent_upsert(change: ConsentChange) -> &'static str {
 /// Rows held for this user's consent to this template look again now (`$1`-`$4` as above).
 pub(super) const WAKE_HELD_FOR_CONSENT: &str = "UPDATE outbox SET next_attempt_at = $4
      WHERE status = 'held' AND held_for = 'consent' AND account = $1 AND template_id = $3
-       AND touser = $2";
+       AND touser = $2 AND next_attempt_at > $4";
 
 impl Store {
+    /// Wakes rows held for a consent that a user gave since `since` and that allows a send
+    /// now: the push wakes the rows held when it lands, and this catches a row whose hold was
+    /// written just after (its claim saw no consent yet). Reads the few consents answered
+    /// lately (`consents_answered`), then probes each one's held rows
+    /// (`outbox_held_for_consent`): never a walk over every held row.
+    pub async fn wake_held_for_given_consent(
+        &self,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        on_backend!(self, |pool, _d| {
+            let given: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT c.account, c.openid, c.template_id FROM consents c
+                 WHERE c.answered_at > $1 AND c.status = 'accept'
+                   AND (c.granted > 0
+                        OR EXISTS (SELECT 1 FROM subscribe_templates t
+                                   WHERE t.account = c.account
+                                     AND t.template_id = c.template_id
+                                     AND t.long_term AND t.note IS NULL))",
+            )
+            .bind(Time(since))
+            .fetch_all(pool)
+            .await?;
+            let mut woken = 0;
+            for (account, openid, template_id) in &given {
+                woken += sqlx::query(WAKE_HELD_FOR_CONSENT)
+                    .bind(account)
+                    .bind(openid)
+                    .bind(template_id)
+                    .bind(Time(now))
+                    .execute(pool)
+                    .await?
+                    .rows_affected();
+            }
+            Ok(woken)
+        })
+    }
+
     /// Takes the consent a send of this template to this user needs: a long-term one when the
     /// template is long-term (by the last sync) and accepted, else one one-time consent, taken
     /// atomically (two rows racing for one consent: one gets it).
