@@ -43,6 +43,8 @@ CREATE TABLE consents (
     used        INTEGER NOT NULL DEFAULT 0,
     -- What wrote the last change: 'popup', 'change', 'wechat' (an answer such as 43101).
     source      TEXT    NOT NULL,
+    -- When what it allows last changed: an answer, a one-time consent taken or given back
+    -- (a long-term send only counts in `used`).
     updated_at  TEXT    NOT NULL,
     -- When the user (or WeChat's 43101) last said accept or reject; sends do not move it, so
     -- a 43101 answered to a request older than the user's last word does not overwrite it.
@@ -50,8 +52,9 @@ CREATE TABLE consents (
     PRIMARY KEY (account, openid, template_id)
 );
 
--- The consents answered lately, for the release pass that wakes rows held for them.
-CREATE INDEX consents_answered ON consents (answered_at);
+-- The consents changed lately (answered, or a one-time consent taken or given back), for the
+-- release pass that wakes rows held for them.
+CREATE INDEX consents_changed ON consents (updated_at);
 
 -- Which template a subscription push is about (one row per <List> item).
 ALTER TABLE inbound_events ADD COLUMN template_id TEXT;

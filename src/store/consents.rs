@@ -92,10 +92,11 @@ pub(super) const WAKE_HELD_FOR_CONSENT: &str = "UPDATE outbox SET next_attempt_a
        AND touser = $2 AND next_attempt_at > $4";
 
 impl Store {
-    /// Wakes rows held for a consent that a user gave since `since` and that allows a send
-    /// now: the push wakes the rows held when it lands, and this catches a row whose hold was
-    /// written just after (its claim saw no consent yet). Reads the few consents answered
-    /// lately (`consents_answered`), then probes each one's held rows
+    /// Wakes rows held for a consent that changed since `since` (a user's answer, a consent
+    /// given back) and allows a send now: the push and the give-back wake the rows held when
+    /// they land, and this catches a row whose hold was written just after (its claim saw no
+    /// consent yet). Reads the few consents changed lately (`consents_changed`: long-term
+    /// sends do not move `updated_at`), then probes each one's held rows
     /// (`outbox_held_for_consent`): never a walk over every held row.
     pub async fn wake_held_for_given_consent(
         &self,
@@ -105,7 +106,7 @@ impl Store {
         on_backend!(self, |pool, _d| {
             let given: Vec<(String, String, String)> = sqlx::query_as(
                 "SELECT c.account, c.openid, c.template_id FROM consents c
-                 WHERE c.answered_at > $1 AND c.status = 'accept'
+                 WHERE c.updated_at > $1 AND c.status = 'accept'
                    AND (c.granted > 0
                         OR EXISTS (SELECT 1 FROM subscribe_templates t
                                    WHERE t.account = c.account
@@ -141,8 +142,10 @@ impl Store {
     ) -> StoreResult<ConsentTaken> {
         on_backend!(self, |pool, _d| {
             if long_term {
+                // `updated_at` stays: it marks what changes what the consent allows, and the
+                // release pass reads the consents it marks lately.
                 let taken = sqlx::query(
-                    "UPDATE consents SET used = used + 1, updated_at = $4
+                    "UPDATE consents SET used = used + 1
                      WHERE account = $1 AND openid = $2 AND template_id = $3
                        AND status = 'accept'",
                 )
@@ -186,34 +189,57 @@ impl Store {
         })
     }
 
-    /// Gives back a consent taken for a send WeChat refused (or that never left).
+    /// Gives back a consent taken for a send WeChat refused (or that never left). A one-time
+    /// consent given back wakes the user's other rows held for it, in the same transaction.
     pub async fn give_back_consent(
         &self,
         key: ConsentKey<'_>,
         taken: ConsentTaken,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let one_time = match taken {
-            ConsentTaken::OneTime => 1_i64,
-            ConsentTaken::LongTerm => 0,
+        match taken {
+            ConsentTaken::OneTime => {}
+            // A long-term send only counted itself in `used`; nothing to give back.
+            ConsentTaken::LongTerm => {
+                return on_backend!(self, |pool, _d| {
+                    sqlx::query(
+                        "UPDATE consents SET used = CASE WHEN used > 0 THEN used - 1 ELSE 0 END
+                         WHERE account = $1 AND openid = $2 AND template_id = $3",
+                    )
+                    .bind(key.account)
+                    .bind(key.openid)
+                    .bind(key.template_id)
+                    .execute(pool)
+                    .await?;
+                    Ok(())
+                });
+            }
             ConsentTaken::Missing { .. } => return Ok(()),
-        };
-        on_backend!(self, |pool, _d| {
+        }
+        on_backend!(self, |pool, dialect| {
+            let mut tx = dialect::begin_write(pool).await?;
             sqlx::query(
                 "UPDATE consents SET
-                    granted = CASE WHEN status = 'accept' AND granted < $5 THEN granted + $4
+                    granted = CASE WHEN status = 'accept' AND granted < $4 THEN granted + 1
                                    ELSE granted END,
-                    used = CASE WHEN used > 0 THEN used - 1 ELSE 0 END, updated_at = $6
+                    used = CASE WHEN used > 0 THEN used - 1 ELSE 0 END, updated_at = $5
                  WHERE account = $1 AND openid = $2 AND template_id = $3",
             )
             .bind(key.account)
             .bind(key.openid)
             .bind(key.template_id)
-            .bind(one_time)
             .bind(MAX_GRANTED)
             .bind(Time(now))
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            sqlx::query(WAKE_HELD_FOR_CONSENT)
+                .bind(key.account)
+                .bind(key.openid)
+                .bind(key.template_id)
+                .bind(Time(now))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
             Ok(())
         })
     }

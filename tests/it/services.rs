@@ -142,23 +142,26 @@ async fn release_moves_held_rows_that_are_due(backend: Backend) {
 }
 on_both_backends!(release_moves_held_rows_that_are_due);
 
-/// A subscribe row held for consent just after its user's accept landed (the push's own
-/// wake-up found no held row yet) is released by the next pass; one whose user gave nothing
-/// that allows a send stays held until its deadline.
+/// A subscribe row held for consent just after its user's accept landed, or just after another
+/// row gave a one-time consent back (their own wake-ups found no held row yet), is released by
+/// the next pass; one whose user has nothing that allows a send stays held until its deadline.
 async fn release_wakes_rows_held_after_their_consent_arrived(backend: Backend) {
     let db = TestDb::new(backend).await;
     db.app
         .exec(&format!(
             "INSERT INTO outbox (kind, touser, template_id, data, status, held_for, next_attempt_at)
              VALUES ('subscribe', 'oRaced', 'S', '{{}}', 'held', 'consent', {later}),
+                    ('subscribe', 'oGivenBack', 'S', '{{}}', 'held', 'consent', {later}),
                     ('subscribe', 'oUsedUp', 'S', '{{}}', 'held', 'consent', {later}),
                     ('subscribe', 'oNobody', 'S', '{{}}', 'held', 'consent', {later});
              INSERT INTO consents (account, openid, template_id, status, granted, used, source,
                                    updated_at, answered_at)
              VALUES ('default', 'oRaced', 'S', 'accept', 1, 0, 'popup', {now}, {now}),
+                    ('default', 'oGivenBack', 'S', 'accept', 1, 0, 'popup', {now}, {old}),
                     ('default', 'oUsedUp', 'S', 'accept', 0, 1, 'popup', {now}, {now})",
             later = db.app.now_plus(7 * 86_400),
             now = db.app.now_plus(0),
+            old = db.app.now_plus(-86_400),
         ))
         .await
         .unwrap();
@@ -176,8 +179,9 @@ async fn release_wakes_rows_held_after_their_consent_arrived(backend: Backend) {
         timezone: config.timezone().unwrap(),
     };
     let released = release.run_once(Utc::now()).await.unwrap();
-    assert_eq!((released.consented, released.due), (1, 1), "{released:?}");
+    assert_eq!((released.consented, released.due), (2, 2), "{released:?}");
     assert_eq!(status_of(&db, "oRaced").await, "pending");
+    assert_eq!(status_of(&db, "oGivenBack").await, "pending");
     assert_eq!(status_of(&db, "oUsedUp").await, "held");
     assert_eq!(status_of(&db, "oNobody").await, "held");
 }
