@@ -264,8 +264,8 @@ pub(super) const CLAIMED_AT: &str =
 
 /// Pending rows in doubt for too long (`$1` now, `$2` the doubt's limit, `$3` the reason),
 /// through the partial index `outbox_in_doubt` (`WHERE status = 'pending' AND in_doubt`).
-pub(super) const GIVE_UP_IN_DOUBT: &str =
-    "UPDATE outbox SET status = 'unknown', last_error = $3, updated_at = $1
+pub(super) const GIVE_UP_IN_DOUBT: &str = "UPDATE outbox SET status = 'unknown',
+            last_error = CASE WHEN kind = 'subscribe' THEN $4 ELSE $3 END, updated_at = $1
      WHERE status = 'pending' AND in_doubt AND in_doubt_since <= $2";
 
 /// Forgets up to `$2` remembered pushes received before `$1`. By `ctid` with `SKIP LOCKED`:

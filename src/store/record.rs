@@ -109,7 +109,8 @@ impl Store {
         })
     }
 
-    /// Marks pending in-doubt rows first attempted before `first_attempt_before` as `unknown`.
+    /// Marks pending in-doubt rows first attempted before `first_attempt_before` as `unknown`,
+    /// each with its kind's reason (a subscription notification has no de-duplication at all).
     pub async fn give_up_in_doubt(
         &self,
         first_attempt_before: DateTime<Utc>,
@@ -120,6 +121,7 @@ impl Store {
                 .bind(Time(now))
                 .bind(Time(first_attempt_before))
                 .bind(reason::GAVE_UP_IN_DOUBT)
+                .bind(reason::SUBSCRIBE_IN_DOUBT)
                 .execute(pool)
                 .await?;
             Ok(done.rows_affected())

@@ -342,8 +342,8 @@ pub(super) const CLAIMED_AT: &str = "CASE WHEN strftime('%Y-%m-%d %H:%M:%f', upd
 /// Pending rows in doubt for too long (`$1` now, `$2` the doubt's limit, `$3` the reason).
 /// `in_doubt = 1`, where Postgres says `in_doubt`: SQLite matches the partial index
 /// `outbox_in_doubt` only on the words of its own WHERE, and would scan the table otherwise.
-pub(super) const GIVE_UP_IN_DOUBT: &str =
-    "UPDATE outbox SET status = 'unknown', last_error = $3, updated_at = $1
+pub(super) const GIVE_UP_IN_DOUBT: &str = "UPDATE outbox SET status = 'unknown',
+            last_error = CASE WHEN kind = 'subscribe' THEN $4 ELSE $3 END, updated_at = $1
      WHERE status = 'pending' AND in_doubt = 1 AND in_doubt_since <= $2";
 
 /// Forgets up to `$2` remembered pushes received before `$1`. By `rowid`: SQLite has no

@@ -86,10 +86,12 @@ async fn settle_gives_up_in_doubt_rows_past_the_window(backend: Backend) {
     let db = TestDb::new(backend).await;
     db.app
         .exec(&format!(
-            "INSERT INTO outbox (touser, template_id, data, attempts, in_doubt, in_doubt_since)
-             VALUES ('oOld', 'T', '{{}}', 1, TRUE, {}), ('oRecent', 'T', '{{}}', 1, TRUE, {})",
-            db.app.now_plus(-7200),
-            db.app.now_plus(-60)
+            "INSERT INTO outbox (touser, template_id, data, attempts, in_doubt, in_doubt_since, kind)
+             VALUES ('oOld', 'T', '{{}}', 1, TRUE, {old}, 'template'),
+                    ('oOldSub', 'S', '{{}}', 1, TRUE, {old}, 'subscribe'),
+                    ('oRecent', 'T', '{{}}', 1, TRUE, {recent}, 'template')",
+            old = db.app.now_plus(-7200),
+            recent = db.app.now_plus(-60)
         ))
         .await
         .unwrap();
@@ -97,9 +99,26 @@ async fn settle_gives_up_in_doubt_rows_past_the_window(backend: Backend) {
         store: db.store().await,
         window: chrono::Duration::hours(1),
     };
-    assert_eq!(settle.run_once(Utc::now()).await.unwrap(), 1);
+    assert_eq!(settle.run_once(Utc::now()).await.unwrap(), 2);
     assert_eq!(status_of(&db, "oOld").await, "unknown");
+    assert_eq!(status_of(&db, "oOldSub").await, "unknown");
     assert_eq!(status_of(&db, "oRecent").await, "pending");
+    // Each with its kind's reason: a subscription notification has no window at all.
+    let reasons = db.app.rows().await;
+    assert!(
+        reasons[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("client_msg_id de-duplication window")
+    );
+    assert!(
+        reasons[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("bizsend de-duplicates nothing")
+    );
 }
 on_both_backends!(settle_gives_up_in_doubt_rows_past_the_window);
 
