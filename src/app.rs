@@ -261,7 +261,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         timezone,
         clock: clock.clone(),
         retry: config.retry_policy(),
-        subscribe_retry: config.retry_policy().without_dedup(),
         subscribe: config.subscribe.clone(),
         owner: owner.clone(),
         lease: Duration::from_secs(config.workers.lease_secs),

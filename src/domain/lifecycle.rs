@@ -251,6 +251,13 @@ pub mod reason {
     pub const SUBSCRIBE_IN_DOUBT: &str = "the request may have reached WeChat, and bizsend \
          de-duplicates nothing (no client_msg_id), so it is not resent (retry.in_doubt = \
          \"resend\" would)";
+    /// Why a row in doubt is not resent, by its kind.
+    pub fn in_doubt(kind: crate::domain::message::MessageKind) -> &'static str {
+        match kind {
+            crate::domain::message::MessageKind::Template => GAVE_UP_IN_DOUBT,
+            crate::domain::message::MessageKind::Subscribe => SUBSCRIBE_IN_DOUBT,
+        }
+    }
     pub const GAVE_UP_IN_DOUBT: &str = "an earlier attempt may have reached WeChat and the client_msg_id de-duplication window \
          has passed, so it is not resent";
 }

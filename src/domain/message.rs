@@ -58,6 +58,14 @@ pub struct RawMessage {
     pub long_term: Option<bool>,
 }
 
+impl RawMessage {
+    /// What the row sends; a template message when `kind` is unreadable (such a row fails in
+    /// `TemplateMessage::from_raw`, which names the column).
+    pub fn kind(&self) -> MessageKind {
+        MessageKind::of_row(self.kind.as_deref()).unwrap_or_default()
+    }
+}
+
 /// What a row sends: a template message or a subscription notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MessageKind {

@@ -217,6 +217,30 @@ pub(crate) struct SimState {
     consents: HashMap<(String, String, String), subscribe::SimConsent>,
 }
 
+impl SimState {
+    /// The next msgid: 64-bit, past 32 bits from the start, as WeChat's are.
+    pub(crate) fn new_msgid(&mut self) -> i64 {
+        let msgid = self.next_msgid;
+        self.next_msgid += 1;
+        msgid
+    }
+
+    /// A message reached its user: counted, and counted again as a duplicate when the same
+    /// user already had the message `message_key` names.
+    pub(crate) fn record_delivery(&mut self, message_key: String, delivery: Delivery) {
+        let seen = self
+            .received
+            .entry((delivery.appid.clone(), delivery.touser.clone(), message_key))
+            .or_default();
+        *seen += 1;
+        if *seen > 1 {
+            self.stats.duplicate_deliveries += 1;
+        }
+        self.stats.delivered += 1;
+        self.deliveries.push(delivery);
+    }
+}
+
 /// Counts a send request as in flight until it is answered (or its client went away).
 struct SendInFlight<'a>(&'a Simulator);
 
@@ -775,8 +799,7 @@ impl Simulator {
         if let Some(key) = content_key {
             state.recent_content.insert(key, now);
         }
-        let msgid = state.next_msgid;
-        state.next_msgid += 1;
+        let msgid = state.new_msgid();
         if let Some(key) = &req.client_msg_id {
             state
                 .dedup
@@ -787,29 +810,23 @@ impl Simulator {
             .client_msg_id
             .clone()
             .unwrap_or_else(|| format!("{template_id}:{data}"));
-        let seen = state
-            .received
-            .entry((appid.clone(), touser.clone(), message_key))
-            .or_default();
-        *seen += 1;
-        if *seen > 1 {
-            state.stats.duplicate_deliveries += 1;
-        }
-        state.stats.delivered += 1;
         let shown = if settings.content_rules_2023 {
             today::shown(&data)
         } else {
             Value::Null
         };
-        state.deliveries.push(Delivery {
-            appid: appid.clone(),
-            touser: touser.clone(),
-            template_id,
-            client_msg_id: req.client_msg_id,
-            msgid,
-            data,
-            shown,
-        });
+        state.record_delivery(
+            message_key,
+            Delivery {
+                appid: appid.clone(),
+                touser: touser.clone(),
+                template_id,
+                client_msg_id: req.client_msg_id,
+                msgid,
+                data,
+                shown,
+            },
+        );
         Ok((
             msgid,
             Some(push::Event::template_finished(&appid, &touser, msgid)),

@@ -184,28 +184,20 @@ impl Simulator {
             consent.granted -= 1;
         }
         state.stats.subscribe_sends += 1;
-        let msgid = state.next_msgid;
-        state.next_msgid += 1;
+        let msgid = state.new_msgid();
         let data = Value::Object(data.clone());
-        let message_key = format!("subscribe:{template_id}:{data}");
-        let seen = state
-            .received
-            .entry((appid.clone(), touser.clone(), message_key))
-            .or_default();
-        *seen += 1;
-        if *seen > 1 {
-            state.stats.duplicate_deliveries += 1;
-        }
-        state.stats.delivered += 1;
-        state.deliveries.push(Delivery {
-            appid: appid.clone(),
-            touser: touser.clone(),
-            template_id: template_id.clone(),
-            client_msg_id: None,
-            msgid,
-            data,
-            shown: Value::Null,
-        });
+        state.record_delivery(
+            format!("subscribe:{template_id}:{data}"),
+            Delivery {
+                appid: appid.clone(),
+                touser: touser.clone(),
+                template_id: template_id.clone(),
+                client_msg_id: None,
+                msgid,
+                data,
+                shown: Value::Null,
+            },
+        );
         let status = if touser.contains("block") {
             (43101, "failed:user block")
         } else {

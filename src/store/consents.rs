@@ -52,39 +52,61 @@ pub struct ConsentKey<'a> {
     pub template_id: &'a str,
 }
 
-/// The statement a push's consent change runs, with `$1` account, `$2` openid, `$3` template,
-/// `$4` now, `$5` source.
-pub(super) fn consent_upsert(change: ConsentChange) -> &'static str {
-    match change {
-        ConsentChange::Granted => {
-            "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
-                    updated_at, answered_at)
-             VALUES ($1, $2, $3, 'accept', 1, 0, $5, $4, $4)
-             ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'accept',
-                granted = CASE WHEN consents.status = 'reject' THEN 1
-                               WHEN consents.granted < 1000 THEN consents.granted + 1
-                               ELSE 1000 END,
-                source = excluded.source, updated_at = excluded.updated_at,
-                answered_at = excluded.answered_at"
-        }
-        ConsentChange::Resumed => {
-            "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
-                    updated_at, answered_at)
-             VALUES ($1, $2, $3, 'accept', 0, 0, $5, $4, $4)
-             ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'accept',
-                source = excluded.source, updated_at = excluded.updated_at,
-                answered_at = excluded.answered_at"
-        }
-        ConsentChange::Withdrawn => {
-            "INSERT INTO consents (account, openid, template_id, status, granted, used, source,
-                    updated_at, answered_at)
-             VALUES ($1, $2, $3, 'reject', 0, 0, $5, $4, $4)
-             ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'reject',
-                granted = 0, source = excluded.source, updated_at = excluded.updated_at,
-                answered_at = excluded.answered_at"
+impl ConsentChange {
+    /// The ledger's status after the change, and whether it allows one more one-time send.
+    pub(super) fn columns(self) -> (&'static str, bool) {
+        match self {
+            ConsentChange::Granted => ("accept", true),
+            ConsentChange::Resumed => ("accept", false),
+            ConsentChange::Withdrawn => ("reject", false),
         }
     }
 }
+
+/// What someone said about one consent: the user in a push (`source` 'popup' or 'change'), or
+/// WeChat by a 43101 ('wechat'), which yields to an answer given after `unless_after` (the
+/// request's start).
+pub(super) struct Answer<'a> {
+    pub key: ConsentKey<'a>,
+    pub change: ConsentChange,
+    pub source: &'a str,
+    pub now: DateTime<Utc>,
+    pub unless_after: Option<DateTime<Utc>>,
+}
+
+/// Records an `Answer` (`answer!` binds it): the status it gives, one more one-time send for a
+/// popup's accept (none after a reject, at most `MAX_GRANTED`), none left after a reject.
+pub(super) const RECORD_ANSWER: &str = "INSERT INTO consents (account, openid, template_id,
+            status, granted, used, source, updated_at, answered_at)
+     VALUES ($1, $2, $3, $6, CASE WHEN $7 THEN 1 ELSE 0 END, 0, $5, $4, $4)
+     ON CONFLICT (account, openid, template_id) DO UPDATE SET status = excluded.status,
+        granted = CASE WHEN excluded.status = 'reject' THEN 0
+                       WHEN NOT $7 THEN consents.granted
+                       WHEN consents.status = 'reject' THEN 1
+                       WHEN consents.granted < $8 THEN consents.granted + 1
+                       ELSE $8 END,
+        source = excluded.source, updated_at = excluded.updated_at,
+        answered_at = excluded.answered_at
+     WHERE $9 IS NULL OR consents.answered_at IS NULL OR consents.answered_at <= $9";
+
+/// `RECORD_ANSWER` with an `Answer`'s values bound, for any backend's executor.
+macro_rules! answer {
+    ($answer:expr) => {{
+        let a: &$crate::store::consents::Answer<'_> = $answer;
+        let (status, grants) = a.change.columns();
+        sqlx::query($crate::store::consents::RECORD_ANSWER)
+            .bind(a.key.account)
+            .bind(a.key.openid)
+            .bind(a.key.template_id)
+            .bind(Time(a.now))
+            .bind(a.source)
+            .bind(status)
+            .bind(grants)
+            .bind($crate::store::consents::MAX_GRANTED)
+            .bind(a.unless_after.map(Time))
+    }};
+}
+pub(super) use answer;
 
 /// Rows held for this user's consent to this template look again now (`$1`-`$4` as above).
 pub(super) const WAKE_HELD_FOR_CONSENT: &str = "UPDATE outbox SET next_attempt_at = $4
@@ -152,7 +174,6 @@ impl Store {
                 .bind(key.account)
                 .bind(key.openid)
                 .bind(key.template_id)
-                .bind(Time(now))
                 .execute(pool)
                 .await?;
                 if taken.rows_affected() == 1 {
@@ -253,23 +274,15 @@ impl Store {
         now: DateTime<Utc>,
         since: DateTime<Utc>,
     ) -> StoreResult<()> {
+        let refused = Answer {
+            key,
+            change: ConsentChange::Withdrawn,
+            source: "wechat",
+            now,
+            unless_after: Some(since),
+        };
         on_backend!(self, |pool, _d| {
-            sqlx::query(
-                "INSERT INTO consents (account, openid, template_id, status, granted, used,
-                        source, updated_at, answered_at)
-                 VALUES ($1, $2, $3, 'reject', 0, 0, 'wechat', $4, $4)
-                 ON CONFLICT (account, openid, template_id) DO UPDATE SET status = 'reject',
-                    granted = 0, source = excluded.source, updated_at = excluded.updated_at,
-                    answered_at = excluded.answered_at
-                 WHERE consents.answered_at IS NULL OR consents.answered_at <= $5",
-            )
-            .bind(key.account)
-            .bind(key.openid)
-            .bind(key.template_id)
-            .bind(Time(now))
-            .bind(Time(since))
-            .execute(pool)
-            .await?;
+            answer!(&refused).execute(pool).await?;
             Ok(())
         })
     }

@@ -189,7 +189,8 @@ const CLAIM_TEXT: &str =
                      END AS long_term,
                 CASE WHEN o.kind = 'subscribe'
                      THEN (SELECT f.t FROM (SELECT COALESCE(o.send_after, o.created_at) AS t) f
-                           WHERE isfinite(f.t)) END AS first_due";
+                           WHERE f.t >= '0001-01-01 00:00:00+00'
+                             AND f.t < '10000-01-01 00:00:00+00') END AS first_due";
 
 /// The claim as it runs: without the per-user condition, or with it (`$7`, the oldest first
 /// due time that still holds later rows back).

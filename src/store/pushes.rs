@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::consents::{ConsentChange, WAKE_HELD_FOR_CONSENT, consent_upsert};
+use super::consents::{Answer, ConsentChange, ConsentKey, WAKE_HELD_FOR_CONSENT, answer};
 use super::{Store, StoreResult, Time, bounded, on_backend};
 use crate::domain::lifecycle::reason;
 
@@ -200,18 +200,22 @@ impl Store {
                 if let (true, Some(change), Some(openid), Some(template_id)) =
                     (inserted, e.consent, &e.from_user, &e.template_id)
                 {
-                    let source = match e.event.as_deref() {
-                        Some("subscribe_msg_change_event") => "change",
-                        _ => "popup",
+                    let key = ConsentKey {
+                        account: &e.account,
+                        openid,
+                        template_id,
                     };
-                    sqlx::query(consent_upsert(change))
-                        .bind(&e.account)
-                        .bind(openid)
-                        .bind(template_id)
-                        .bind(Time(now))
-                        .bind(source)
-                        .execute(&mut *tx)
-                        .await?;
+                    let said = Answer {
+                        key,
+                        change,
+                        source: match e.event.as_deref() {
+                            Some("subscribe_msg_change_event") => "change",
+                            _ => "popup",
+                        },
+                        now,
+                        unless_after: None,
+                    };
+                    answer!(&said).execute(&mut *tx).await?;
                     if change != ConsentChange::Withdrawn {
                         sqlx::query(WAKE_HELD_FOR_CONSENT)
                             .bind(&e.account)
@@ -249,8 +253,8 @@ impl Store {
         })
     }
 
-    /// Joins unjoined delivery events (TEMPLATESENDJOBFINISH, subscribe_msg_sent_event) to their sent rows by account, msgid and
-    /// openid, and gives up on the events that cannot join: a FromUserName that is not the
+    /// Joins unjoined delivery events (TEMPLATESENDJOBFINISH, subscribe_msg_sent_event) to
+    /// their sent rows by account, msgid and openid, and gives up on the events that cannot join: a FromUserName that is not the
     /// row's touser, or no sent row within the window. One transaction; safe to run from
     /// several daemons at once.
     ///
@@ -312,7 +316,7 @@ impl Store {
         on_backend!(self, |pool, dialect| dialect::join_plan(pool, now).await)
     }
 
-    /// The oldest template events still waiting to join, for a pass one event at a time.
+    /// The oldest delivery events still waiting to join, for a pass one event at a time.
     pub async fn unjoined_events(&self, limit: i64) -> StoreResult<Vec<i64>> {
         on_backend!(self, |pool, _d| {
             sqlx::query_scalar(concat!(

@@ -19,7 +19,6 @@ impl Dispatcher {
         &self,
         raw: &RawMessage,
         message: &TemplateMessage,
-        _claimed_at: DateTime<Utc>,
     ) -> Result<Option<ConsentTaken>, Outcome> {
         if message.kind != MessageKind::Subscribe || raw.in_doubt {
             return Ok(None);

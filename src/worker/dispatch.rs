@@ -37,8 +37,6 @@ pub struct Dispatcher {
     pub tokens: Arc<TokenManager>,
     pub accounts: HashMap<String, Arc<AccountRuntime>>,
     pub retry: RetryPolicy,
-    /// The retry policy of subscription notifications: no de-duplication window.
-    pub subscribe_retry: RetryPolicy,
     /// `[subscribe]`: consent policy, its wait, the monthly limit per template.
     pub subscribe: SubscribeSettings,
     pub owner: String,
@@ -78,17 +76,16 @@ pub(super) struct Admitted<'d> {
     pub cut: Vec<String>,
 }
 
-/// What a request came back with: the outcome, and whether WeChat definitely refused the
-/// message (an errcode), in which case its quota count is given back.
+/// What a request came back with: the outcome, and the consent a subscription notification
+/// took just before its request.
 struct Sent {
     outcome: Outcome,
-    refused: bool,
-    /// The consent a subscription notification took just before its request.
     consent: Option<ConsentTaken>,
 }
 
-/// Whether an attempt that ended so may have delivered its message (which then keeps the
-/// consent it took).
+/// Whether an attempt that ended so may have delivered its message. Such an attempt keeps what
+/// it spent (its quota count, its consent); any other gives both back: nothing reached the
+/// user.
 fn may_have_reached(outcome: &Outcome) -> bool {
     match outcome {
         Outcome::Sent { .. } | Outcome::SentEarlier { .. } | Outcome::Unknown { .. } => true,
@@ -195,24 +192,20 @@ impl Dispatcher {
         if let Some(lost) = self.keep_lease(raw.id, claimed_at).await {
             return lost;
         }
-        let sent = self
-            .send(raw, &message, doubt_since, claimed_at, started)
-            .await;
-        if sent.refused {
-            self.uncount(raw, &message.template_id, &counted).await;
-        }
-        // A consent is spent by a message that may have reached WeChat, and only by one.
+        let sent = self.send(raw, &message, doubt_since, started).await;
         if !may_have_reached(&sent.outcome) {
+            self.uncount(raw, &message.template_id, &counted).await;
             self.give_back_consent(raw, &message, sent.consent).await;
         }
         sent.outcome
     }
 
-    /// The retry policy of the row's kind (a row whose kind is unreadable fails in `admit`).
-    pub(super) fn retry_of(&self, raw: &RawMessage) -> &RetryPolicy {
-        match kind_of(raw) {
-            MessageKind::Subscribe => &self.subscribe_retry,
-            MessageKind::Template => &self.retry,
+    /// The retry policy of the row's kind: a subscription notification's has no
+    /// de-duplication window (bizsend takes no `client_msg_id`).
+    fn retry_of(&self, raw: &RawMessage) -> RetryPolicy {
+        match raw.kind() {
+            MessageKind::Subscribe => self.retry.without_dedup(),
+            MessageKind::Template => self.retry.clone(),
         }
     }
 
@@ -302,13 +295,9 @@ impl Dispatcher {
                 .retry_of(raw)
                 .resend_is_safe(doubt_since, self.clock.now())
         {
-            let reason = match message.kind {
-                MessageKind::Template => crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT,
-                MessageKind::Subscribe => crate::domain::lifecycle::reason::SUBSCRIBE_IN_DOUBT,
-            };
             return Err(Outcome::Unknown {
                 errcode: None,
-                reason: reason.into(),
+                reason: crate::domain::lifecycle::reason::in_doubt(message.kind).into(),
             });
         }
         Ok(Admitted {
@@ -325,7 +314,6 @@ impl Dispatcher {
         raw: &RawMessage,
         message: &TemplateMessage,
         doubt_since: DateTime<Utc>,
-        claimed_at: DateTime<Utc>,
         started: &AtomicBool,
     ) -> Sent {
         let mut in_doubt = raw.in_doubt;
@@ -337,11 +325,7 @@ impl Dispatcher {
                 Err(e) => {
                     let outcome =
                         self.retry_later(raw, doubt_since, None, format!("{e:#}"), in_doubt);
-                    return Sent {
-                        outcome,
-                        refused: false,
-                        consent,
-                    };
+                    return Sent { outcome, consent };
                 }
             };
             // Paced at the last moment, with the request slot and the token in hand, so that a
@@ -352,21 +336,16 @@ impl Dispatcher {
             {
                 return Sent {
                     outcome: waits,
-                    refused: true,
                     consent,
                 };
             }
             // The consent too is taken at the last moment: nothing that can stop the request
             // from leaving (a wait, a shutdown) comes between taking it and sending.
             if round == 0 {
-                match self.consent_for(raw, message, claimed_at).await {
+                match self.consent_for(raw, message).await {
                     Ok(taken) => consent = taken,
                     Err(outcome) => {
-                        return Sent {
-                            outcome,
-                            refused: true,
-                            consent,
-                        };
+                        return Sent { outcome, consent };
                     }
                 }
             }
@@ -387,11 +366,7 @@ impl Dispatcher {
                     // It may have been accepted: keep it counted.
                     in_doubt |= e.may_have_reached;
                     let outcome = self.retry_later(raw, doubt_since, None, e.detail, in_doubt);
-                    return Sent {
-                        outcome,
-                        refused: false,
-                        consent,
-                    };
+                    return Sent { outcome, consent };
                 }
             };
             if classify(reply.errcode) == ErrcodeClass::TokenRejected {
@@ -399,27 +374,17 @@ impl Dispatcher {
                     .await;
                 continue;
             }
+            // A duplicate answered to a resend in doubt stays counted (the first one got
+            // through), and so does a row in doubt told to wait (43117 may be the first
+            // attempt's doing): see `may_have_reached`.
             let outcome = self
                 .judge(raw, message, doubt_since, began_at, reply, in_doubt)
                 .await;
-            // A duplicate answered to a resend in doubt stays counted: the first one got through.
-            // So does a row in doubt told to wait: 43117 may be the first attempt's doing.
-            let refused = !matches!(
-                outcome,
-                Outcome::Sent { .. }
-                    | Outcome::SentEarlier { .. }
-                    | Outcome::Wait { in_doubt: true, .. }
-            );
-            return Sent {
-                outcome,
-                refused,
-                consent,
-            };
+            return Sent { outcome, consent };
         }
         let reason = "the access token was rejected again after refreshing".to_string();
         Sent {
             outcome: self.retry_later(raw, doubt_since, Some(40001), reason, in_doubt),
-            refused: true,
             consent,
         }
     }
@@ -653,11 +618,7 @@ impl Dispatcher {
                 errcode,
                 reason: format!(
                     "{}; last error: {reason}",
-                    match kind_of(raw) {
-                        MessageKind::Subscribe =>
-                            crate::domain::lifecycle::reason::SUBSCRIBE_IN_DOUBT,
-                        MessageKind::Template => crate::domain::lifecycle::reason::GAVE_UP_IN_DOUBT,
-                    }
+                    crate::domain::lifecycle::reason::in_doubt(raw.kind())
                 ),
             },
         }
@@ -686,11 +647,6 @@ impl Dispatcher {
             }),
         }
     }
-}
-
-/// The row's kind, a template message when unreadable (such a row fails in `admit`).
-fn kind_of(raw: &RawMessage) -> MessageKind {
-    MessageKind::of_row(raw.kind.as_deref()).unwrap_or_default()
 }
 
 fn log_outcome(outcome: &Outcome) {

@@ -32,7 +32,7 @@ impl Dispatcher {
             && raw.quota_day.is_none()
             && !raw.in_doubt
             && raw.template_in_use == Some(true)
-            && MessageKind::of_row(raw.kind.as_deref()) == Ok(MessageKind::Template);
+            && raw.kind() == MessageKind::Template;
         if !ready {
             return None;
         }
@@ -106,7 +106,9 @@ impl Dispatcher {
                 Err(e) => return Err(database_trouble(raw, e)),
             }
         }
-        if let Some(content) = &raw.template_content
+        // A subscription notification's data was checked in `admit`, before any consent wait.
+        if !subscribe
+            && let Some(content) = &raw.template_content
             && let Err(reason) = check_data(template_id, content, &message.body["data"])
         {
             return Err(Outcome::Failed {
@@ -147,10 +149,7 @@ impl Dispatcher {
             Ok(Reserved::MonthFull) => Err(self.hold_for_quota(
                 HeldFor::MonthlyQuota,
                 template_id,
-                self.monthly_limit(
-                    MessageKind::of_row(raw.kind.as_deref()).unwrap_or_default(),
-                    &limits,
-                ),
+                self.monthly_limit(raw.kind(), &limits),
                 &p,
             )),
             Ok(Reserved::DayFull) => Err(self.hold_for_quota(

@@ -668,3 +668,37 @@ async fn an_in_doubt_retry_is_not_held_when_its_template_goes_out_of_use(backend
     );
 }
 on_both_backends!(an_in_doubt_retry_is_not_held_when_its_template_goes_out_of_use);
+
+/// An attempt whose request never reached WeChat (here its access token could not be had)
+/// gives its count back: while the account's token fails, the day's count stays 0, and the
+/// row is counted once when it is finally sent.
+async fn an_attempt_that_never_reached_wechat_is_not_counted(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sim = Sim::start(SimSettings {
+        credentials: [("wxtest0000000001".to_string(), "another-secret".to_string())].into(),
+        ..SimSettings::default()
+    })
+    .await;
+    let _daemon = Daemon::start(db.config(&sim.url(), "[retry]\nbase_delay_ms = 4000")).await;
+    db.app.insert_good(1, "token").await;
+    wait_for(
+        &db,
+        "outbox",
+        "status = 'pending' AND attempts = 1",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(db.app.count_in("outbox", "quota_month IS NULL").await, 1);
+    assert_eq!(db.app.count_in("quota_usage", "used > 0").await, 0);
+
+    sim.sim.update(|s| s.credentials.clear());
+    wait_for(&db, "outbox", "status = 'sent'", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        db.app
+            .count_in("quota_usage", "scope = 'account' AND used = 1")
+            .await,
+        1
+    );
+}
+on_both_backends!(an_attempt_that_never_reached_wechat_is_not_counted);

@@ -42,6 +42,7 @@ fn answer(openid: &str, template: &str, accept: bool) -> ConsentAnswer {
 }
 
 const WAIT: Duration = Duration::from_secs(20);
+const HELD_FOR_CONSENT: &str = "status = 'held' AND held_for = 'consent'";
 
 /// A daemon (plain pushes, `extra` settings) on a new database, after `openid` accepted
 /// `template`'s popup once.
@@ -94,14 +95,7 @@ async fn consent_sends_one_row_per_accept(backend: Backend, mode: &str) {
     let _daemon = daemon_in_mode(&db, &sim, mode).await;
 
     insert(&db, "oSubUser0001", ONE_TIME, SHIPPED).await;
-    wait_for(
-        &db,
-        "outbox",
-        "status = 'held' AND held_for = 'consent'",
-        1,
-        WAIT,
-    )
-    .await;
+    wait_for(&db, "outbox", HELD_FOR_CONSENT, 1, WAIT).await;
     let reason = db.app.rows().await[0].last_error.clone().unwrap();
     assert!(reason.contains("waits for the user's consent"), "{reason}");
     assert_eq!(
@@ -135,14 +129,7 @@ async fn consent_sends_one_row_per_accept(backend: Backend, mode: &str) {
     );
 
     insert(&db, "oSubUser0001", ONE_TIME, SHIPPED).await;
-    wait_for(
-        &db,
-        "outbox",
-        "status = 'held' AND held_for = 'consent'",
-        1,
-        WAIT,
-    )
-    .await;
+    wait_for(&db, "outbox", HELD_FOR_CONSENT, 1, WAIT).await;
     assert_eq!(
         sim.sim.stats().subscribe_sends,
         1,
@@ -233,14 +220,7 @@ async fn long_term_consent_serves_until_withdrawn(backend: Backend) {
     )
     .await;
     insert(&db, "oSubPatient1", LONG_TERM, APPOINTMENT).await;
-    wait_for(
-        &db,
-        "outbox",
-        "status = 'held' AND held_for = 'consent'",
-        1,
-        WAIT,
-    )
-    .await;
+    wait_for(&db, "outbox", HELD_FOR_CONSENT, 1, WAIT).await;
     let reason = db.app.rows().await[3].last_error.clone().unwrap();
     assert!(reason.contains("the user rejected it"), "{reason}");
     assert_eq!(sim.sim.stats().subscribe_sends, 3);
@@ -641,20 +621,25 @@ async fn odd_rows_end_and_the_ledger_is_pruned(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sim = Sim::start(SimSettings::default()).await;
     let _daemon = daemon_with_callback(&db, &sim, false, "").await;
-    let odd_time = match backend {
-        Backend::Sqlite => "'not a time'",
-        Backend::Postgres => "'-infinity'",
+    // What each column type admits: text that is no time, infinity, year 270000.
+    let odd_times = match backend {
+        Backend::Sqlite => ["'not a time'", "'270000-01-01 00:00:00'"],
+        Backend::Postgres => ["'-infinity'", "'270000-01-01 00:00:00+00'"],
     };
-    db.app
-        .exec(&format!(
-            "INSERT INTO outbox (kind, touser, template_id, data, created_at) \
-             VALUES ('subscribe', 'oSubOdd00001', '{ONE_TIME}', '{SHIPPED}', {odd_time})"
-        ))
-        .await
-        .unwrap();
-    wait_for(&db, "outbox", "status = 'failed'", 1, WAIT).await;
-    let reason = db.app.rows().await[0].last_error.clone().unwrap();
-    assert!(reason.contains("is not a time the wait"), "{reason}");
+    for (i, odd_time) in odd_times.iter().enumerate() {
+        db.app
+            .exec(&format!(
+                "INSERT INTO outbox (kind, touser, template_id, data, created_at) \
+                 VALUES ('subscribe', 'oSubOdd0000{i}', '{ONE_TIME}', '{SHIPPED}', {odd_time})"
+            ))
+            .await
+            .unwrap();
+    }
+    wait_for(&db, "outbox", "status = 'failed'", 2, WAIT).await;
+    for row in db.app.rows().await {
+        let reason = row.last_error.unwrap();
+        assert!(reason.contains("is not a time the wait"), "{reason}");
+    }
 
     let store = db.store().await;
     let old = "'2020-01-01 00:00:00'";
